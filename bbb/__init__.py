@@ -1,0 +1,1 @@
+"""bbb: Bayes by Backprop (Blundell et al. 2015, "Weight Uncertainty in Neural Networks")."""

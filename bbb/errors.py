@@ -1,0 +1,49 @@
+"""The error type for bad configuration, and the one-line checks that raise it.
+
+Every message names the field, the bad value and what is allowed, so that a user who typed
+`--config.prior.pi=1.5` knows at once what to change.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """A configuration field has a value that bbb cannot use."""
+
+    def __init__(self, field: str, value: Any, allowed: str):
+        self.field = field
+        self.value = value
+        self.allowed = allowed
+        super().__init__(f"config field {field}={value!r} is invalid: allowed is {allowed}.")
+
+
+def check_choice(field: str, value: Any, choices: Iterable[Any]) -> None:
+    """Raises ConfigError unless `value` is one of `choices`."""
+    choices = list(choices)
+    if value not in choices:
+        raise ConfigError(field, value, "one of " + ", ".join(repr(c) for c in choices))
+
+
+def check_positive(field: str, value: Any, *, integer: bool = False) -> None:
+    """Raises ConfigError unless `value` is a (finite) number > 0, and an int if `integer`."""
+    kinds = (int,) if integer else (int, float)
+    if isinstance(value, bool) or not isinstance(value, kinds) or not value > 0:
+        raise ConfigError(field, value, "a positive " + ("integer" if integer else "number"))
+    if not integer and value == float("inf"):
+        raise ConfigError(field, value, "a finite positive number")
+
+
+def check_non_negative(field: str, value: Any, *, integer: bool = False) -> None:
+    """Raises ConfigError unless `value` is a number >= 0, and an int if `integer`."""
+    kinds = (int,) if integer else (int, float)
+    if isinstance(value, bool) or not isinstance(value, kinds) or not value >= 0:
+        raise ConfigError(field, value, "a non-negative " + ("integer" if integer else "number"))
+
+
+def check_open_interval(field: str, value: Any, low: float, high: float) -> None:
+    """Raises ConfigError unless low < value < high."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not low < value < high:
+        raise ConfigError(field, value, f"a number strictly between {low} and {high}")

@@ -1,0 +1,130 @@
+"""Plain Flax models. Nothing here is Bayesian: the posterior wraps their parameters.
+
+They use Flax's own `nn.Dense` and `nn.Conv`, so the weight-sampling estimator works on them
+as it does on any Flax model, and the local-reparameterisation and flipout estimators
+(`bbb.estimators`) recognise their layers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from bbb.errors import ConfigError, check_choice, check_non_negative, check_positive
+
+ACTIVATIONS = {
+    "relu": nn.relu,
+    "gelu": nn.gelu,
+    "tanh": jnp.tanh,
+    "sigmoid": nn.sigmoid,
+    "elu": nn.elu,
+    "silu": nn.silu,
+}
+
+
+class MLP(nn.Module):
+    """A multilayer perceptron on flattened inputs (Blundell et al. 2015: 784-H-H-10, ReLU).
+
+    Attributes:
+      hidden_sizes: widths of the hidden layers.
+      num_outputs: the output width (classes, or regression targets).
+      activation: a name in `ACTIVATIONS`.
+      dropout_rate: dropout on hidden units (the paper's dropout baseline); 0 disables it.
+    """
+
+    hidden_sizes: Sequence[int] = (400, 400)
+    num_outputs: int = 10
+    activation: str = "relu"
+    dropout_rate: float = 0.0
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+        """Args: x [B, ...]; train: draw dropout masks (needs the 'dropout' rng).
+
+        Returns: outputs [B, num_outputs].
+        """
+        x = x.reshape(x.shape[0], -1)
+        act = ACTIVATIONS[self.activation]
+        for width in self.hidden_sizes:
+            x = act(nn.Dense(width)(x))
+            if self.dropout_rate > 0:
+                x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
+        return nn.Dense(self.num_outputs)(x)
+
+
+class LeNet(nn.Module):
+    """A LeNet-5-style CNN: conv(5×5) → pool → conv(5×5) → pool → dense → dense → dense.
+
+    Attributes:
+      features: channels of the two conv layers.
+      hidden_sizes: widths of the dense layers after them.
+      num_outputs: classes.
+      activation: a name in `ACTIVATIONS`.
+      dropout_rate: dropout before the dense layers; 0 disables it.
+    """
+
+    features: Sequence[int] = (32, 64)
+    hidden_sizes: Sequence[int] = (256,)
+    num_outputs: int = 10
+    activation: str = "relu"
+    dropout_rate: float = 0.0
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+        """Args: x [B, H, W, C]; train: draw dropout masks.
+
+        Returns: logits [B, num_outputs].
+        """
+        act = ACTIVATIONS[self.activation]
+        for channels in self.features:
+            x = act(nn.Conv(channels, (5, 5), padding="SAME")(x))
+            x = nn.max_pool(x, (2, 2), strides=(2, 2))
+        x = x.reshape(x.shape[0], -1)
+        for width in self.hidden_sizes:
+            if self.dropout_rate > 0:
+                x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
+            x = act(nn.Dense(width)(x))
+        return nn.Dense(self.num_outputs)(x)
+
+
+MODELS = {"mlp": MLP, "lenet": LeNet}
+
+
+def make_model(config: ml_collections.ConfigDict) -> nn.Module:
+    """Builds the model that `config` (the `config.model` block) describes.
+
+    Args:
+      config: `name` ("mlp" or "lenet"), `hidden_sizes`, `num_outputs`, `activation`,
+        `dropout_rate`, and for "lenet" `features`.
+
+    Returns:
+      An unbound Flax module.
+
+    Raises:
+      ConfigError: naming the bad field.
+    """
+    check_choice("model.name", config.name, MODELS)
+    check_choice("model.activation", config.activation, ACTIVATIONS)
+    sizes = tuple(config.hidden_sizes)
+    if not all(isinstance(h, int) and not isinstance(h, bool) and h > 0 for h in sizes):
+        raise ConfigError("model.hidden_sizes", sizes, "a sequence of positive integers")
+    check_positive("model.num_outputs", config.num_outputs, integer=True)
+    check_non_negative("model.dropout_rate", config.dropout_rate)
+    if not config.dropout_rate < 1:
+        raise ConfigError("model.dropout_rate", config.dropout_rate, "a number in [0, 1)")
+    kwargs = dict(
+        hidden_sizes=sizes,
+        num_outputs=config.num_outputs,
+        activation=config.activation,
+        dropout_rate=float(config.dropout_rate),
+    )
+    if config.name == "lenet":
+        features = tuple(config.get("features", (32, 64)))
+        if not all(isinstance(c, int) and c > 0 for c in features):
+            raise ConfigError("model.features", features, "a sequence of positive integers")
+        kwargs["features"] = features
+    return MODELS[config.name](**kwargs)
