@@ -1,0 +1,60 @@
+"""Shared command-line behaviour of the scripts: clear errors and the exit codes they promise.
+
+Exit code 2: a bad flag or config (the message names the field and what is allowed), raised
+before any compute and before anything in the workdir is touched. Exit code 3: training
+diverged (NaN or Inf). Exit code 1: anything else.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from typing import Any
+
+from absl import flags
+
+EXIT_BAD_INPUT = 2
+EXIT_DIVERGED = 3
+
+
+def parse_flags_or_exit(argv: list[str]) -> list[str]:
+    """absl's flag parsing, but a bad flag or config override exits with code 2.
+
+    Args:
+      argv: the command line.
+
+    Returns:
+      The remaining arguments.
+    """
+    try:
+        return flags.FLAGS(argv)
+    except flags.Error as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(EXIT_BAD_INPUT)
+    except (KeyError, AttributeError, TypeError, ValueError) as e:
+        # ml_collections raises these for unknown fields and wrong types in --config.x=y.
+        print(f"error: bad config override: {e}", file=sys.stderr)
+        sys.exit(EXIT_BAD_INPUT)
+
+
+def run_or_exit(fn: Callable[[], Any]) -> Any:
+    """Runs `fn`, turning the errors that bbb promises to explain into clean exits.
+
+    Args:
+      fn: the work.
+
+    Returns:
+      What `fn` returns.
+    """
+    from bbb.errors import ConfigError
+    from bbb.train import TrainingDivergedError
+    from bbb.workdir import WorkdirError
+
+    try:
+        return fn()
+    except (ConfigError, WorkdirError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(EXIT_BAD_INPUT)
+    except TrainingDivergedError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(EXIT_DIVERGED)

@@ -1,0 +1,459 @@
+"""The training loop: `train_and_evaluate(config, workdir)`.
+
+Everything of an epoch runs on the device: the data sit in device memory, the permutation is
+drawn from fold_in(shuffle_key, epoch) inside `jit`, and a `lax.scan` runs the epoch's steps.
+The host sees the device once per epoch, to log. Keys are derived from the step and epoch, and
+Orbax checkpoints hold the whole state, so a resumed run repeats an uninterrupted one bit for
+bit on the CPU.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from collections.abc import Callable
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from bbb import objective as objective_lib
+from bbb import posterior as posterior_lib
+from bbb import predict as predict_lib
+from bbb.errors import ConfigError, check_choice, check_non_negative, check_positive
+from bbb.estimators import ESTIMATORS
+from bbb.models import make_model
+from bbb.priors import make_prior
+
+PyTree = Any
+POSTERIORS = ("mean_field", "point")
+OPTIMIZERS = ("sgd", "momentum", "adam")
+LR_SCHEDULES = ("constant", "cosine", "step")
+PRNG_IMPLS = ("threefry2x32", "rbg", "unsafe_rbg")
+
+
+class TrainingDivergedError(FloatingPointError):
+    """A training metric became NaN or Inf."""
+
+
+@flax.struct.dataclass
+class TrainState:
+    """Everything that a resumed run needs.
+
+    Attributes:
+      step: the global step (minibatches seen).
+      params: {"posterior", "prior", "likelihood"}, the trained pytree.
+      opt_state: the Optax state.
+    """
+
+    step: jax.Array
+    params: PyTree
+    opt_state: PyTree
+
+
+@dataclasses.dataclass(frozen=True)
+class Experiment:
+    """The pieces that a config builds, all validated before any compute.
+
+    Attributes:
+      config: the config.
+      model: the Flax model.
+      free_energy: the objective.
+      optimizer: the Optax transformation.
+      num_train: N.
+      steps_per_epoch: M.
+      input_shape: shape of one example.
+    """
+
+    config: ml_collections.ConfigDict
+    model: Any
+    free_energy: objective_lib.FreeEnergy
+    optimizer: optax.GradientTransformation
+    num_train: int
+    steps_per_epoch: int
+    input_shape: tuple[int, ...]
+
+
+# Building and validation ------------------------------------------------------------------
+
+
+def make_optimizer(config: ml_collections.ConfigDict, steps_per_epoch: int, num_epochs: int):
+    """The Optax optimiser and learning-rate schedule of `config.optim`.
+
+    Args:
+      config: the `config.optim` block.
+      steps_per_epoch: M.
+      num_epochs: the training length.
+
+    Returns:
+      An `optax.GradientTransformation`.
+    """
+    check_choice("optim.name", config.name, OPTIMIZERS)
+    check_choice("optim.schedule", config.schedule, LR_SCHEDULES)
+    check_positive("optim.learning_rate", config.learning_rate)
+    check_non_negative("optim.warmup_epochs", config.warmup_epochs)
+    check_non_negative("optim.grad_clip_norm", config.grad_clip_norm)
+    total = steps_per_epoch * num_epochs
+    warmup = int(config.warmup_epochs * steps_per_epoch)
+    if warmup >= total and config.warmup_epochs > 0:
+        raise ConfigError("optim.warmup_epochs", config.warmup_epochs, "fewer than num_epochs")
+    lr = config.learning_rate
+    if config.schedule == "constant":
+        schedule = optax.constant_schedule(lr)
+    elif config.schedule == "cosine":
+        schedule = optax.cosine_decay_schedule(lr, max(total - warmup, 1))
+    else:
+        check_positive("optim.step_factor", config.step_factor)
+        boundaries = {
+            int(e * steps_per_epoch) - warmup: config.step_factor for e in config.step_epochs
+        }
+        schedule = optax.piecewise_constant_schedule(lr, boundaries)
+    if warmup:
+        schedule = optax.join_schedules(
+            [optax.linear_schedule(0.0, lr, warmup), schedule], [warmup]
+        )
+    if config.name == "sgd":
+        tx = optax.sgd(schedule)
+    elif config.name == "momentum":
+        check_non_negative("optim.momentum", config.momentum)
+        tx = optax.sgd(schedule, momentum=config.momentum)
+    else:
+        tx = optax.adam(schedule)
+    if config.grad_clip_norm:
+        tx = optax.chain(optax.clip_by_global_norm(config.grad_clip_norm), tx)
+    return tx
+
+
+def build(config: ml_collections.ConfigDict, num_train: int, input_shape: tuple[int, ...]):
+    """Validates `config` and builds the model, objective and optimiser, before any compute.
+
+    Args:
+      config: the experiment config.
+      num_train: the number of training examples.
+      input_shape: the shape of one example.
+
+    Returns:
+      An `Experiment`.
+
+    Raises:
+      ConfigError: naming the first bad field.
+    """
+    check_positive("num_epochs", config.num_epochs, integer=True)
+    check_positive("batch_size", config.batch_size, integer=True)
+    if config.batch_size > num_train:
+        raise ConfigError("batch_size", config.batch_size, f"at most the {num_train} examples")
+    check_choice("prng_impl", config.prng_impl, PRNG_IMPLS)
+    check_choice("posterior.name", config.posterior.name, POSTERIORS)
+    check_choice("posterior.estimator", config.posterior.estimator, ESTIMATORS)
+    check_non_negative("posterior.init_rho_spread", config.posterior.init_rho_spread)
+    check_positive("posterior.mu_scale", config.posterior.mu_scale)
+    if not -30.0 <= config.posterior.init_rho <= 30.0:
+        raise ConfigError("posterior.init_rho", config.posterior.init_rho, "a number in [-30, 30]")
+    if config.posterior.name == "point" and config.posterior.estimator != "reparam":
+        raise ConfigError(
+            "posterior.estimator", config.posterior.estimator, "'reparam' for a point posterior"
+        )
+    check_positive("eval.num_samples", config.eval.num_samples, integer=True)
+    check_positive("eval.every_epochs", config.eval.every_epochs, integer=True)
+    check_positive("eval.batch_size", config.eval.batch_size, integer=True)
+    check_positive("checkpoint_every_epochs", config.checkpoint_every_epochs, integer=True)
+    check_positive("max_checkpoints", config.max_checkpoints, integer=True)
+    steps_per_epoch = num_train // config.batch_size
+    model = make_model(config.model)
+    free_energy = objective_lib.FreeEnergy(
+        model=model,
+        prior=make_prior(config.prior),
+        likelihood=objective_lib.make_likelihood(config.likelihood),
+        num_train=num_train,
+        num_batches=steps_per_epoch,
+        num_samples=config.objective.num_samples,
+        estimator=config.posterior.estimator,
+        kl=config.objective.kl,
+        temperature=config.objective.kl_temperature,
+    )
+    check_choice("objective.kl_schedule", config.objective.kl_schedule, objective_lib.KL_SCHEDULES)
+    check_non_negative("objective.kl_warmup_steps", config.objective.kl_warmup_steps, integer=True)
+    optimizer = make_optimizer(config.optim, steps_per_epoch, config.num_epochs)
+    experiment = Experiment(
+        config, model, free_energy, optimizer, num_train, steps_per_epoch, tuple(input_shape)
+    )
+    # Trace one step abstractly: an estimator/layer mismatch or a shape error surfaces here,
+    # as a ConfigError, before anything is computed or written.
+    jax.eval_shape(lambda: _abstract_step(experiment))
+    return experiment
+
+
+def _abstract_step(experiment: Experiment):
+    state = init_state(experiment, jax.random.key(0))
+    batch = (
+        jnp.zeros((experiment.config.batch_size, *experiment.input_shape), jnp.float32),
+        jnp.zeros((experiment.config.batch_size,), jnp.int32),
+    )
+    return train_step(experiment, state, batch, jax.random.key(0))
+
+
+def root_keys(config: ml_collections.ConfigDict) -> dict[str, jax.Array]:
+    """The root key split once into init / shuffle / train / eval keys (big_vision style)."""
+    root = jax.random.key(config.seed, impl=config.prng_impl)
+    names = ("init", "shuffle", "train", "eval")
+    return dict(zip(names, jax.random.split(root, len(names)), strict=True))
+
+
+def init_state(experiment: Experiment, key: jax.Array) -> TrainState:
+    """The initial posterior around the model's own initialisation, and the optimiser state.
+
+    Args:
+      experiment: from `build`.
+      key: the init key.
+
+    Returns:
+      The initial `TrainState`.
+    """
+    config = experiment.config
+    key_model, key_rho = jax.random.split(key)
+    dummy = jnp.zeros((1, *experiment.input_shape), jnp.float32)
+    params = experiment.model.init(key_model, dummy)["params"]
+    if config.posterior.name == "point":
+        posterior = posterior_lib.PointEstimate(mu=params)
+    else:
+        rho0, spread = config.posterior.init_rho, config.posterior.init_rho_spread
+        init = (rho0 - spread / 2, rho0 + spread / 2) if spread else float(rho0)
+        posterior = posterior_lib.init_posterior(
+            key_rho, params, init, mu_scale=config.posterior.mu_scale
+        )
+    trained = experiment.free_energy.init_params(posterior)
+    return TrainState(
+        step=jnp.int32(0), params=trained, opt_state=experiment.optimizer.init(trained)
+    )
+
+
+# The step, the epoch, evaluation ----------------------------------------------------------
+
+
+def train_step(
+    experiment: Experiment, state: TrainState, batch: tuple[jax.Array, jax.Array], key: jax.Array
+) -> tuple[TrainState, dict[str, jax.Array]]:
+    """One gradient step on the minibatch free energy.
+
+    Args:
+      experiment: from `build`.
+      state: the current state.
+      batch: (x [B, ...], y [B]).
+      key: the train key; this step's noise is fold_in(key, step).
+
+    Returns:
+      (new state, metrics): the objective's metrics plus `grad_norm`, `learning_rate`-free.
+    """
+    objective = experiment.config.objective
+    kl_weight = objective_lib.kl_weight(
+        objective.kl_schedule, state.step, experiment.steps_per_epoch, objective.kl_warmup_steps
+    )
+    step_key = jax.random.fold_in(key, state.step)
+    grad_fn = jax.value_and_grad(experiment.free_energy, has_aux=True)
+    (_, metrics), grads = grad_fn(state.params, batch, step_key, kl_weight)
+    updates, opt_state = experiment.optimizer.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics["grad_norm"] = optax.global_norm(grads)
+    return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+
+def train_epoch(
+    experiment: Experiment,
+    state: TrainState,
+    data: tuple[jax.Array, jax.Array],
+    epoch: jax.Array,
+    keys: dict[str, jax.Array],
+) -> tuple[TrainState, dict[str, jax.Array]]:
+    """One pass over the shuffled training set, as a `lax.scan` over M steps.
+
+    Args:
+      experiment: from `build`.
+      state: the state at the start of the epoch.
+      data: (x [N, ...], y [N]) in device memory.
+      epoch: the epoch number (the permutation is drawn from fold_in(shuffle key, epoch)).
+      keys: from `root_keys`.
+
+    Returns:
+      (state, metrics), each metric stacked over the epoch's steps [M].
+    """
+    x, y = data
+    batch_size, steps = experiment.config.batch_size, experiment.steps_per_epoch
+    order = jax.random.permutation(jax.random.fold_in(keys["shuffle"], epoch), x.shape[0])
+    order = order[: steps * batch_size].reshape(steps, batch_size)  # [M, B]
+
+    def step(state, indices):
+        return train_step(experiment, state, (x[indices], y[indices]), keys["train"])
+
+    return jax.lax.scan(step, state, order)
+
+
+def evaluate(
+    experiment: Experiment, params: PyTree, data: tuple[jax.Array, jax.Array], key: jax.Array
+) -> dict[str, jax.Array]:
+    """Error and NLL of the MC-averaged predictive, and error of the posterior-mean weights.
+
+    Args:
+      experiment: from `build`.
+      params: the trained pytree.
+      data: (x [N, ...], y [N]).
+      key: the key for the posterior samples.
+
+    Returns:
+      {"error", "error_mean_weights", "nll"} as scalars.
+    """
+    x, y = data
+    config = experiment.config
+    classification = experiment.free_energy.likelihood.is_classification
+    prediction = predict_lib.predict_in_batches(
+        experiment.model,
+        params["posterior"],
+        x,
+        key,
+        config.eval.num_samples,
+        batch_size=config.eval.batch_size,
+        classification=classification,
+        estimator="reparam",
+    )
+    if classification:
+        probs = prediction.predictive  # [N, C]
+        picked = jnp.take_along_axis(probs, y[:, None], axis=-1)[:, 0]
+        return {
+            "error": jnp.mean(jnp.argmax(probs, -1) != y),
+            "error_mean_weights": jnp.mean(jnp.argmax(prediction.mean_weights, -1) != y),
+            "nll": -jnp.mean(jnp.log(jnp.maximum(picked, jnp.finfo(jnp.float32).tiny))),
+        }
+    likelihood = experiment.free_energy.likelihood
+    log_lik = jax.vmap(lambda out: likelihood.log_prob(params["likelihood"], out, y))(
+        prediction.samples
+    )  # [K, N]
+    log_pred = jax.nn.logsumexp(log_lik, axis=0) - math.log(config.eval.num_samples)
+    return {
+        "rmse": jnp.sqrt(
+            jnp.mean(jnp.square(prediction.predictive - y.reshape(prediction.predictive.shape)))
+        ),
+        "nll": -jnp.mean(log_pred),
+    }
+
+
+# Data -------------------------------------------------------------------------------------
+
+
+def load_data(config: ml_collections.ConfigDict) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """The train / validation / test splits that `config.data` names, as host arrays.
+
+    Args:
+      config: the experiment config.
+
+    Returns:
+      {"train", "validation", "test"} → (x, y).
+    """
+    data_config = config.data
+    check_choice("data.name", data_config.name, ("mnist",))
+    check_non_negative("data.train_subset", data_config.train_subset, integer=True)
+    check_non_negative("data.eval_subset", data_config.eval_subset, integer=True)
+    from bbb.data import mnist  # Lazy: TensorFlow is imported only for data loading.
+
+    splits = mnist.load_mnist(
+        data_dir=data_config.data_dir or None,
+        manual_dir=data_config.manual_dir or None,
+        cache_dir=data_config.cache_dir or None,
+        pixel_scale=data_config.pixel_scale,
+        num_train=data_config.num_train,
+    )
+    limits = {
+        "train": data_config.train_subset,
+        "validation": data_config.eval_subset,
+        "test": data_config.eval_subset,
+    }
+    return {
+        name: tuple(a[: limits[name] or None] for a in arrays) for name, arrays in splits.items()
+    }
+
+
+# The loop ---------------------------------------------------------------------------------
+
+
+def compile_epoch(experiment: Experiment) -> Callable:
+    """`train_epoch` jitted once, with the state's buffers donated."""
+    return jax.jit(lambda s, d, e, k: train_epoch(experiment, s, d, e, k), donate_argnums=0)
+
+
+def compile_evaluate(experiment: Experiment) -> Callable:
+    """`evaluate` jitted once (validation and test share the compiled program)."""
+    return jax.jit(lambda p, d, k: evaluate(experiment, p, d, k))
+
+
+def check_finite(metrics: dict[str, np.ndarray], first_step: int) -> None:
+    """Raises TrainingDivergedError naming the first step and metric that is NaN or Inf."""
+    for name, values in sorted(metrics.items()):
+        bad = np.flatnonzero(~np.isfinite(np.asarray(values)))
+        if bad.size:
+            raise TrainingDivergedError(
+                f"training diverged: metric train/{name} is {values[bad[0]]} at step "
+                f"{first_step + int(bad[0]) + 1}. Lower optim.learning_rate or check the data; "
+                "the last good checkpoint is kept."
+            )
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+    """Trains Bayes by Backprop as `config` says, logging and checkpointing into `workdir`.
+
+    Starting on a workdir that holds checkpoints resumes from the latest one.
+
+    Args:
+      config: the experiment config (see configs/mnist.py).
+      workdir: the output folder.
+
+    Returns:
+      The summary written to `workdir/summary.json`.
+    """
+    from bbb import workdir as workdir_lib  # Writers, plots and checkpoints.
+
+    workdir_lib.check_workdir(workdir, config)
+    splits = load_data(config)
+    x_train = splits["train"][0]
+    experiment = build(config, num_train=x_train.shape[0], input_shape=x_train.shape[1:])
+    run = workdir_lib.Run(workdir, config)  # Creates the workdir; config errors come first.
+
+    keys = root_keys(config)
+    state = init_state(experiment, keys["init"])
+    state, history = run.restore(state)
+    start_epoch = int(state.step) // experiment.steps_per_epoch
+
+    device_data = {name: tuple(jnp.asarray(a) for a in arrays) for name, arrays in splits.items()}
+    epoch_fn = compile_epoch(experiment)
+    eval_fn = compile_evaluate(experiment)
+    progress = workdir_lib.Progress(config.num_epochs, start_epoch, enabled=config.progress)
+    started = time.perf_counter()
+    steps_done = 0
+    for epoch in range(start_epoch, config.num_epochs):
+        first_step = int(state.step)
+        state, metrics = epoch_fn(state, device_data["train"], jnp.int32(epoch), keys)
+        metrics = jax.device_get(metrics)
+        steps_done += experiment.steps_per_epoch
+        check_finite(metrics, first_step)
+        record = {"step": first_step + experiment.steps_per_epoch, "epoch": epoch + 1}
+        record.update({f"train/{k}": float(np.mean(v)) for k, v in metrics.items()})
+        # The last step's KL weight shows the schedule's end; the mean is 1/M for all of them.
+        record["train/kl_weight"] = float(np.mean(metrics["kl_weight"]))
+        last = epoch + 1 == config.num_epochs
+        if (epoch + 1) % config.eval.every_epochs == 0 or last:
+            eval_key = jax.random.fold_in(keys["eval"], epoch)
+            for split in ("validation", "test"):
+                result = jax.device_get(eval_fn(state.params, device_data[split], eval_key))
+                prefix = "eval/val_" if split == "validation" else "eval/test_"
+                record.update({prefix + k: float(v) for k, v in result.items()})
+            history.update_best(record)
+        run.write_metrics(record, state)
+        progress.update(record)
+        if (epoch + 1) % config.checkpoint_every_epochs == 0 or last:
+            run.save(state, history)
+    progress.close()
+    wall_time = time.perf_counter() - started
+    summary = run.finish(state, history, wall_time=wall_time, steps_done=steps_done)
+    return summary

@@ -1,0 +1,383 @@
+"""What a run leaves in its workdir: config, metrics, TensorBoard, checkpoints, plots, summary.
+
+- `config.json`: the config of the run.
+- `metrics.jsonl`: one JSON object per epoch (`step`, `epoch`, `train/…`, `eval/…`).
+- `tensorboard/`: the same curves, and histograms of σ and of |μ|/σ.
+- `checkpoints/`: Orbax checkpoints of the whole train state and the best-validation record.
+- `plots/`: learning curves and histograms of σ and of the signal-to-noise ratio (PNG).
+- `summary.json`: the final figures.
+
+Nothing is overwritten by a start that fails: the workdir is checked before anything is written,
+and a resumed run only drops the metrics lines that come after the checkpoint it resumes from
+(they are computed again, identically).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+
+from bbb.errors import ConfigError
+
+PyTree = Any
+# Fields that may change between a run and its resumption (training length, logging cadence).
+RESUMABLE_FIELDS = ("num_epochs", "progress", "checkpoint_every_epochs", "max_checkpoints")
+
+
+class WorkdirError(RuntimeError):
+    """The workdir cannot be used as it is; the message says why and what to do."""
+
+
+def _config_dict(config: ml_collections.ConfigDict) -> dict[str, Any]:
+    return json.loads(config.to_json_best_effort())
+
+
+def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def check_workdir(workdir: str, config: ml_collections.ConfigDict) -> None:
+    """Checks, writing nothing, that `workdir` can take this run.
+
+    Args:
+      workdir: the output folder.
+      config: the run's config.
+
+    Raises:
+      WorkdirError: the parent folder is missing or not writable, the workdir is a file, or it
+        holds a run of a different config.
+    """
+    if not workdir:
+        raise ConfigError("--workdir", workdir, "a folder path")
+    path = os.path.abspath(workdir)
+    parent = os.path.dirname(path)
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise WorkdirError(f"workdir {path} exists and is not a folder.")
+    if not os.path.isdir(parent):
+        raise WorkdirError(f"the parent folder of workdir {path} does not exist: create {parent}.")
+    target = path if os.path.isdir(path) else parent
+    if not os.access(target, os.W_OK | os.X_OK):
+        raise WorkdirError(f"workdir {path} is not writable ({target} denies writing).")
+    saved = os.path.join(path, "config.json")
+    if os.path.exists(saved):
+        with open(saved) as f:
+            old = _flatten(json.load(f))
+        new = _flatten(_config_dict(config))
+        changed = sorted(
+            k for k in set(old) | set(new) if old.get(k) != new.get(k) and k not in RESUMABLE_FIELDS
+        )
+        if changed:
+            diffs = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed[:5])
+            raise WorkdirError(
+                f"workdir {path} holds a run with a different config ({diffs}). Resume it with "
+                "its own config (only num_epochs and logging fields may change), or choose "
+                "a new --workdir."
+            )
+
+
+@dataclasses.dataclass
+class History:
+    """The best-validation record: the test error there is the one a researcher may report.
+
+    Attributes:
+      best_val_error: the lowest validation error so far.
+      best_epoch: the epoch where it was reached.
+      test_error_at_best_val: the test error at that epoch (the test set never chooses).
+    """
+
+    best_val_error: float = math.inf
+    best_epoch: int = 0
+    test_error_at_best_val: float = math.nan
+
+    def update_best(self, record: dict[str, Any]) -> None:
+        """Updates the record from an epoch's metrics, if its validation error is lower."""
+        val = record.get("eval/val_error", record.get("eval/val_nll"))
+        if val is not None and val < self.best_val_error:
+            self.best_val_error = val
+            self.best_epoch = record["epoch"]
+            self.test_error_at_best_val = record.get(
+                "eval/test_error", record.get("eval/test_nll", math.nan)
+            )
+
+
+def _plot_training(workdir: str, records: list[dict[str, Any]]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [r["epoch"] for r in records]
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    axes[0].plot(epochs, [r["train/loss"] for r in records], label="free energy / N")
+    axes[0].plot(epochs, [r["train/nll"] for r in records], label="NLL per example")
+    axes[0].set_yscale("log")
+    axes[0].set_xlabel("epoch")
+    axes[0].legend()
+    axes[0].set_title("training objective")
+    axes[1].plot(epochs, [r["train/kl"] for r in records])
+    axes[1].set_xlabel("epoch")
+    axes[1].set_title("KL[q ‖ P] (nats)")
+    evals = [r for r in records if "eval/val_error" in r]
+    if evals:
+        ev_epochs = [r["epoch"] for r in evals]
+        for key, label in (
+            ("eval/val_error", "validation"),
+            ("eval/test_error", "test"),
+            ("eval/test_error_mean_weights", "test, mean weights"),
+        ):
+            axes[2].plot(ev_epochs, [100 * r[key] for r in evals], label=label)
+        axes[2].set_ylabel("error (%)")
+        axes[2].set_xlabel("epoch")
+        axes[2].legend()
+        axes[2].set_title("error")
+    fig.tight_layout()
+    fig.savefig(os.path.join(workdir, "plots", "learning_curves.png"), dpi=100)
+    plt.close(fig)
+
+
+def _plot_histograms(workdir: str, sigma: np.ndarray, snr: np.ndarray) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    axes[0].hist(np.log10(np.maximum(sigma, 1e-30)), bins=100)
+    axes[0].set_xlabel("log10 σ")
+    axes[0].set_title("posterior standard deviations")
+    axes[1].hist(10 * np.log10(np.maximum(snr, 1e-30)), bins=100, density=True)
+    axes[1].set_xlabel("signal-to-noise |μ|/σ (dB)")
+    axes[1].set_title("signal-to-noise ratio (Blundell et al. 2015, Fig. 3)")
+    fig.tight_layout()
+    fig.savefig(os.path.join(workdir, "plots", "posterior_histograms.png"), dpi=100)
+    plt.close(fig)
+
+
+def _posterior_arrays(params: PyTree) -> tuple[np.ndarray, np.ndarray] | None:
+    posterior = params["posterior"]
+    if not hasattr(posterior, "signal_to_noise"):
+        return None
+    flat = lambda tree: np.concatenate(
+        [np.ravel(np.asarray(x)) for x in jax.tree_util.tree_leaves(tree)]
+    )
+    return flat(posterior.stddev()), flat(posterior.signal_to_noise())
+
+
+class Run:
+    """The writers of one run: metrics, TensorBoard, checkpoints, plots and summary.
+
+    Only process 0 writes logs; Orbax coordinates checkpoint writes across processes.
+    """
+
+    def __init__(self, workdir: str, config: ml_collections.ConfigDict):
+        import orbax.checkpoint as ocp
+
+        self.workdir = os.path.abspath(workdir)
+        self.config = config
+        self.is_writer = jax.process_index() == 0
+        self.records: list[dict[str, Any]] = []
+        if self.is_writer:
+            os.makedirs(os.path.join(self.workdir, "plots"), exist_ok=True)
+            config_path = os.path.join(self.workdir, "config.json")
+            with open(config_path + ".tmp", "w") as f:
+                json.dump(_config_dict(config), f, indent=2, sort_keys=True)
+            os.replace(config_path + ".tmp", config_path)
+        self.checkpoint_dir = os.path.join(self.workdir, "checkpoints")
+        self.manager = ocp.CheckpointManager(
+            self.checkpoint_dir,
+            options=ocp.CheckpointManagerOptions(max_to_keep=config.max_checkpoints, create=True),
+        )
+        self._tb = None
+
+    @property
+    def tensorboard(self):
+        """The TensorBoard writer (process 0 only), created on first use."""
+        if self._tb is None and self.is_writer:
+            from tensorboardX import SummaryWriter
+
+            self._tb = SummaryWriter(os.path.join(self.workdir, "tensorboard"))
+        return self._tb
+
+    @property
+    def metrics_path(self) -> str:
+        """workdir/metrics.jsonl."""
+        return os.path.join(self.workdir, "metrics.jsonl")
+
+    def restore(self, state: PyTree) -> tuple[PyTree, History]:
+        """The latest checkpoint's state and best-validation record, or the inputs if none.
+
+        Args:
+          state: the freshly initialised state (gives the structure to restore into).
+
+        Returns:
+          (state, history).
+
+        Raises:
+          WorkdirError: the latest checkpoint cannot be read; says which and what to do.
+        """
+        import orbax.checkpoint as ocp
+
+        step = self.manager.latest_step()
+        if step is None:
+            self._load_records(max_step=0)
+            return state, History()
+        abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, state)
+        try:
+            restored = self.manager.restore(
+                step,
+                args=ocp.args.Composite(
+                    state=ocp.args.StandardRestore(abstract), history=ocp.args.JsonRestore()
+                ),
+            )
+        except Exception as e:  # Orbax raises several types for unreadable files.
+            path = os.path.join(self.checkpoint_dir, str(step))
+            raise WorkdirError(
+                f"checkpoint {path} cannot be restored ({type(e).__name__}: {e}). It is left "
+                f"as it is. To resume from an earlier checkpoint, move {path} out of the "
+                "workdir; to start fresh, use a new --workdir."
+            ) from e
+        history = History(**restored["history"])
+        self._load_records(max_step=int(restored["state"].step))
+        return restored["state"], history
+
+    def _load_records(self, max_step: int) -> None:
+        """Keeps the metrics lines up to `max_step` (a resumed run redoes the rest)."""
+        if not (self.is_writer and os.path.exists(self.metrics_path)):
+            return
+        with open(self.metrics_path) as f:
+            records = [json.loads(line) for line in f if line.strip()]
+        self.records = [r for r in records if r["step"] <= max_step]
+        if len(self.records) != len(records):
+            with open(self.metrics_path + ".tmp", "w") as f:
+                f.writelines(json.dumps(r) + "\n" for r in self.records)
+            os.replace(self.metrics_path + ".tmp", self.metrics_path)
+
+    def write_metrics(self, record: dict[str, Any], state: PyTree) -> None:
+        """Appends one epoch's metrics to metrics.jsonl and TensorBoard."""
+        if not self.is_writer:
+            return
+        self.records.append(record)
+        with open(self.metrics_path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        step = record["step"]
+        for key, value in record.items():
+            if key not in ("step",):
+                self.tensorboard.add_scalar(key, value, step)
+        if "eval/val_error" in record or "eval/val_nll" in record:
+            arrays = _posterior_arrays(state.params)
+            if arrays is not None:
+                sigma, snr = arrays
+                self.tensorboard.add_histogram("posterior/sigma", sigma, step)
+                self.tensorboard.add_histogram("posterior/log10_snr", np.log10(snr + 1e-30), step)
+        self.tensorboard.flush()
+
+    def save(self, state: PyTree, history: History) -> None:
+        """Saves an Orbax checkpoint of the state and the best-validation record."""
+        import orbax.checkpoint as ocp
+
+        self.manager.save(
+            int(state.step),
+            args=ocp.args.Composite(
+                state=ocp.args.StandardSave(state),
+                history=ocp.args.JsonSave(dataclasses.asdict(history)),
+            ),
+        )
+        self.manager.wait_until_finished()
+
+    def finish(
+        self, state: PyTree, history: History, *, wall_time: float, steps_done: int
+    ) -> dict[str, Any]:
+        """Writes plots and summary.json, prints a summary paragraph, and returns the summary."""
+        self.manager.wait_until_finished()
+        last = next((r for r in reversed(self.records) if "eval/test_nll" in r), {})
+        summary = {
+            "test_error": last.get("eval/test_error"),
+            "test_error_mean_weights": last.get("eval/test_error_mean_weights"),
+            "test_nll": last.get("eval/test_nll"),
+            "test_rmse": last.get("eval/test_rmse"),
+            "best_val_error": history.best_val_error,
+            "best_epoch": history.best_epoch,
+            "test_error_at_best_val": history.test_error_at_best_val,
+            "epochs": self.records[-1]["epoch"] if self.records else 0,
+            "wall_time_s": wall_time,
+            "steps_per_s": steps_done / wall_time if wall_time > 0 else None,
+        }
+        summary = {k: v for k, v in summary.items() if v is not None}
+        if self.is_writer:
+            with open(os.path.join(self.workdir, "summary.json"), "w") as f:
+                json.dump(summary, f, indent=2)
+            if self.records:
+                _plot_training(self.workdir, self.records)
+            arrays = _posterior_arrays(state.params)
+            if arrays is not None:
+                _plot_histograms(self.workdir, *arrays)
+            if self._tb is not None:
+                self._tb.close()
+            print(summary_paragraph(summary, self.workdir))
+        self.manager.close()
+        return summary
+
+
+def summary_paragraph(summary: dict[str, Any], workdir: str) -> str:
+    """A few human sentences on how the run ended."""
+    parts = [f"Trained {summary['epochs']} epochs in {summary['wall_time_s']:.0f} s"]
+    if summary.get("steps_per_s"):
+        parts[0] += f" ({summary['steps_per_s']:.0f} steps/s this session)"
+    if "test_error" in summary:
+        parts.append(
+            f"test error {100 * summary['test_error']:.2f}% with the posterior predictive, "
+            f"{100 * summary['test_error_mean_weights']:.2f}% with the mean weights; "
+            f"test NLL {summary['test_nll']:.4f}"
+        )
+        parts.append(
+            f"best validation error {100 * summary['best_val_error']:.2f}% at epoch "
+            f"{summary['best_epoch']}, where the test error was "
+            f"{100 * summary['test_error_at_best_val']:.2f}%"
+        )
+    elif "test_rmse" in summary:
+        parts.append(f"test RMSE {summary['test_rmse']:.4f}, test NLL {summary['test_nll']:.4f}")
+    return "; ".join(parts) + f". Files are in {workdir}."
+
+
+class Progress:
+    """A tqdm bar over epochs with ETA and the live loss and errors."""
+
+    def __init__(self, num_epochs: int, start_epoch: int, enabled: bool = True):
+        from tqdm.auto import tqdm
+
+        self.bar = tqdm(
+            total=num_epochs,
+            initial=start_epoch,
+            unit="epoch",
+            disable=not enabled or jax.process_index() != 0,
+            dynamic_ncols=True,
+        )
+        self.postfix: dict[str, str] = {}
+
+    def update(self, record: dict[str, Any]) -> None:
+        """Advances one epoch and shows the latest loss and errors."""
+        self.postfix["loss"] = f"{record['train/loss']:.4f}"
+        if "train/accuracy" in record:
+            self.postfix["train_err"] = f"{100 * (1 - record['train/accuracy']):.2f}%"
+        for key, label in (("eval/val_error", "val_err"), ("eval/test_error", "test_err")):
+            if key in record:
+                self.postfix[label] = f"{100 * record[key]:.2f}%"
+        self.bar.set_postfix(self.postfix, refresh=False)
+        self.bar.update(1)
+
+    def close(self) -> None:
+        """Closes the bar."""
+        self.bar.close()

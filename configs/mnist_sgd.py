@@ -1,0 +1,17 @@
+"""The paper's baseline: a plain network trained by SGD, no regularisation (Table 1).
+
+python scripts/train.py --config=configs/mnist_sgd.py --workdir=runs/mnist_sgd
+"""
+
+import ml_collections
+
+from configs import mnist
+
+
+def get_config(width: str | None = None) -> ml_collections.ConfigDict:
+    """A point estimate with a flat prior: maximum likelihood."""
+    config = mnist.get_config(width)
+    config.posterior.name = "point"  # A point estimate: no σ, no sampling.
+    config.prior.name = "flat"  # No regularisation.
+    config.eval.num_samples = 1  # A point estimate has one prediction.
+    return config
