@@ -343,6 +343,32 @@ def evaluate(
 # Data -------------------------------------------------------------------------------------
 
 
+DATASETS = {"mnist": (60000, (28, 28, 1))}
+
+
+def dataset_spec(config: ml_collections.ConfigDict) -> tuple[int, tuple[int, ...]]:
+    """(N, example shape) of the training split that `config.data` asks for, without loading.
+
+    Args:
+      config: the experiment config.
+
+    Returns:
+      (num_train, input_shape).
+    """
+    data = config.data
+    check_choice("data.name", data.name, DATASETS)
+    check_non_negative("data.train_subset", data.train_subset, integer=True)
+    check_non_negative("data.eval_subset", data.eval_subset, integer=True)
+    total, shape = DATASETS[data.name]
+    if isinstance(data.num_train, bool) or not (
+        isinstance(data.num_train, int) and 0 < data.num_train < total
+    ):
+        raise ConfigError("data.num_train", data.num_train, f"an integer in [1, {total - 1}]")
+    check_positive("data.pixel_scale", data.pixel_scale)
+    num_train = min(data.train_subset, data.num_train) if data.train_subset else data.num_train
+    return num_train, shape
+
+
 def load_data(config: ml_collections.ConfigDict) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """The train / validation / test splits that `config.data` names, as host arrays.
 
@@ -353,9 +379,7 @@ def load_data(config: ml_collections.ConfigDict) -> dict[str, tuple[np.ndarray, 
       {"train", "validation", "test"} → (x, y).
     """
     data_config = config.data
-    check_choice("data.name", data_config.name, ("mnist",))
-    check_non_negative("data.train_subset", data_config.train_subset, integer=True)
-    check_non_negative("data.eval_subset", data_config.eval_subset, integer=True)
+    dataset_spec(config)
     from bbb.data import mnist  # Lazy: TensorFlow is imported only for data loading.
 
     splits = mnist.load_mnist(
@@ -400,7 +424,9 @@ def check_finite(metrics: dict[str, np.ndarray], first_step: int) -> None:
             )
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+def train_and_evaluate(
+    config: ml_collections.ConfigDict, workdir: str, *, stop_after_epochs: int | None = None
+) -> dict[str, Any]:
     """Trains Bayes by Backprop as `config` says, logging and checkpointing into `workdir`.
 
     Starting on a workdir that holds checkpoints resumes from the latest one.
@@ -408,20 +434,24 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     Args:
       config: the experiment config (see configs/mnist.py).
       workdir: the output folder.
+      stop_after_epochs: stop (with a checkpoint) after this many epochs of this session, as a
+        pre-empted job would; the next start resumes. None trains to `config.num_epochs`.
 
     Returns:
-      The summary written to `workdir/summary.json`.
+      The summary written to `workdir/summary.json` (None if stopped early).
     """
     from bbb import workdir as workdir_lib  # Writers, plots and checkpoints.
 
+    experiment = build(config, *dataset_spec(config))  # Every config error surfaces here.
     workdir_lib.check_workdir(workdir, config)
     splits = load_data(config)
     x_train = splits["train"][0]
-    experiment = build(config, num_train=x_train.shape[0], input_shape=x_train.shape[1:])
+    if (x_train.shape[0], x_train.shape[1:]) != (experiment.num_train, experiment.input_shape):
+        raise ConfigError("data", config.data.name, "data matching its declared size and shape")
     run = workdir_lib.Run(workdir, config)  # Creates the workdir; config errors come first.
 
     keys = root_keys(config)
-    state = init_state(experiment, keys["init"])
+    state = jax.jit(lambda key: init_state(experiment, key))(keys["init"])
     state, history = run.restore(state)
     start_epoch = int(state.step) // experiment.steps_per_epoch
 
@@ -451,8 +481,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             history.update_best(record)
         run.write_metrics(record, state)
         progress.update(record)
-        if (epoch + 1) % config.checkpoint_every_epochs == 0 or last:
+        interrupted = stop_after_epochs is not None and epoch + 1 - start_epoch >= (
+            stop_after_epochs
+        )
+        if (epoch + 1) % config.checkpoint_every_epochs == 0 or last or interrupted:
             run.save(state, history)
+        if interrupted and not last:
+            progress.close()
+            run.close()
+            return None
     progress.close()
     wall_time = time.perf_counter() - started
     summary = run.finish(state, history, wall_time=wall_time, steps_done=steps_done)

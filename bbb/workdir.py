@@ -297,6 +297,14 @@ class Run:
         )
         self.manager.wait_until_finished()
 
+    def close(self) -> None:
+        """Waits for pending checkpoint writes and closes the writers."""
+        self.manager.wait_until_finished()
+        if self._tb is not None:
+            self._tb.close()
+            self._tb = None
+        self.manager.close()
+
     def finish(
         self, state: PyTree, history: History, *, wall_time: float, steps_done: int
     ) -> dict[str, Any]:
@@ -324,10 +332,8 @@ class Run:
             arrays = _posterior_arrays(state.params)
             if arrays is not None:
                 _plot_histograms(self.workdir, *arrays)
-            if self._tb is not None:
-                self._tb.close()
             print(summary_paragraph(summary, self.workdir))
-        self.manager.close()
+        self.close()
         return summary
 
 

@@ -1,0 +1,263 @@
+"""End-to-end tests of the training loop on real (prepared) MNIST, with configs/test.py."""
+
+from __future__ import annotations
+
+import functools
+import glob
+import hashlib
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from bbb import train
+from bbb.errors import ConfigError
+from bbb.workdir import WorkdirError
+from configs import test as test_config
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(autouse=True)
+def cached_data(monkeypatch):
+    """Loads MNIST once per test session (TensorFlow's import alone takes seconds)."""
+    monkeypatch.setattr(train, "load_data", _cached_load)
+
+
+@functools.cache
+def _load(key: str):
+    config = test_config.get_config()
+    config.data.train_subset, config.data.eval_subset = json.loads(key)
+    return _original_load(config)
+
+
+_original_load = train.load_data
+
+
+def _cached_load(config):
+    return _load(json.dumps([config.data.train_subset, config.data.eval_subset]))
+
+
+def _read_metrics(workdir):
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def _digest(workdir):
+    """A hash of every file's path and bytes under `workdir`."""
+    digest = hashlib.sha256()
+    for path in sorted(glob.glob(os.path.join(workdir, "**"), recursive=True)):
+        if os.path.isfile(path):
+            digest.update(path.encode())
+            with open(path, "rb") as f:
+                digest.update(f.read())
+    return digest.hexdigest()
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    """One run of configs/test.py, shared by the tests that read its files."""
+    workdir = str(tmp_path_factory.mktemp("run") / "wd")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(train, "load_data", _cached_load)
+        summary = train.train_and_evaluate(test_config.get_config(), workdir)
+    return workdir, summary
+
+
+def test_end_to_end_writes_every_file(finished_run):
+    workdir, summary = finished_run
+    for name in ("config.json", "metrics.jsonl", "summary.json"):
+        assert os.path.isfile(os.path.join(workdir, name)), name
+    for name in ("learning_curves.png", "posterior_histograms.png"):
+        assert os.path.getsize(os.path.join(workdir, "plots", name)) > 1000, name
+    assert glob.glob(os.path.join(workdir, "tensorboard", "events.out.tfevents.*"))
+    assert os.listdir(os.path.join(workdir, "checkpoints"))
+    records = _read_metrics(workdir)
+    assert [r["epoch"] for r in records] == [1, 2]
+    required = (
+        "step epoch train/loss train/nll train/kl train/kl_weight eval/val_error "
+        "eval/test_error eval/test_nll eval/test_error_mean_weights"
+    ).split()
+    for r in records:
+        assert set(required) <= set(r), set(required) - set(r)
+    assert records[-1]["step"] == 2 * (2048 // 64)
+    with open(os.path.join(workdir, "summary.json")) as f:
+        on_disk = json.load(f)
+    assert on_disk == pytest.approx(summary)
+    for key in (
+        "test_error test_error_mean_weights test_nll best_val_error test_error_at_best_val "
+        "epochs wall_time_s steps_per_s"
+    ).split():
+        assert key in on_disk, key
+    assert on_disk["epochs"] == 2
+    assert 0.0 <= on_disk["test_error"] < 0.9  # It learned something in 64 steps.
+    # Uniform KL schedule: π_i = 1/M.
+    assert records[0]["train/kl_weight"] == pytest.approx(1 / 32)
+
+
+def test_tensorboard_has_curves_and_histograms(finished_run):
+    from tensorboard.backend.event_processing import event_accumulator
+
+    workdir, _ = finished_run
+    acc = event_accumulator.EventAccumulator(
+        os.path.join(workdir, "tensorboard"), size_guidance={"histograms": 0, "scalars": 0}
+    )
+    acc.Reload()
+    tags = acc.Tags()
+    assert {"train/loss", "train/kl", "eval/test_error"} <= set(tags["scalars"])
+    assert {"posterior/sigma", "posterior/log10_snr"} <= set(tags["histograms"])
+
+
+def test_learning_decreases_the_loss(finished_run):
+    records = _read_metrics(finished_run[0])
+    assert records[1]["train/nll"] < records[0]["train/nll"]
+
+
+def test_resume_is_bit_for_bit(tmp_path):
+    """Stop after one epoch, resume with the same command, and compare with an uninterrupted
+    run: every logged number and every parameter must be identical."""
+    config = test_config.get_config()
+    straight = str(tmp_path / "straight")
+    train.train_and_evaluate(config, straight)
+
+    resumed = str(tmp_path / "resumed")
+    assert train.train_and_evaluate(config, resumed, stop_after_epochs=1) is None
+    assert len(_read_metrics(resumed)) == 1
+    assert not os.path.exists(os.path.join(resumed, "summary.json"))
+    train.train_and_evaluate(config, resumed)
+
+    a, b = _read_metrics(straight), _read_metrics(resumed)
+    assert len(a) == len(b) == 2
+    for ra, rb in zip(a, b, strict=True):
+        ra.pop("train/grad_norm", None), rb.pop("train/grad_norm", None)
+        assert ra == rb  # exact float equality
+    # The final checkpoints hold the same parameters.
+    import orbax.checkpoint as ocp
+
+    restored = [
+        ocp.CheckpointManager(os.path.join(w, "checkpoints")).restore(64)["state"]
+        for w in (straight, resumed)
+    ]
+    for x, y in zip(*(jax.tree_util.tree_leaves(r) for r in restored), strict=True):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_epoch_is_compiled_once(tmp_path):
+    """The jitted epoch is traced once: later epochs (and another epoch index) reuse it."""
+    config = test_config.get_config()
+    splits = train.load_data(config)
+    x, y = splits["train"]
+    experiment = train.build(config, num_train=x.shape[0], input_shape=x.shape[1:])
+    keys = train.root_keys(config)
+    state = train.init_state(experiment, keys["init"])
+    epoch_fn = train.compile_epoch(experiment)
+    data = (jnp.asarray(x), jnp.asarray(y))
+    for epoch in range(3):
+        state, _ = epoch_fn(state, data, jnp.int32(epoch), keys)
+    assert epoch_fn._cache_size() == 1
+    eval_fn = train.compile_evaluate(experiment)
+    for split in ("validation", "test"):
+        eval_fn(state.params, tuple(jnp.asarray(a) for a in splits[split]), keys["eval"])
+    assert eval_fn._cache_size() == 1
+
+
+def test_no_compilation_after_the_first_epoch(tmp_path):
+    """Counts XLA compilations in whole runs: 2 and 4 epochs compile the same number."""
+    counts = []
+
+    def run(num_epochs, workdir):
+        events = []
+
+        def listener(event, duration, **kwargs):
+            if event == "/jax/compilation_cache/compile_requests_use_cache" or (
+                event.endswith("backend_compile_duration")
+            ):
+                events.append(event)
+
+        jax.monitoring.register_event_duration_secs_listener(listener)
+        try:
+            config = test_config.get_config()
+            config.num_epochs = num_epochs
+            train.train_and_evaluate(config, workdir)
+        finally:
+            jax.monitoring.unregister_event_duration_listener(listener)
+        return len(events)
+
+    jax.clear_caches()
+    counts.append(run(2, str(tmp_path / "a")))
+    jax.clear_caches()
+    counts.append(run(4, str(tmp_path / "b")))
+    assert counts[0] > 0
+    assert counts[0] == counts[1]
+
+
+BAD_VALUES = [
+    ("prior.name", "nope", "prior.name"),
+    ("prior.sigma1", -1.0, "prior.sigma1"),
+    ("prior.pi", 1.5, "prior.pi"),
+    ("objective.num_samples", 0, "objective.num_samples"),
+    ("objective.kl", "exact", "objective.kl"),
+    ("posterior.estimator", "magic", "posterior.estimator"),
+    ("batch_size", 10**6, "batch_size"),
+    ("model.hidden_sizes", (32, -4), "model.hidden_sizes"),
+    ("optim.name", "lbfgs", "optim.name"),
+]
+
+
+@pytest.mark.parametrize(("field", "value", "named"), BAD_VALUES)
+def test_bad_config_fails_before_touching_the_workdir(tmp_path, field, value, named):
+    workdir = str(tmp_path / "wd")
+    train.train_and_evaluate(test_config.get_config(), workdir)
+    before = _digest(workdir)
+    config = test_config.get_config()
+    *path, last = field.split(".")
+    node = config
+    for p in path:
+        node = node[p]
+    node[last] = value
+    with pytest.raises((ConfigError, WorkdirError)) as info:
+        train.train_and_evaluate(config, workdir)
+    assert named in str(info.value)
+    assert repr(value) in str(info.value) or str(value) in str(info.value)
+    assert _digest(workdir) == before
+
+
+def test_missing_workdir_parent_is_a_clear_error(tmp_path):
+    workdir = str(tmp_path / "missing" / "wd")
+    with pytest.raises(WorkdirError, match="does not exist"):
+        train.train_and_evaluate(test_config.get_config(), workdir)
+    assert not os.path.exists(tmp_path / "missing")
+
+
+def _cli(*args, timeout=300):
+    return subprocess.run(
+        [sys.executable, os.path.join(REPO, "scripts", "train.py"), *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=REPO,
+    )
+
+
+def test_cli_misspelt_field_exits_2(tmp_path):
+    workdir = tmp_path / "wd"
+    workdir.mkdir()
+    (workdir / "keep.txt").write_text("precious")
+    result = _cli("--config=configs/test.py", f"--workdir={workdir}", "--config.prior.nmae=x")
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "nmae" in result.stderr
+    assert sorted(os.listdir(workdir)) == ["keep.txt"]
+
+
+def test_cli_bad_value_exits_2(tmp_path):
+    result = _cli(
+        "--config=configs/test.py", f"--workdir={tmp_path / 'wd'}", "--config.prior.pi=1.5"
+    )
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "prior.pi=1.5" in result.stderr and "between 0" in result.stderr
+    assert not os.path.exists(tmp_path / "wd")
