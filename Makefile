@@ -15,8 +15,14 @@ $(VENV)/.installed: pyproject.toml
 
 setup: $(VENV)/.installed
 
-# Prepares TFDS's own `mnist` (downloads where a network allows, else offline sources).
+# Prepares TFDS's own `mnist` (downloads where a network allows, else offline sources) and,
+# where available, `fashion_mnist` (offline: Debian's dataset-fashion-mnist, installed here
+# when we are root and apt can reach its registry; nothing fails without it).
+FASHION_DIR := /usr/share/datasets/fashion-mnist
 data: setup
+	@if [ ! -d $(FASHION_DIR) ] && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  (apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist) >/dev/null 2>&1 \
+	  || echo "note: dataset-fashion-mnist not installed; OOD evaluation needs it"; fi
 	$(PY) scripts/prepare_data.py
 
 train: data
