@@ -72,7 +72,57 @@ def split_like(key: jax.Array, tree: PyTree) -> PyTree:
     return jax.tree_util.tree_unflatten(treedef, list(jax.random.split(key, len(leaves))))
 
 
-def normal_like(key: jax.Array, tree: PyTree) -> PyTree:
+NOISE_GENERATORS = ("jax", "hash")
+
+
+def _mix32(h: jax.Array) -> jax.Array:
+    """A 32-bit integer finaliser with full avalanche (the "lowbias32" constants)."""
+    h = h ^ (h >> 16)
+    h = h * jnp.uint32(0x7FEB352D)
+    h = h ^ (h >> 15)
+    h = h * jnp.uint32(0x846CA68B)
+    return h ^ (h >> 16)
+
+
+def hash_normal(key: jax.Array, n: int) -> jax.Array:
+    """n standard normals from a counter-based hash seeded by `key`: 3× cheaper than threefry.
+
+    Two 32-bit seeds are drawn from `key` with JAX's own PRNG; number i is
+    √2 · erfinv(2u − 1), u = (mix(mix(i·φ + s₀) ⊕ s₁) >> 9 + ½) / 2²³. The mixer is a
+    full-avalanche integer hash, so the stream passes the moment, Kolmogorov–Smirnov and
+    correlation tests in tests/test_posterior.py; but, unlike threefry, it carries no
+    cryptographic guarantee that streams of different keys are independent. Monte-Carlo noise
+    for variational inference needs no more; anything that does should keep "jax".
+
+    Args:
+      key: a PRNG key.
+      n: how many numbers.
+
+    Returns:
+      float32 [n].
+    """
+    seed = jax.random.bits(key, (2,), jnp.uint32)
+    counter = jax.lax.iota(jnp.uint32, n)
+    return bits_to_normal(_mix32(_mix32(counter * jnp.uint32(0x9E3779B9) + seed[0]) ^ seed[1]))
+
+
+def bits_to_normal(bits: jax.Array) -> jax.Array:
+    """Maps uniform uint32 bits to N(0, 1) by the inverse CDF, finite for every input.
+
+    The top 23 bits give u = (k + ½) / 2²² − 1 ∈ (−1, 1), exact in float32 (with 24 bits,
+    k + ½ would round up to 2²⁴ and erfinv(1) = ∞), so |z| ≤ 5.3.
+
+    Args:
+      bits: uint32 array.
+
+    Returns:
+      float32 normals, shape of `bits`.
+    """
+    u = ((bits >> 9).astype(jnp.float32) + 0.5) * jnp.float32(2.0**-22) - 1.0
+    return jnp.float32(math.sqrt(2.0)) * jax.lax.erf_inv(u)
+
+
+def normal_like(key: jax.Array, tree: PyTree, generator: str = "jax") -> PyTree:
     """Standard normal noise shaped like `tree`, drawn in one call for all of its leaves.
 
     One draw of n numbers, sliced into the leaves, compiles to one RNG kernel instead of one
@@ -81,13 +131,18 @@ def normal_like(key: jax.Array, tree: PyTree) -> PyTree:
     Args:
       key: a PRNG key.
       tree: a pytree of arrays (float32).
+      generator: "jax" (`jax.random.normal`, the key's own implementation, threefry by
+        default) or "hash" (`hash_normal`, about 3× faster on a CPU).
 
     Returns:
       ε ~ N(0, I), a pytree like `tree`.
     """
     leaves, treedef = jax.tree_util.tree_flatten(tree)
     sizes = [leaf.size for leaf in leaves]
-    flat = jax.random.normal(key, (sum(sizes),), jnp.float32)
+    if generator == "hash":
+        flat = hash_normal(key, sum(sizes))
+    else:
+        flat = jax.random.normal(key, (sum(sizes),), jnp.float32)
     offsets = [0, *itertools.accumulate(sizes)]
     noise = [
         flat[start:stop].reshape(leaf.shape).astype(leaf.dtype)
@@ -103,10 +158,12 @@ class MeanFieldGaussian:
     Attributes:
       mu: the means, a pytree with the structure of the model's parameters.
       rho: the unconstrained scales, same structure; σ = softplus(ρ).
+      noise: how ε is drawn, "jax" or "hash" (see `normal_like`); static, not a leaf.
     """
 
     mu: PyTree
     rho: PyTree
+    noise: str = flax.struct.field(pytree_node=False, default="jax")
 
     def mean(self) -> PyTree:
         """The posterior mean weights μ (also the mode)."""
@@ -125,7 +182,7 @@ class MeanFieldGaussian:
         Returns:
           A pytree of ε ~ N(0, I), float32, like `mu`.
         """
-        return normal_like(key, self.mu)
+        return normal_like(key, self.mu, self.noise)
 
     def sample(self, key: jax.Array) -> PyTree:
         """One reparameterised sample w = μ + σ ∘ ε.
@@ -237,6 +294,7 @@ def init_posterior(
     params: PyTree,
     init_rho_value: float | Sequence[float] = -6.0,
     mu_scale: float = 1.0,
+    noise: str = "jax",
 ) -> MeanFieldGaussian:
     """A mean-field posterior around a Flax model's own initial parameters.
 
@@ -245,12 +303,13 @@ def init_posterior(
       params: the model's parameter pytree, e.g. `model.init(key, x)["params"]`.
       init_rho_value: ρ₀ as a float, or (low, high) for a uniform draw.
       mu_scale: multiplies the model's initial weights to give μ₀.
+      noise: the noise generator, "jax" or "hash" (see `normal_like`).
 
     Returns:
       The posterior, in float32.
     """
     mu = jax.tree_util.tree_map(lambda p: jnp.asarray(p, jnp.float32) * mu_scale, params)
-    return MeanFieldGaussian(mu=mu, rho=init_rho(key, mu, init_rho_value))
+    return MeanFieldGaussian(mu=mu, rho=init_rho(key, mu, init_rho_value), noise=noise)
 
 
 @flax.struct.dataclass

@@ -150,6 +150,7 @@ def build(config: ml_collections.ConfigDict, num_train: int, input_shape: tuple[
     check_choice("prng_impl", config.prng_impl, PRNG_IMPLS)
     check_choice("posterior.name", config.posterior.name, POSTERIORS)
     check_choice("posterior.estimator", config.posterior.estimator, ESTIMATORS)
+    check_choice("posterior.noise", config.posterior.noise, posterior_lib.NOISE_GENERATORS)
     check_non_negative("posterior.init_rho_spread", config.posterior.init_rho_spread)
     check_positive("posterior.mu_scale", config.posterior.mu_scale)
     if not -30.0 <= config.posterior.init_rho <= 30.0:
@@ -224,7 +225,7 @@ def init_state(experiment: Experiment, key: jax.Array) -> TrainState:
         rho0, spread = config.posterior.init_rho, config.posterior.init_rho_spread
         init = (rho0 - spread / 2, rho0 + spread / 2) if spread else float(rho0)
         posterior = posterior_lib.init_posterior(
-            key_rho, params, init, mu_scale=config.posterior.mu_scale
+            key_rho, params, init, mu_scale=config.posterior.mu_scale, noise=config.posterior.noise
         )
     trained = experiment.free_energy.init_params(posterior)
     return TrainState(

@@ -43,6 +43,9 @@ def get_config(width: str | None = None) -> ml_collections.ConfigDict:
     config.posterior.init_rho = -6.0
     config.posterior.init_rho_spread = 0.0  # ρ₀ ~ U(init_rho ± spread/2); 0 gives a constant.
     config.posterior.mu_scale = 1.0  # μ₀ = mu_scale × the model's own initial weights.
+    # Weight noise ε: "jax" (jax.random.normal with the key's implementation, threefry) or
+    # "hash" (a counter-based hash, ~3× cheaper on a CPU; see bbb.posterior.hash_normal).
+    config.posterior.noise = "jax"
 
     config.prior = ml_collections.ConfigDict()
     # "gaussian" (sigma), "scale_mixture" (pi, sigma1, sigma2), "laplace" (scale),

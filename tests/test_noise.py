@@ -1,0 +1,71 @@
+"""The weight-noise generators: jax.random.normal and the counter-based hash."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import scipy.stats
+
+from bbb import posterior
+
+
+def test_bits_to_normal_is_finite_and_symmetric_at_the_extremes():
+    bits = jnp.array([0, 1, 511, 512, 0x7FFFFFFF, 0x80000000, 0xFFFFFFFF], jnp.uint32)
+    z = np.asarray(posterior.bits_to_normal(bits))
+    assert np.all(np.isfinite(z))
+    assert z[0] == -z[-1] and z[0] < -5.0
+    assert z[4] == -z[5] and abs(z[4]) < 1e-6
+    # Monotone in the bits: the inverse CDF of a uniform.
+    assert np.all(np.diff(z) >= 0)
+
+
+def test_bits_to_normal_matches_the_normal_quantiles():
+    k = np.arange(0, 2**23, 4099, dtype=np.uint64)
+    z = np.asarray(posterior.bits_to_normal(jnp.asarray((k << 9).astype(np.uint32))))
+    expected = scipy.stats.norm.ppf((k + 0.5) / 2**23)
+    np.testing.assert_allclose(z, expected, atol=2e-4)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 12345])
+def test_hash_normal_is_standard_normal(seed):
+    z = np.asarray(posterior.hash_normal(jax.random.key(seed), 400_000))
+    n = z.size
+    assert abs(z.mean()) < 4 / np.sqrt(n)
+    assert abs(z.var() - 1) < 4 * np.sqrt(2 / n)
+    assert abs(scipy.stats.skew(z)) < 4 * np.sqrt(6 / n)
+    assert abs(scipy.stats.kurtosis(z)) < 4 * np.sqrt(24 / n)
+    assert scipy.stats.kstest(z, "norm").pvalue > 1e-3
+
+
+def test_hash_normal_streams_are_uncorrelated():
+    n = 200_000
+    keys = jax.random.split(jax.random.key(7), 4)
+    zs = np.stack([np.asarray(posterior.hash_normal(k, n)) for k in keys])
+    corr = np.corrcoef(zs)
+    off_diagonal = corr[~np.eye(4, dtype=bool)]
+    assert np.all(np.abs(off_diagonal) < 5 / np.sqrt(n))
+    # Neighbouring numbers of one stream, and the signs of products (a nonlinear check).
+    z = zs[0]
+    assert abs(np.corrcoef(z[:-1], z[1:])[0, 1]) < 5 / np.sqrt(n)
+    assert abs(np.mean(np.sign(z[:-1] * z[1:]))) < 5 / np.sqrt(n)
+    # The same key gives the same numbers; vmap over keys gives each key's stream.
+    np.testing.assert_array_equal(np.asarray(posterior.hash_normal(keys[0], n)), z)
+    batched = jax.vmap(lambda k: posterior.hash_normal(k, 1000))(keys)
+    np.testing.assert_array_equal(np.asarray(batched[:, :1000]), zs[:, :1000])
+
+
+@pytest.mark.parametrize("generator", posterior.NOISE_GENERATORS)
+def test_posterior_samples_have_the_right_moments(generator):
+    mu = {"a": jnp.full((3, 4), 0.5), "b": jnp.full((5,), -1.0)}
+    rho = {"a": jnp.full((3, 4), -1.0), "b": jnp.full((5,), 0.5)}
+    q = posterior.MeanFieldGaussian(mu, rho, noise=generator)
+    samples = jax.vmap(q.sample)(jax.random.split(jax.random.key(0), 20_000))
+    sigma = q.stddev()
+    for name in ("a", "b"):
+        s = np.asarray(samples[name])
+        se = float(np.asarray(sigma[name]).max()) / np.sqrt(s.shape[0])
+        np.testing.assert_allclose(s.mean(0), np.asarray(mu[name]), atol=5 * se)
+        np.testing.assert_allclose(s.std(0), np.asarray(sigma[name]), rtol=0.03)
+    # Different leaves get different noise.
+    eps = q.sample_noise(jax.random.key(1))
+    assert not np.allclose(np.asarray(eps["a"]).ravel()[:5], np.asarray(eps["b"]))
