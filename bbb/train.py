@@ -10,7 +10,9 @@ bit on the CPU.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
+import os
 import time
 from collections.abc import Callable
 from typing import Any
@@ -495,3 +497,40 @@ def train_and_evaluate(
     wall_time = time.perf_counter() - started
     summary = run.finish(state, history, wall_time=wall_time, steps_done=steps_done)
     return summary
+
+
+def load_run(workdir: str, step: int | None = None) -> tuple[Experiment, TrainState]:
+    """Restores a finished or running run: its experiment (from config.json) and a checkpoint.
+
+    Reads only; writes nothing into `workdir`.
+
+    Args:
+      workdir: a run's workdir.
+      step: the checkpoint step; None takes the latest.
+
+    Returns:
+      (experiment, state).
+
+    Raises:
+      WorkdirError: no config.json or no checkpoint, or the checkpoint cannot be read.
+    """
+    import orbax.checkpoint as ocp
+
+    from bbb.workdir import WorkdirError, restore_checkpoint
+
+    config_path = os.path.join(workdir, "config.json")
+    if not os.path.exists(config_path):
+        raise WorkdirError(f"{workdir} holds no run: {config_path} is missing.")
+    with open(config_path) as f:
+        config = ml_collections.ConfigDict(json.load(f))
+    for field in ("hidden_sizes", "features"):
+        config.model[field] = tuple(config.model[field])
+    experiment = build(config, *dataset_spec(config))
+    abstract = jax.eval_shape(lambda: init_state(experiment, root_keys(config)["init"]))
+    checkpoint_dir = os.path.join(os.path.abspath(workdir), "checkpoints")
+    with ocp.CheckpointManager(checkpoint_dir) as manager:
+        step = manager.latest_step() if step is None else step
+        if step is None:
+            raise WorkdirError(f"{workdir} holds no checkpoint in {checkpoint_dir}.")
+        state, _ = restore_checkpoint(manager, step, abstract)
+    return experiment, state

@@ -113,6 +113,39 @@ class History:
             )
 
 
+def restore_checkpoint(manager: Any, step: int, abstract_state: PyTree) -> tuple[PyTree, History]:
+    """Restores (state, best-validation record) of checkpoint `step` of an Orbax manager.
+
+    Args:
+      manager: an `orbax.checkpoint.CheckpointManager`.
+      step: the checkpoint's step.
+      abstract_state: the structure, shapes and dtypes to restore into.
+
+    Returns:
+      (state, history).
+
+    Raises:
+      WorkdirError: the checkpoint cannot be read; says which and what to do.
+    """
+    import orbax.checkpoint as ocp
+
+    try:
+        restored = manager.restore(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(abstract_state), history=ocp.args.JsonRestore()
+            ),
+        )
+    except Exception as e:  # Orbax raises several types for unreadable files.
+        path = os.path.join(str(manager.directory), str(step))
+        raise WorkdirError(
+            f"checkpoint {path} cannot be restored ({type(e).__name__}: {e}). It is left as it "
+            f"is. To resume from an earlier checkpoint, move {path} out of the workdir; to "
+            "start fresh, use a new --workdir."
+        ) from e
+    return restored["state"], History(**restored["history"])
+
+
 def _plot_training(workdir: str, records: list[dict[str, Any]]) -> None:
     import matplotlib
 
@@ -235,23 +268,9 @@ class Run:
             self._load_records(max_step=0)
             return state, History()
         abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, state)
-        try:
-            restored = self.manager.restore(
-                step,
-                args=ocp.args.Composite(
-                    state=ocp.args.StandardRestore(abstract), history=ocp.args.JsonRestore()
-                ),
-            )
-        except Exception as e:  # Orbax raises several types for unreadable files.
-            path = os.path.join(self.checkpoint_dir, str(step))
-            raise WorkdirError(
-                f"checkpoint {path} cannot be restored ({type(e).__name__}: {e}). It is left "
-                f"as it is. To resume from an earlier checkpoint, move {path} out of the "
-                "workdir; to start fresh, use a new --workdir."
-            ) from e
-        history = History(**restored["history"])
-        self._load_records(max_step=int(restored["state"].step))
-        return restored["state"], history
+        state, history = restore_checkpoint(self.manager, step, abstract)
+        self._load_records(max_step=int(state.step))
+        return state, history
 
     def _load_records(self, max_step: int) -> None:
         """Keeps the metrics lines up to `max_step` (a resumed run redoes the rest)."""
