@@ -33,7 +33,7 @@ lint: setup
 	$(VENV)/bin/ruff format --check .
 
 test: data lint
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n 2 --dist loadscope
 
 format: setup
 	$(VENV)/bin/ruff format .

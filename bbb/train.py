@@ -13,6 +13,8 @@ import dataclasses
 import json
 import math
 import os
+import signal
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -346,7 +348,9 @@ def evaluate(
 # Data -------------------------------------------------------------------------------------
 
 
-DATASETS = {"mnist": (60000, (28, 28, 1))}
+# (N of the training + validation pool, example shape). [regression] toy_regression: 1500 points
+# x ~ U[0, 0.5] (bbb/data/regression.py); data.num_train of them train, the rest validate.
+DATASETS = {"mnist": (60000, (28, 28, 1)), "toy_regression": (1500, (1,))}
 
 
 def dataset_spec(config: ml_collections.ConfigDict) -> tuple[int, tuple[int, ...]]:
@@ -383,15 +387,24 @@ def load_data(config: ml_collections.ConfigDict) -> dict[str, tuple[np.ndarray, 
     """
     data_config = config.data
     dataset_spec(config)
-    from bbb.data import mnist  # Lazy: TensorFlow is imported only for data loading.
+    if data_config.name == "toy_regression":  # [regression] Blundell et al. (2015), §5.2.
+        from bbb.data import regression
 
-    splits = mnist.load_mnist(
-        data_dir=data_config.data_dir or None,
-        manual_dir=data_config.manual_dir or None,
-        cache_dir=data_config.cache_dir or None,
-        pixel_scale=data_config.pixel_scale,
-        num_train=data_config.num_train,
-    )
+        total = DATASETS["toy_regression"][0]
+        num_validation = total - data_config.num_train
+        splits = regression.load_toy_regression(
+            data_config.num_train, num_validation, 500, seed=data_config.get("seed", 0)
+        )
+    else:
+        from bbb.data import mnist  # Lazy: TensorFlow is imported only for data loading.
+
+        splits = mnist.load_mnist(
+            data_dir=data_config.data_dir or None,
+            manual_dir=data_config.manual_dir or None,
+            cache_dir=data_config.cache_dir or None,
+            pixel_scale=data_config.pixel_scale,
+            num_train=data_config.num_train,
+        )
     limits = {
         "train": data_config.train_subset,
         "validation": data_config.eval_subset,
@@ -425,6 +438,34 @@ def check_finite(metrics: dict[str, np.ndarray], first_step: int) -> None:
                 f"{first_step + int(bad[0]) + 1}. Lower optim.learning_rate or check the data; "
                 "the last good checkpoint is kept."
             )
+
+
+class PreemptionWatcher:
+    """Notes SIGTERM (how schedulers pre-empt a job) so that the loop can checkpoint and stop
+    at the end of the current epoch, instead of dying with the epoch's work lost.
+
+    Installed only in the main thread (signal handlers cannot be set elsewhere).
+
+    Attributes:
+      requested: the name of the signal received, or "" while none was.
+    """
+
+    def __init__(self):
+        self.requested = ""
+        self._previous = None
+
+    def __enter__(self) -> PreemptionWatcher:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+
+    def _handle(self, signum, frame):
+        del frame
+        self.requested = signal.Signals(signum).name
 
 
 def train_and_evaluate(
@@ -464,35 +505,41 @@ def train_and_evaluate(
     progress = workdir_lib.Progress(config.num_epochs, start_epoch, enabled=config.progress)
     started = time.perf_counter()
     steps_done = 0
-    for epoch in range(start_epoch, config.num_epochs):
-        first_step = int(state.step)
-        state, metrics = epoch_fn(state, device_data["train"], jnp.int32(epoch), keys)
-        metrics = jax.device_get(metrics)
-        steps_done += experiment.steps_per_epoch
-        check_finite(metrics, first_step)
-        record = {"step": first_step + experiment.steps_per_epoch, "epoch": epoch + 1}
-        record.update({f"train/{k}": float(np.mean(v)) for k, v in metrics.items()})
-        # The last step's KL weight shows the schedule's end; the mean is 1/M for all of them.
-        record["train/kl_weight"] = float(np.mean(metrics["kl_weight"]))
-        last = epoch + 1 == config.num_epochs
-        if (epoch + 1) % config.eval.every_epochs == 0 or last:
-            eval_key = jax.random.fold_in(keys["eval"], epoch)
-            for split in ("validation", "test"):
-                result = jax.device_get(eval_fn(state.params, device_data[split], eval_key))
-                prefix = "eval/val_" if split == "validation" else "eval/test_"
-                record.update({prefix + k: float(v) for k, v in result.items()})
-            history.update_best(record)
-        run.write_metrics(record, state)
-        progress.update(record)
-        interrupted = stop_after_epochs is not None and epoch + 1 - start_epoch >= (
-            stop_after_epochs
-        )
-        if (epoch + 1) % config.checkpoint_every_epochs == 0 or last or interrupted:
-            run.save(state, history)
-        if interrupted and not last:
-            progress.close()
-            run.close()
-            return None
+    with PreemptionWatcher() as preemption:
+        for epoch in range(start_epoch, config.num_epochs):
+            first_step = int(state.step)
+            state, metrics = epoch_fn(state, device_data["train"], jnp.int32(epoch), keys)
+            metrics = jax.device_get(metrics)
+            steps_done += experiment.steps_per_epoch
+            check_finite(metrics, first_step)
+            record = {"step": first_step + experiment.steps_per_epoch, "epoch": epoch + 1}
+            record.update({f"train/{k}": float(np.mean(v)) for k, v in metrics.items()})
+            # The last step's KL weight shows the schedule's end; the mean is 1/M for all of them.
+            record["train/kl_weight"] = float(np.mean(metrics["kl_weight"]))
+            last = epoch + 1 == config.num_epochs
+            if (epoch + 1) % config.eval.every_epochs == 0 or last:
+                eval_key = jax.random.fold_in(keys["eval"], epoch)
+                for split in ("validation", "test"):
+                    result = jax.device_get(eval_fn(state.params, device_data[split], eval_key))
+                    prefix = "eval/val_" if split == "validation" else "eval/test_"
+                    record.update({prefix + k: float(v) for k, v in result.items()})
+                history.update_best(record)
+            run.write_metrics(record, state)
+            progress.update(record)
+            interrupted = preemption.requested or (
+                stop_after_epochs is not None and epoch + 1 - start_epoch >= stop_after_epochs
+            )
+            if (epoch + 1) % config.checkpoint_every_epochs == 0 or last or interrupted:
+                run.save(state, history)
+            if interrupted and not last:
+                progress.close()
+                run.close()
+                if preemption.requested:
+                    print(
+                        f"Pre-empted ({preemption.requested}) after epoch {epoch + 1}: checkpoint "
+                        f"saved in {run.checkpoint_dir}. Run the same command to resume."
+                    )
+                return None
     progress.close()
     wall_time = time.perf_counter() - started
     summary = run.finish(state, history, wall_time=wall_time, steps_done=steps_done)

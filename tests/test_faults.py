@@ -1,0 +1,199 @@
+"""Fault injection: kill -9, SIGTERM, NaN, corrupted checkpoints. A dead run costs minutes."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from bbb import train
+from bbb.workdir import WorkdirError
+from configs import test as test_config
+from tests.test_train import _cached_load, _digest, _read_metrics
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+LONG_RUN = [
+    "--config.num_epochs=12",
+    "--config.eval.every_epochs=6",
+    "--config.checkpoint_every_epochs=3",
+]
+
+
+@pytest.fixture(autouse=True)
+def cached_data(monkeypatch):
+    monkeypatch.setattr(train, "load_data", _cached_load)
+
+
+def _long_config():
+    config = test_config.get_config()
+    config.num_epochs = 12
+    config.eval.every_epochs = 6
+    config.checkpoint_every_epochs = 3
+    return config
+
+
+def _start(workdir):
+    return subprocess.Popen(
+        [
+            sys.executable,
+            os.path.join(REPO, "scripts", "train.py"),
+            "--config=configs/test.py",
+            f"--workdir={workdir}",
+            *LONG_RUN,
+        ],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def _wait_for_epochs(workdir, process, epochs, timeout=300):
+    deadline = time.monotonic() + timeout
+    path = os.path.join(workdir, "metrics.jsonl")
+    while time.monotonic() < deadline:
+        if os.path.exists(path) and len(_read_metrics(workdir)) >= epochs:
+            return
+        if process.poll() is not None:
+            raise AssertionError(f"training ended early: {process.communicate()[1][-3000:]}")
+        time.sleep(0.05)
+    process.kill()
+    raise AssertionError("training did not reach the epoch in time")
+
+
+def _finish(workdir):
+    result = subprocess.run(
+        [
+            sys.executable,
+            os.path.join(REPO, "scripts", "train.py"),
+            "--config=configs/test.py",
+            f"--workdir={workdir}",
+            *LONG_RUN,
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """The uninterrupted run that interrupted ones must reproduce."""
+    workdir = str(tmp_path_factory.mktemp("reference") / "wd")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(train, "load_data", _cached_load)
+        train.train_and_evaluate(_long_config(), workdir)
+    return _read_metrics(workdir)
+
+
+def test_kill_9_then_rerun_matches_an_uninterrupted_run(tmp_path, reference):
+    workdir = str(tmp_path / "wd")
+    process = _start(workdir)
+    _wait_for_epochs(workdir, process, epochs=5)  # past the checkpoint at epoch 3
+    process.send_signal(signal.SIGKILL)
+    process.wait(timeout=60)
+    assert process.returncode == -signal.SIGKILL
+    assert len(_read_metrics(workdir)) < 12
+    _finish(workdir)
+    assert _read_metrics(workdir) == reference  # every number identical
+
+
+def test_sigterm_checkpoints_and_exits_cleanly_then_resumes(tmp_path, reference):
+    workdir = str(tmp_path / "wd")
+    process = _start(workdir)
+    _wait_for_epochs(workdir, process, epochs=2)
+    process.send_signal(signal.SIGTERM)
+    stdout, stderr = process.communicate(timeout=120)
+    assert process.returncode == 0, stderr[-3000:]
+    assert "Pre-empted (SIGTERM)" in stdout
+    epochs_done = len(_read_metrics(workdir))
+    assert epochs_done < 12
+    steps = sorted(int(s) for s in os.listdir(os.path.join(workdir, "checkpoints")))
+    assert steps[-1] == epochs_done * 32  # a checkpoint at the epoch where it stopped
+    _finish(workdir)
+    assert _read_metrics(workdir) == reference
+
+
+def test_nan_stops_with_the_step_and_metric_and_keeps_the_last_checkpoint(tmp_path, monkeypatch):
+    """From epoch 3 on, the parameters blow up: the run stops within that epoch's logging,
+    names the step and the metric, and the checkpoint of epoch 2 still restores."""
+    original = train.compile_epoch
+
+    def poisoned(experiment):
+        epoch_fn = original(experiment)
+
+        def run(state, data, epoch, keys):
+            if int(epoch) >= 2:
+                state = state.replace(
+                    params=jax.tree_util.tree_map(lambda p: p * jnp.nan, state.params)
+                )
+            return epoch_fn(state, data, epoch, keys)
+
+        return run
+
+    monkeypatch.setattr(train, "compile_epoch", poisoned)
+    config = test_config.get_config()
+    config.num_epochs = 4
+    workdir = str(tmp_path / "wd")
+    with pytest.raises(train.TrainingDivergedError) as info:
+        train.train_and_evaluate(config, workdir)
+    message = str(info.value)
+    assert "step 65" in message and "train/" in message and "nan" in message
+    assert len(_read_metrics(workdir)) == 2
+    _, state = train.load_run(workdir)
+    assert int(state.step) == 64
+    assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree_util.tree_leaves(state))
+
+
+def test_cli_divergence_exits_nonzero(tmp_path):
+    result = subprocess.run(
+        [
+            sys.executable,
+            os.path.join(REPO, "scripts", "train.py"),
+            "--config=configs/test.py",
+            f"--workdir={tmp_path / 'wd'}",
+            "--config.optim.learning_rate=1e12",
+            "--config.optim.schedule=constant",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 3, result.stderr[-3000:]
+    assert "diverged" in result.stderr and "at step" in result.stderr
+
+
+def test_corrupted_checkpoint_is_named_and_nothing_is_overwritten(tmp_path):
+    workdir = str(tmp_path / "wd")
+    config = test_config.get_config()
+    train.train_and_evaluate(config, workdir, stop_after_epochs=1)
+    checkpoint = os.path.join(workdir, "checkpoints", "32")
+    victims = [
+        os.path.join(root, name)
+        for root, _, names in os.walk(checkpoint)
+        for name in names
+        if "state" in root and os.path.getsize(os.path.join(root, name)) > 100
+    ]
+    assert victims
+    for path in victims:
+        with open(path, "r+b") as f:
+            f.truncate(os.path.getsize(path) // 2)
+    before = _digest(workdir)
+    with pytest.raises(WorkdirError) as info:
+        train.train_and_evaluate(config, workdir)
+    assert checkpoint in str(info.value) and "new --workdir" in str(info.value)
+    assert _digest(workdir) == before
+    with open(os.path.join(workdir, "config.json")) as f:
+        assert json.load(f)["num_epochs"] == 2
