@@ -57,7 +57,18 @@ def _local_reparam(module: nn.Module, mean: jax.Array, x: jax.Array) -> jax.Arra
     if "bias" in sigma:
         variance = variance + jnp.square(sigma["bias"])
     noise = jax.random.normal(module.make_rng("noise"), mean.shape, mean.dtype)
-    return mean + jnp.sqrt(variance) * noise
+    return mean + _safe_sqrt(variance) * noise
+
+
+def _safe_sqrt(variance: jax.Array) -> jax.Array:
+    """√variance, with gradient 0 (not NaN) where the variance is exactly 0.
+
+    The variance is 0 for a point-mass posterior (σ = 0), and where σ² underflows (ρ ≲ −44 in
+    float32) on an input row of zeros; `jnp.sqrt` would give an infinite derivative there, and
+    inf · 0 = NaN in every upstream gradient.
+    """
+    positive = variance > 0
+    return jnp.where(positive, jnp.sqrt(jnp.where(positive, variance, 1.0)), 0.0)
 
 
 def _flipout(module: nn.Module, mean: jax.Array, x: jax.Array) -> jax.Array:

@@ -21,8 +21,8 @@ from tests.test_train import _cached_load, _digest, _read_metrics
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LONG_RUN = [
-    "--config.num_epochs=12",
-    "--config.eval.every_epochs=6",
+    "--config.num_epochs=24",
+    "--config.eval.every_epochs=12",
     "--config.checkpoint_every_epochs=3",
 ]
 
@@ -34,8 +34,8 @@ def cached_data(monkeypatch):
 
 def _long_config():
     config = test_config.get_config()
-    config.num_epochs = 12
-    config.eval.every_epochs = 6
+    config.num_epochs = 24
+    config.eval.every_epochs = 12
     config.checkpoint_every_epochs = 3
     return config
 
@@ -104,7 +104,7 @@ def test_kill_9_then_rerun_matches_an_uninterrupted_run(tmp_path, reference):
     process.send_signal(signal.SIGKILL)
     process.wait(timeout=60)
     assert process.returncode == -signal.SIGKILL
-    assert len(_read_metrics(workdir)) < 12
+    assert len(_read_metrics(workdir)) < 24
     _finish(workdir)
     assert _read_metrics(workdir) == reference  # every number identical
 
@@ -112,13 +112,13 @@ def test_kill_9_then_rerun_matches_an_uninterrupted_run(tmp_path, reference):
 def test_sigterm_checkpoints_and_exits_cleanly_then_resumes(tmp_path, reference):
     workdir = str(tmp_path / "wd")
     process = _start(workdir)
-    _wait_for_epochs(workdir, process, epochs=2)
+    _wait_for_epochs(workdir, process, epochs=1)
     process.send_signal(signal.SIGTERM)
     stdout, stderr = process.communicate(timeout=120)
     assert process.returncode == 0, stderr[-3000:]
     assert "Pre-empted (SIGTERM)" in stdout
     epochs_done = len(_read_metrics(workdir))
-    assert epochs_done < 12
+    assert epochs_done < 24
     steps = sorted(int(s) for s in os.listdir(os.path.join(workdir, "checkpoints")))
     assert steps[-1] == epochs_done * 32  # a checkpoint at the epoch where it stopped
     _finish(workdir)
