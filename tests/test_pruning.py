@@ -1,0 +1,175 @@
+"""Tests of bbb.pruning: the ranking, the masks, exact zeros in samples, the compact export."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from bbb import models, pruning, train
+from bbb.posterior import MeanFieldGaussian, PointEstimate
+from configs import test as test_config
+from tests.conftest import numpy_params
+
+
+@pytest.fixture(scope="module")
+def posterior():
+    """A mean-field posterior over a 6-8-8-3 MLP with random μ and ρ (no two SNRs tie)."""
+    model = models.MLP(hidden_sizes=(8, 8), num_outputs=3)
+    mu = numpy_params(model, jnp.zeros((1, 6)), seed=1)
+    rng = np.random.default_rng(2)
+    rho = jax.tree_util.tree_map(
+        lambda m: jnp.asarray(rng.uniform(-6.0, 0.0, m.shape), jnp.float32), mu
+    )
+    return MeanFieldGaussian(mu=mu, rho=rho)
+
+
+def _flat(tree):
+    return np.concatenate([np.ravel(np.asarray(x)) for x in jax.tree_util.tree_leaves(tree)])
+
+
+def test_fraction_zero_changes_nothing_bitwise(posterior):
+    pruned = pruning.prune(posterior, 0.0, "snr")
+    for a, b in ((pruned.mu, posterior.mu), (pruned.rho, posterior.rho)):
+        np.testing.assert_array_equal(_flat(a), _flat(b))
+    assert _flat(a).tobytes() == _flat(b).tobytes()
+    key = jax.random.key(3)
+    assert _flat(pruned.sample(key)).tobytes() == _flat(posterior.sample(key)).tobytes()
+    assert _flat(pruned.mean()).tobytes() == _flat(posterior.mean()).tobytes()
+
+
+@pytest.mark.parametrize("fraction", [0.1, 0.29, 0.5, 0.75, 0.95, 0.98, 1.0])
+@pytest.mark.parametrize("criterion", ["snr", "magnitude"])
+def test_removes_exactly_the_lowest_scores(posterior, fraction, criterion):
+    n = posterior.num_weights()
+    expected_count = math.floor(round(fraction * 100) * n / 100)  # ⌊f·n⌋ in exact arithmetic
+    mu, sigma = _flat(posterior.mu), _flat(posterior.stddev())
+    score = np.abs(mu) / sigma if criterion == "snr" else np.abs(mu)
+    expected = np.sort(np.argsort(score)[:expected_count])
+    mask = _flat(pruning.prune(posterior, fraction, criterion).mask)
+    assert set(np.unique(mask)) <= {0.0, 1.0}
+    np.testing.assert_array_equal(np.flatnonzero(mask == 0), expected)
+
+
+def test_snr_and_magnitude_rank_differently(posterior):
+    snr = _flat(pruning.prune(posterior, 0.5, "snr").mask)
+    magnitude = _flat(pruning.prune(posterior, 0.5, "magnitude").mask)
+    assert np.any(snr != magnitude)
+
+
+def test_pruned_weights_are_exactly_zero_in_every_sample(posterior):
+    pruned = pruning.prune(posterior, 0.75, "snr")
+    removed = _flat(pruned.mask) == 0
+    assert removed.sum() == math.floor(0.75 * posterior.num_weights())
+    samples = jax.vmap(pruned.sample)(jax.random.split(jax.random.key(0), 64))
+    flat = np.stack(
+        [_flat(jax.tree_util.tree_map(lambda x, i=i: x[i], samples)) for i in range(64)]
+    )
+    assert np.all(flat[:, removed] == 0.0)
+    assert np.all(flat[:, ~removed] != 0.0)
+    assert np.all(_flat(pruned.stddev())[removed] == 0.0)
+    assert np.all(_flat(pruned.mean())[removed] == 0.0)
+    # The kept weights are drawn exactly as in the unpruned posterior.
+    key = jax.random.key(5)
+    np.testing.assert_array_equal(
+        _flat(pruned.sample(key))[~removed], _flat(posterior.sample(key))[~removed]
+    )
+    _, log_q = pruned.sample_and_log_prob(key)
+    assert np.isfinite(log_q)
+
+
+def test_point_estimate_prunes_by_magnitude_only(posterior):
+    point = PointEstimate(mu=posterior.mu)
+    pruned = pruning.prune(point, 0.5, "magnitude")
+    assert np.sum(_flat(pruned.mu) == 0) == math.floor(0.5 * point.num_weights())
+    with pytest.raises(ValueError, match="mean-field"):
+        pruning.prune(point, 0.5, "snr")
+
+
+def test_bad_fraction_and_criterion(posterior):
+    with pytest.raises(ValueError, match="fraction"):
+        pruning.prune(posterior, 1.5)
+    with pytest.raises(ValueError, match="criterion"):
+        pruning.prune(posterior, 0.5, "random")
+
+
+@pytest.mark.parametrize("fraction", [0.0, 0.5, 0.98])
+def test_compact_export_round_trips(posterior, tmp_path, fraction):
+    pruned = pruning.prune(posterior, fraction, "snr")
+    path = str(tmp_path / "pruned.npz")
+    size = pruning.save_compact(path, pruned)
+    assert size == os.path.getsize(path)
+    loaded = pruning.load_compact(path)
+    for field in ("mu", "rho", "mask"):
+        a, b = getattr(loaded, field), getattr(pruned, field)
+        assert jax.tree_util.tree_structure(a) == jax.tree_util.tree_structure(b)
+        assert _flat(a).tobytes() == _flat(b).tobytes(), field
+    key = jax.random.key(7)
+    assert _flat(loaded.sample(key)).tobytes() == _flat(pruned.sample(key)).tobytes()
+
+
+# End to end on a tiny run -----------------------------------------------------------------
+
+
+def _fake_mnist(config):
+    """MNIST-shaped arrays whose class is written in the first pixels (learnable in 1 epoch)."""
+    rng = np.random.default_rng(0)
+
+    def split(n):
+        y = rng.integers(0, 10, n).astype(np.int32)
+        x = rng.normal(0.0, 0.1, (n, 28, 28, 1)).astype(np.float32)
+        x[np.arange(n), 0, y, 0] += 2.0
+        return x, y
+
+    return {"train": split(256), "validation": split(128), "test": split(128)}
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory, fast_compile):
+    config = test_config.get_config()
+    config.num_epochs = 1
+    config.data.train_subset = 256
+    config.data.eval_subset = 128
+    config.eval.batch_size = 128
+    workdir = str(tmp_path_factory.mktemp("prune") / "run")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(train, "load_data", _fake_mnist)
+        train.train_and_evaluate(config, workdir)
+        rows = pruning.pruning_experiment(workdir, (0.0, 0.5, 0.98))
+    return workdir, rows
+
+
+def test_pruning_experiment_writes_table_plot_and_exports(tiny_run):
+    workdir, rows = tiny_run
+    assert [(r["criterion"], r["fraction_removed"]) for r in rows] == [
+        (c, f) for c in ("snr", "magnitude") for f in (0.0, 0.5, 0.98)
+    ]
+    with open(os.path.join(workdir, "pruning.json")) as f:
+        saved = json.load(f)
+    assert saved["rows"] == rows
+    n = saved["num_weights"]
+    assert n == 784 * 32 + 32 + 32 * 32 + 32 + 32 * 10 + 10
+    assert rows[2]["weights_kept"] == n - math.floor(0.98 * n)
+    assert rows[2]["compact_bytes"] < saved["dense_bytes"] / 5
+    assert os.path.getsize(os.path.join(workdir, "plots", "pruning.png")) > 1000
+    with open(os.path.join(workdir, "pruning.md")) as f:
+        table = f.read()
+    assert "| snr | 98% |" in table and "1.39%" in table
+    for r in rows:
+        assert 0.0 <= r["test_error"] <= 1.0 and np.isfinite(r["test_nll"])
+
+
+def test_fraction_zero_matches_the_unpruned_evaluation(tiny_run):
+    workdir, rows = tiny_run
+    experiment, state = train.load_run(workdir)
+    test = tuple(jnp.asarray(a) for a in _fake_mnist(None)["test"])
+    result = train.evaluate(experiment, state.params, test, jax.random.key(0))
+    assert rows[0]["test_error"] == pytest.approx(float(result["error"]), abs=1e-7)
+    assert rows[0]["test_error_mean_weights"] == pytest.approx(
+        float(result["error_mean_weights"]), abs=1e-7
+    )
