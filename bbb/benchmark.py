@@ -1,0 +1,1103 @@
+"""Speed of a training step: the benchmark grid, the epoch loop, an ablation, and a peer.
+
+`scripts/benchmark.py` is the entry point; everything it does lives here, importable and
+testable. What is measured, for the MLP 784-H-H-10 on MNIST-shaped inputs, batch 128, Adam:
+
+- The step: the real `bbb.train.train_step` of an `Experiment` built from the MNIST config,
+  jitted with its state donated, called on one fixed random batch. Compilation (`lower` +
+  `compile`) is timed on its own; then `warmup` calls, then `repeats` calls each timed alone
+  with `jax.block_until_ready`; the median is reported (min, 25% and 75% quantiles too).
+- The grid (`benchmark_grid`): every H, every K, every estimator; the paper's scale-mixture
+  prior with the Monte-Carlo KL and the Gaussian prior with the closed-form KL (what
+  bayesian-torch computes); threefry ("jax") noise everywhere, and the counter hash ("hash")
+  for the reparameterisation estimator only (local reparam and flipout draw their activation
+  noise with `jax.random` whatever the setting; the generator only draws their MC-KL sample).
+  And, per H, the floor: the project's plain MLP (`posterior.name="point"`, flat prior) of the
+  same shape and optimiser. Each step's time is also given as a ratio to the floor of the same
+  H measured in the same run: on a noisy machine absolute times drift by ±30%, ratios less.
+- The epoch: `bbb.train.compile_epoch`, the real training loop (a `lax.scan` over the steps of
+  an epoch, with the permutation and the batch gathers on the device), on 50,000 random
+  examples in device memory (390 steps of 128). `host_overhead_pct` = epoch wall time /
+  (steps × median step time) − 1: what the loop adds to (or, negative, saves over) isolated
+  step calls, dispatch and gathers included. Compilation of the epoch is timed on its own.
+- The ablation (`run_ablation`, H ∈ {400, 1200}, reparam, scale mixture, MC KL, K = 1): the
+  full step against the same step with one part taken out; the differences give the cost of
+  the RNG, of the prior's log-density, of log q, of the optimiser and of the matmuls.
+  `ablation_lines` says what each line times, `ablation_breakdown` how the parts are derived.
+- The peer (`run_peer`): bayesian-torch's `LinearReparameterization` MLP (Gaussian prior,
+  closed-form KL, Adam, batch 128, 2 threads) and a plain torch MLP of the same shapes, in a
+  subprocess of a separate Python environment, so that torch is never imported next to JAX.
+  That environment is made with
+
+      python3 -m venv .venv-peer
+      .venv-peer/bin/pip install torch==2.13.0 bayesian-torch==0.5.0
+
+  (where the torch CPU wheel is on disk, give its path instead of `torch==2.13.0`), and is
+  passed as `--peer_python=.venv-peer/bin/python`.
+
+JAX runs on every core XLA's CPU client sees; on the 2-core machines of REFERENCE.md that
+matches the peer's 2 torch threads.
+Timings are never asserted in tests; the numbers belong to the machine they were taken on,
+which `machine_info` describes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from bbb import posterior as posterior_lib
+from bbb import train as train_lib
+from bbb.errors import ConfigError
+from bbb.estimators import ESTIMATORS
+
+INPUT_SHAPE = (28, 28, 1)  # MNIST-shaped examples.
+NUM_CLASSES = 10
+EPOCH_EXAMPLES = 50_000  # The paper's training set: 390 steps of 128.
+DETERMINISTIC = "deterministic"  # The `estimator` of the floor (a point posterior).
+# The prior of each benchmarked pair (prior, KL): what the paper does, and what bayesian-torch
+# does.
+PRIOR_KL = {"scale_mixture": "mc", "gaussian": "closed_form"}
+NOISES = posterior_lib.NOISE_GENERATORS
+
+
+# The grid ---------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    """One configuration of the benchmark grid.
+
+    Attributes:
+      hidden: H, the width of both hidden layers.
+      num_samples: K, Monte-Carlo samples per step (1 for the floor).
+      estimator: one of `bbb.estimators.ESTIMATORS`, or "deterministic" for the floor.
+      prior: "scale_mixture", "gaussian", or "flat" (the floor).
+      kl: "mc", "closed_form", or "none" (the floor: no KL term).
+      noise: "jax" (threefry), "hash", or "none" (the floor draws no noise).
+    """
+
+    hidden: int
+    num_samples: int
+    estimator: str
+    prior: str
+    kl: str
+    noise: str
+
+    @property
+    def is_deterministic(self) -> bool:
+        """Whether this is the floor (a plain MLP)."""
+        return self.estimator == DETERMINISTIC
+
+    def config(self, base_config: ml_collections.ConfigDict, batch_size: int = 128):
+        """The experiment config of this case: `base_config` with the case's fields set.
+
+        Args:
+          base_config: the MNIST config (configs/mnist.py); not modified.
+          batch_size: B.
+
+        Returns:
+          A new `ConfigDict`.
+        """
+        config = ml_collections.ConfigDict(base_config.to_dict())
+        config.batch_size = batch_size
+        config.model.name = "mlp"
+        config.model.hidden_sizes = (self.hidden, self.hidden)
+        config.model.dropout_rate = 0.0
+        config.optim.name = "adam"
+        config.objective.num_samples = self.num_samples
+        if self.is_deterministic:
+            config.posterior.name = "point"
+            config.posterior.estimator = "reparam"
+            config.prior.name = "flat"
+            config.objective.kl = "mc"  # log q = 0 and log P = 0: no KL term at all.
+        else:
+            config.posterior.name = "mean_field"
+            config.posterior.estimator = self.estimator
+            config.posterior.noise = self.noise
+            config.prior.name = self.prior
+            config.objective.kl = self.kl
+        return config
+
+    def record(self, batch_size: int) -> dict[str, Any]:
+        """The identifying fields of a result record."""
+        return {
+            "system": "bbb",
+            "model": "mlp",
+            "hidden": self.hidden,
+            "num_samples": self.num_samples,
+            "estimator": self.estimator,
+            "prior": self.prior,
+            "kl": self.kl,
+            "noise": self.noise,
+            "optimizer": "adam",
+            "batch_size": batch_size,
+        }
+
+
+def deterministic_case(hidden: int) -> Case:
+    """The floor of width `hidden`: the plain MLP, same shape and optimiser."""
+    return Case(hidden, 1, DETERMINISTIC, "flat", "none", "none")
+
+
+def benchmark_grid(
+    hidden: Sequence[int] = (400, 1200),
+    num_samples: Sequence[int] = (1, 2, 8),
+    estimators: Sequence[str] = ESTIMATORS,
+    priors: Sequence[str] = tuple(PRIOR_KL),
+    noises: Sequence[str] = NOISES,
+) -> list[Case]:
+    """The configurations to time, the floor of each H first.
+
+    For every H: the deterministic floor; then for every K, estimator and prior (scale mixture
+    with the MC KL, Gaussian with the closed-form KL), threefry noise; and, for the reparam
+    estimator only, the same with each other generator in `noises`.
+
+    Args:
+      hidden: the widths H.
+      num_samples: the K.
+      estimators: a subset of `ESTIMATORS`.
+      priors: a subset of `PRIOR_KL`.
+      noises: a subset of `NOISES`; "jax" is always timed.
+
+    Returns:
+      A list of `Case`.
+
+    Raises:
+      ConfigError: an unknown estimator, prior or noise, or a non-positive H or K.
+    """
+    for name, values, allowed in (
+        ("estimators", estimators, ESTIMATORS),
+        ("priors", priors, tuple(PRIOR_KL)),
+        ("noises", noises, NOISES),
+    ):
+        for value in values:
+            if value not in allowed:
+                raise ConfigError(name, value, f"a subset of {allowed}")
+    for name, values in (("hidden", hidden), ("num_samples", num_samples)):
+        if not values or any(isinstance(v, bool) or int(v) != v or v < 1 for v in values):
+            raise ConfigError(name, values, "positive integers")
+    cases = []
+    for width in hidden:
+        cases.append(deterministic_case(width))
+        for k in num_samples:
+            for estimator in estimators:
+                for prior in priors:
+                    generators = ["jax"]
+                    if estimator == "reparam":
+                        generators += [n for n in noises if n != "jax"]
+                    for noise in generators:
+                        cases.append(Case(width, k, estimator, prior, PRIOR_KL[prior], noise))
+    return cases
+
+
+# Timing -----------------------------------------------------------------------------------
+
+
+def _time_calls(run_once: Callable[[], Any], repeats: int, warmup: int) -> list[float]:
+    """Wall times in ms of `repeats` calls of `run_once` (which blocks), after `warmup` calls."""
+    for _ in range(warmup):
+        run_once()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        run_once()
+        times.append((time.perf_counter() - start) * 1e3)
+    return times
+
+
+def _summary(times_ms: list[float]) -> dict[str, float]:
+    quartiles = np.percentile(times_ms, [25, 75])
+    return {
+        "ms_per_step": statistics.median(times_ms),
+        "ms_per_step_min": min(times_ms),
+        "ms_per_step_q25": float(quartiles[0]),
+        "ms_per_step_q75": float(quartiles[1]),
+        "repeats": len(times_ms),
+    }
+
+
+def random_batch(key: jax.Array, batch_size: int) -> tuple[jax.Array, jax.Array]:
+    """A fixed random minibatch: x ~ U[0, 2) [B, 28, 28, 1] (pixels / 126), y [B] in 0..9.
+
+    Args:
+      key: a PRNG key.
+      batch_size: B.
+
+    Returns:
+      (x, y) on the device.
+    """
+    key_x, key_y = jax.random.split(key)
+    x = jax.random.uniform(key_x, (batch_size, *INPUT_SHAPE), jnp.float32, 0.0, 2.0)
+    y = jax.random.randint(key_y, (batch_size,), 0, NUM_CLASSES, jnp.int32)
+    return jax.block_until_ready((x, y))
+
+
+def time_step(
+    experiment: train_lib.Experiment,
+    state: train_lib.TrainState,
+    batch: tuple[jax.Array, jax.Array],
+    key: jax.Array,
+    repeats: int,
+    warmup: int,
+) -> tuple[dict[str, float], train_lib.TrainState]:
+    """Times the jitted `train_step`, its state donated, after timing its compilation.
+
+    Args:
+      experiment: from `bbb.train.build`.
+      state: the initial state (donated: do not use it afterwards).
+      batch: the fixed minibatch.
+      key: the train key (the step folds in its own step number).
+      repeats: timed calls.
+      warmup: untimed calls after compilation.
+
+    Returns:
+      ({"compile_s", "ms_per_step", "ms_per_step_min", "ms_per_step_q25", "ms_per_step_q75",
+      "repeats"}, the final state).
+    """
+    step = jax.jit(functools.partial(train_lib.train_step, experiment), donate_argnums=0)
+    start = time.perf_counter()
+    compiled = step.lower(state, batch, key).compile()
+    compile_s = time.perf_counter() - start
+    box = [state]
+
+    def run_once():
+        box[0], metrics = compiled(box[0], batch, key)
+        jax.block_until_ready((box[0], metrics))
+
+    times = _time_calls(run_once, repeats, warmup)
+    return {"compile_s": compile_s, **_summary(times)}, box[0]
+
+
+def time_epoch(
+    experiment: train_lib.Experiment,
+    state: train_lib.TrainState,
+    data: tuple[jax.Array, jax.Array],
+    keys: dict[str, jax.Array],
+    repeats: int,
+) -> dict[str, float]:
+    """Times whole epochs of the real training loop (`compile_epoch`), after its compilation.
+
+    Args:
+      experiment: from `bbb.train.build`, with `num_train` = the examples in `data`.
+      state: the state to start from (donated).
+      data: (x [N, ...], y [N]) in device memory.
+      keys: from `bbb.train.root_keys`.
+      repeats: timed epochs (each a new permutation).
+
+    Returns:
+      {"epoch_compile_s", "epoch_s" (the median), "epoch_steps"}.
+    """
+    epoch_fn = train_lib.compile_epoch(experiment)
+    start = time.perf_counter()
+    compiled = epoch_fn.lower(state, data, jnp.int32(0), keys).compile()
+    compile_s = time.perf_counter() - start
+    times = []
+    for epoch in range(repeats):
+        start = time.perf_counter()
+        state, metrics = compiled(state, data, jnp.int32(epoch), keys)
+        jax.block_until_ready((state, metrics))
+        times.append(time.perf_counter() - start)
+    return {
+        "epoch_compile_s": compile_s,
+        "epoch_s": statistics.median(times),
+        "epoch_steps": experiment.steps_per_epoch,
+    }
+
+
+def random_dataset(key: jax.Array, num_examples: int) -> tuple[jax.Array, jax.Array]:
+    """`num_examples` random MNIST-shaped examples and labels, in device memory."""
+    return random_batch(key, num_examples)
+
+
+def time_case(
+    case: Case,
+    base_config: ml_collections.ConfigDict,
+    *,
+    batch: tuple[jax.Array, jax.Array],
+    data: tuple[jax.Array, jax.Array] | None,
+    repeats: int,
+    warmup: int,
+    epoch_repeats: int,
+    epoch_examples: int,
+) -> dict[str, Any]:
+    """Builds one case's experiment and times its step (and its epoch if `data` is given).
+
+    Args:
+      case: the configuration.
+      base_config: the MNIST config.
+      batch: the fixed minibatch (its size is the batch size).
+      data: the epoch's examples in device memory, or None to skip the epoch.
+      repeats: timed steps.
+      warmup: untimed steps.
+      epoch_repeats: timed epochs.
+      epoch_examples: N, the examples of an epoch (sets the KL scaling and the step count).
+
+    Returns:
+      The record: the case's fields, the step timing, `examples_per_s`, and the epoch timing
+      with `host_overhead_pct` (None where the epoch is skipped).
+    """
+    batch_size = batch[0].shape[0]
+    config = case.config(base_config, batch_size)
+    experiment = train_lib.build(config, epoch_examples, INPUT_SHAPE)
+    keys = train_lib.root_keys(config)
+    state = jax.jit(lambda key: train_lib.init_state(experiment, key))(keys["init"])
+    timing, state = time_step(experiment, state, batch, keys["train"], repeats, warmup)
+    record = {"kind": "grid", **case.record(batch_size), **timing}
+    record["examples_per_s"] = batch_size / (record["ms_per_step"] / 1e3)
+    record.update(epoch_compile_s=None, epoch_s=None, epoch_steps=None, host_overhead_pct=None)
+    if data is not None and epoch_repeats > 0:
+        record.update(time_epoch(experiment, state, data, keys, epoch_repeats))
+        steps_time = record["epoch_steps"] * record["ms_per_step"] / 1e3
+        record["host_overhead_pct"] = 100.0 * (record["epoch_s"] / steps_time - 1.0)
+    return record
+
+
+def add_ratios(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Sets each record's ms/step as ratios to the deterministic floors of the same H.
+
+    `ratio_to_deterministic` divides by bbb's floor (the plain JAX MLP), the same reference for
+    every system; `ratio_to_own_floor` by the floor of the record's own system (torch's plain
+    MLP for bayesian-torch). Both are None where the floor was not timed in this run.
+
+    Args:
+      records: results of one run (bbb's and the peer's); changed in place.
+
+    Returns:
+      `records`.
+    """
+    floors = {
+        (r["system"], r["hidden"]): r["ms_per_step"]
+        for r in records
+        if r["estimator"] == DETERMINISTIC and r.get("kind") != "ablation"
+    }
+    own = {"bbb": "bbb", "torch": "torch", "bayesian-torch": "torch"}
+    for r in records:
+        floor = floors.get(("bbb", r["hidden"]))
+        own_floor = floors.get((own.get(r["system"]), r["hidden"]))
+        r["ratio_to_deterministic"] = r["ms_per_step"] / floor if floor else None
+        r["ratio_to_own_floor"] = r["ms_per_step"] / own_floor if own_floor else None
+    return records
+
+
+def run_grid(
+    cases: Sequence[Case],
+    base_config: ml_collections.ConfigDict,
+    *,
+    repeats: int = 20,
+    warmup: int = 3,
+    epoch_repeats: int = 1,
+    epoch_examples: int | None = None,
+    batch_size: int = 128,
+    seed: int = 0,
+    log: Callable[[str], None] | None = None,
+) -> list[dict[str, Any]]:
+    """Times every case, in order, on one fixed batch and one random dataset.
+
+    Args:
+      cases: from `benchmark_grid`.
+      base_config: the MNIST config (configs/mnist.py).
+      repeats: timed steps per case (the brief: at least 20 for a real run).
+      warmup: untimed steps after compilation.
+      epoch_repeats: timed epochs per case; 0 skips the epoch.
+      epoch_examples: N of an epoch; None takes `EPOCH_EXAMPLES` (50,000).
+      batch_size: B.
+      seed: for the random batch and dataset.
+      log: called with one line per finished case (progress), or None.
+
+    Returns:
+      One record per case (kind "grid"), in order; `add_ratios` sets the ratios.
+    """
+    if repeats < 1 or warmup < 0 or epoch_repeats < 0:
+        raise ConfigError("repeats", (repeats, warmup, epoch_repeats), "repeats ≥ 1, others ≥ 0")
+    epoch_examples = EPOCH_EXAMPLES if epoch_examples is None else epoch_examples
+    key_batch, key_data = jax.random.split(jax.random.key(seed))
+    batch = random_batch(key_batch, batch_size)
+    data = random_dataset(key_data, epoch_examples) if epoch_repeats > 0 else None
+    records = []
+    for i, case in enumerate(cases):
+        record = time_case(
+            case,
+            base_config,
+            batch=batch,
+            data=data,
+            repeats=repeats,
+            warmup=warmup,
+            epoch_repeats=epoch_repeats,
+            epoch_examples=epoch_examples,
+        )
+        records.append(record)
+        if log:
+            log(f"[{i + 1}/{len(cases)}] {_describe(record)}")
+    return records
+
+
+def _describe(record: dict[str, Any]) -> str:
+    text = (
+        f"H={record['hidden']} K={record['num_samples']} {record['estimator']} "
+        f"{record['prior']}/{record['kl']} noise={record['noise']}: "
+        f"{record['ms_per_step']:.2f} ms/step"
+    )
+    if record.get("compile_s") is not None:
+        text += f", compile {record['compile_s']:.1f} s"
+    if record.get("epoch_s") is not None:
+        text += f", epoch {record['epoch_s']:.1f} s"
+    return text
+
+
+# The ablation -----------------------------------------------------------------------------
+
+
+@flax.struct.dataclass
+class NoiselessPosterior(posterior_lib.MeanFieldGaussian):
+    """The mean-field posterior with ε = 0: the sampling arithmetic without any RNG."""
+
+    def sample_noise(self, key: jax.Array) -> Any:
+        """Zeros like `mu` (the key is unused)."""
+        del key
+        return jax.tree_util.tree_map(jnp.zeros_like, self.mu)
+
+
+@flax.struct.dataclass
+class NoLogQPosterior(posterior_lib.MeanFieldGaussian):
+    """The mean-field posterior whose samples come with log q = 0: no entropy term."""
+
+    def sample_and_log_prob(self, key: jax.Array) -> tuple[Any, jax.Array]:
+        """(w = μ + σ ∘ ε, 0)."""
+        eps = self.sample_noise(key)
+        w = jax.tree_util.tree_map(lambda m, s, e: m + s * e, self.mu, self.stddev(), eps)
+        return w, jnp.float32(0.0)
+
+
+@dataclasses.dataclass(frozen=True)
+class AblationLine:
+    """One line of the ablation: a configuration with a part removed, and what it times.
+
+    Attributes:
+      name: a short name ("full", "no_noise", ...).
+      measures: what exactly the line times.
+      case: the configuration built (the full step's prior is a scale mixture with MC KL).
+      posterior_class: replaces `MeanFieldGaussian` in the state (same μ and ρ), or None.
+      gradient_only: time `value_and_grad` of the free energy alone (no optimiser, no
+        grad-norm metric) instead of the whole `train_step`.
+    """
+
+    name: str
+    measures: str
+    case: Case
+    posterior_class: type | None = None
+    gradient_only: bool = False
+
+
+def ablation_lines(hidden: int) -> list[AblationLine]:
+    """The lines of the ablation at width `hidden` (reparam, K = 1, batch B, Adam).
+
+    Args:
+      hidden: H.
+
+    Returns:
+      A list of `AblationLine`, "full" first.
+    """
+    full = Case(hidden, 1, "reparam", "scale_mixture", "mc", "jax")
+    flat = dataclasses.replace(full, prior="flat")
+    floor = deterministic_case(hidden)
+    return [
+        AblationLine("full", "train_step: scale-mixture prior, MC KL, threefry ε, Adam", full),
+        AblationLine(
+            "hash_noise",
+            "the same with the counter-hash ε",
+            dataclasses.replace(full, noise="hash"),
+        ),
+        AblationLine(
+            "no_noise", "the same with ε = 0 (no RNG; w = μ + σ·0)", full, NoiselessPosterior
+        ),
+        AblationLine("no_prior", "the same with a flat prior: log P(w) = 0", flat),
+        AblationLine("no_kl", "flat prior and log q = 0: no KL term at all", flat, NoLogQPosterior),
+        AblationLine(
+            "grad_only", "value_and_grad of the full free energy, no optimiser", full, None, True
+        ),
+        AblationLine("deterministic", "train_step of the plain MLP (point posterior), Adam", floor),
+        AblationLine(
+            "deterministic_grad_only",
+            "value_and_grad of the plain MLP's loss: matmuls, ReLU, softmax",
+            floor,
+            None,
+            True,
+        ),
+    ]
+
+
+def time_gradient(
+    experiment: train_lib.Experiment,
+    params: Any,
+    batch: tuple[jax.Array, jax.Array],
+    key: jax.Array,
+    repeats: int,
+    warmup: int,
+) -> dict[str, float]:
+    """Times jitted `value_and_grad` of the free energy alone, after timing its compilation.
+
+    Args:
+      experiment: from `bbb.train.build`.
+      params: the trained pytree.
+      batch: the fixed minibatch.
+      key: the step key.
+      repeats: timed calls.
+      warmup: untimed calls.
+
+    Returns:
+      As `time_step`.
+    """
+    kl_weight = jnp.float32(1.0 / experiment.steps_per_epoch)
+    grad_fn = jax.value_and_grad(experiment.free_energy, has_aux=True)
+    gradient = jax.jit(lambda p, b, k: grad_fn(p, b, k, kl_weight))
+    start = time.perf_counter()
+    compiled = gradient.lower(params, batch, key).compile()
+    compile_s = time.perf_counter() - start
+    times = _time_calls(
+        lambda: jax.block_until_ready(compiled(params, batch, key)), repeats, warmup
+    )
+    return {"compile_s": compile_s, **_summary(times)}
+
+
+def time_ablation_line(
+    line: AblationLine,
+    base_config: ml_collections.ConfigDict,
+    batch: tuple[jax.Array, jax.Array],
+    repeats: int,
+    warmup: int,
+) -> dict[str, Any]:
+    """Builds and times one ablation line.
+
+    Args:
+      line: the line.
+      base_config: the MNIST config.
+      batch: the fixed minibatch.
+      repeats: timed calls.
+      warmup: untimed calls.
+
+    Returns:
+      The record: the case's fields, `ablation`, `measures`, and the timing.
+    """
+    batch_size = batch[0].shape[0]
+    config = line.case.config(base_config, batch_size)
+    experiment = train_lib.build(config, EPOCH_EXAMPLES, INPUT_SHAPE)
+    keys = train_lib.root_keys(config)
+    state = jax.jit(lambda key: train_lib.init_state(experiment, key))(keys["init"])
+    if line.posterior_class is not None:
+        q = state.params["posterior"]
+        params = {**state.params, "posterior": line.posterior_class(q.mu, q.rho, q.noise)}
+        state = state.replace(params=params, opt_state=experiment.optimizer.init(params))
+    if line.gradient_only:
+        step_key = jax.random.fold_in(keys["train"], 0)
+        timing = time_gradient(experiment, state.params, batch, step_key, repeats, warmup)
+    else:
+        timing, _ = time_step(experiment, state, batch, keys["train"], repeats, warmup)
+    return {
+        "kind": "ablation",
+        **line.case.record(batch_size),
+        "ablation": line.name,
+        "measures": line.measures,
+        **timing,
+    }
+
+
+def ablation_breakdown(ms: dict[str, float]) -> list[dict[str, Any]]:
+    """The cost of each part of the full step, as differences of the lines' medians.
+
+    The parts are not exactly additive (XLA fuses the elementwise work differently once a part
+    is gone), and a difference of two noisy medians can come out negative: read them as
+    estimates. "rest" is the full step minus the sum of the others; the hash line is an
+    alternative to the threefry line, not a part of the sum.
+
+    Args:
+      ms: ablation name → median ms/step at one H.
+
+    Returns:
+      Records {"component", "formula", "ms", "pct_of_full"}.
+    """
+    parts = [
+        ("RNG: threefry ε for every weight", "full − no_noise", ms["full"] - ms["no_noise"]),
+        (
+            "prior: scale-mixture log P(w), fwd + bwd",
+            "full − no_prior",
+            ms["full"] - ms["no_prior"],
+        ),
+        ("entropy: log q(w), fwd + bwd", "no_prior − no_kl", ms["no_prior"] - ms["no_kl"]),
+        (
+            "optimiser: Adam on 2n parameters, and the grad norm",
+            "full − grad_only",
+            ms["full"] - ms["grad_only"],
+        ),
+        (
+            "matmuls: the plain MLP's fwd + bwd",
+            "deterministic_grad_only",
+            ms["deterministic_grad_only"],
+        ),
+    ]
+    rest = ms["full"] - sum(part[2] for part in parts)
+    parts.append(("rest: w = μ + σε, softplus, their gradients", "full − Σ above", rest))
+    parts.append(
+        (
+            "(instead of threefry) RNG: hash ε",
+            "hash_noise − no_noise",
+            ms["hash_noise"] - ms["no_noise"],
+        )
+    )
+    return [
+        {
+            "component": name,
+            "formula": formula,
+            "ms": value,
+            "pct_of_full": 100 * value / ms["full"],
+        }
+        for name, formula, value in parts
+    ]
+
+
+def run_ablation(
+    base_config: ml_collections.ConfigDict,
+    hidden: Sequence[int] = (400, 1200),
+    *,
+    repeats: int = 20,
+    warmup: int = 3,
+    batch_size: int = 128,
+    seed: int = 0,
+    log: Callable[[str], None] | None = None,
+) -> list[dict[str, Any]]:
+    """Times every ablation line at every H, and breaks the full step down.
+
+    Args:
+      base_config: the MNIST config.
+      hidden: the widths H.
+      repeats: timed calls per line.
+      warmup: untimed calls.
+      batch_size: B.
+      seed: for the random batch.
+      log: called with one line per finished line, or None.
+
+    Returns:
+      The lines' records (kind "ablation", with `pct_of_full`), then the breakdown's records
+      (kind "breakdown", with `hidden`).
+    """
+    batch = random_batch(jax.random.key(seed), batch_size)
+    records, breakdown = [], []
+    for width in hidden:
+        lines = [
+            time_ablation_line(line, base_config, batch, repeats, warmup)
+            for line in ablation_lines(width)
+        ]
+        ms = {r["ablation"]: r["ms_per_step"] for r in lines}
+        for r in lines:
+            r["pct_of_full"] = 100 * r["ms_per_step"] / ms["full"]
+            if log:
+                log(f"ablation H={width} {r['ablation']}: {r['ms_per_step']:.2f} ms")
+        records += lines
+        breakdown += [
+            {"kind": "breakdown", "hidden": width, **part} for part in ablation_breakdown(ms)
+        ]
+    return records + breakdown
+
+
+# The peer ---------------------------------------------------------------------------------
+
+# Runs in the peer's own Python (argv[1]: JSON arguments); prints one JSON object.
+PEER_SCRIPT = r"""
+import importlib.metadata, json, statistics, sys, time
+import torch
+import torch.nn.functional as F
+from bayesian_torch.layers import LinearReparameterization
+
+args = json.loads(sys.argv[1])
+torch.set_num_threads(args["threads"])
+torch.manual_seed(0)
+B, N = args["batch_size"], args["num_train"]
+x = torch.rand(B, 1, 28, 28) * 2.0
+y = torch.randint(0, 10, (B,))
+
+
+class BayesMLP(torch.nn.Module):
+    def __init__(self, h):
+        super().__init__()
+        sizes = [784, h, h, 10]
+        self.layers = torch.nn.ModuleList(
+            LinearReparameterization(a, b) for a, b in zip(sizes[:-1], sizes[1:])
+        )
+
+    def forward(self, x):
+        x, kl = x.flatten(1), 0.0
+        for i, layer in enumerate(self.layers):
+            x, layer_kl = layer(x)
+            kl = kl + layer_kl
+            if i < len(self.layers) - 1:
+                x = F.relu(x)
+        return x, kl
+
+
+def timed(step):
+    for _ in range(args["warmup"]):
+        step()
+    times = []
+    for _ in range(args["repeats"]):
+        start = time.perf_counter()
+        step()
+        times.append((time.perf_counter() - start) * 1e3)
+    return times
+
+
+records = []
+for h in args["hidden"]:
+    model = torch.nn.Sequential(
+        torch.nn.Flatten(), torch.nn.Linear(784, h), torch.nn.ReLU(),
+        torch.nn.Linear(h, h), torch.nn.ReLU(), torch.nn.Linear(h, 10),
+    )
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+
+    def step():
+        optimizer.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        optimizer.step()
+
+    records.append({"system": "torch", "hidden": h, "num_samples": 1, "times_ms": timed(step)})
+    for k in args["num_samples"]:
+        model = BayesMLP(h)
+        optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+
+        def step():
+            # The free energy per example, K samples: mean NLL + mean KL / N (bbb's scaling).
+            optimizer.zero_grad()
+            nll, kl = 0.0, 0.0
+            for _ in range(k):
+                out, sample_kl = model(x)
+                nll, kl = nll + F.cross_entropy(out, y), kl + sample_kl
+            ((nll + kl / N) / k).backward()
+            optimizer.step()
+
+        records.append(
+            {"system": "bayesian-torch", "hidden": h, "num_samples": k, "times_ms": timed(step)}
+        )
+versions = {
+    "torch": torch.__version__, "bayesian_torch": importlib.metadata.version("bayesian-torch")
+}
+print(json.dumps({"versions": versions, "records": records}))
+"""
+
+
+def run_peer(
+    peer_python: str,
+    hidden: Sequence[int] = (400, 1200),
+    num_samples: Sequence[int] = (1, 2, 8),
+    *,
+    repeats: int = 20,
+    warmup: int = 3,
+    batch_size: int = 128,
+    threads: int = 2,
+    num_train: int | None = None,
+    timeout_s: float = 3600.0,
+) -> list[dict[str, Any]]:
+    """Times bayesian-torch's LinearReparameterization MLP and a plain torch MLP, in a subprocess.
+
+    The peer computes the same free energy per example as bbb (mean NLL + KL / N, Gaussian
+    prior N(0, 1), closed-form KL, recomputed at every forward pass as bayesian-torch does),
+    with Adam, on one fixed random batch, `threads` torch threads. Torch is eager: there is no
+    compilation to time, and the first `warmup` steps absorb its allocator's warm-up.
+
+    Args:
+      peer_python: the python of an environment with torch and bayesian-torch.
+      hidden: the widths H.
+      num_samples: the K.
+      repeats: timed steps.
+      warmup: untimed steps.
+      batch_size: B.
+      threads: `torch.set_num_threads`.
+      num_train: N for the KL scaling; None takes `EPOCH_EXAMPLES`.
+      timeout_s: the subprocess's time limit.
+
+    Returns:
+      Records (kind "peer") with the grid's fields, or [] if the peer cannot run (the reason is
+      printed to stderr).
+    """
+    if not peer_python or not os.path.exists(peer_python):
+        print(
+            f"peer: no python at {peer_python!r}; make one with\n"
+            "  python3 -m venv .venv-peer && "
+            ".venv-peer/bin/pip install torch==2.13.0 bayesian-torch==0.5.0",
+            file=sys.stderr,
+        )
+        return []
+    arguments = {
+        "hidden": list(hidden),
+        "num_samples": list(num_samples),
+        "repeats": repeats,
+        "warmup": warmup,
+        "batch_size": batch_size,
+        "threads": threads,
+        "num_train": EPOCH_EXAMPLES if num_train is None else num_train,
+    }
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    try:
+        result = subprocess.run(
+            [peer_python, "-c", PEER_SCRIPT, json.dumps(arguments)],
+            capture_output=True,
+            text=True,
+            timeout=timeout_s,
+            env=env,
+            check=False,
+        )
+    except (OSError, subprocess.TimeoutExpired) as e:
+        print(f"peer: could not run {peer_python}: {e}", file=sys.stderr)
+        return []
+    if result.returncode != 0:
+        last = result.stderr.strip().splitlines()[-1:] or ["(no message)"]
+        print(f"peer: {peer_python} failed (exit {result.returncode}): {last[0]}", file=sys.stderr)
+        return []
+    output = json.loads(result.stdout.strip().splitlines()[-1])
+    records = []
+    for raw in output["records"]:
+        bayesian = raw["system"] == "bayesian-torch"
+        record = {
+            "kind": "peer",
+            "system": raw["system"],
+            "model": "mlp",
+            "hidden": raw["hidden"],
+            "num_samples": raw["num_samples"],
+            "estimator": "reparam" if bayesian else DETERMINISTIC,
+            "prior": "gaussian" if bayesian else "flat",
+            "kl": "closed_form" if bayesian else "none",
+            "noise": "torch" if bayesian else "none",
+            "optimizer": "adam",
+            "batch_size": batch_size,
+            "compile_s": None,
+            **_summary(raw["times_ms"]),
+            "threads": threads,
+            "versions": output["versions"],
+        }
+        record["examples_per_s"] = batch_size / (record["ms_per_step"] / 1e3)
+        records.append(record)
+    return records
+
+
+# Reporting --------------------------------------------------------------------------------
+
+
+def machine_info() -> dict[str, Any]:
+    """The machine the numbers belong to: CPU, cores, load, Python and JAX.
+
+    Returns:
+      {"cpu", "logical_cores", "usable_cores", "load_average", "python", "jax", "jaxlib",
+      "backend", "devices"}.
+    """
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
+        cpu = names[0] if names else cpu
+    except OSError:
+        pass
+    import jaxlib
+
+    return {
+        "cpu": cpu,
+        "logical_cores": os.cpu_count(),
+        "usable_cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+        "load_average": [round(x, 2) for x in os.getloadavg()]
+        if hasattr(os, "getloadavg")
+        else None,
+        "python": platform.python_version(),
+        "jax": jax.__version__,
+        "jaxlib": jaxlib.__version__,
+        "backend": jax.default_backend(),
+        "devices": [str(d) for d in jax.devices()],
+    }
+
+
+def format_machine(info: dict[str, Any]) -> str:
+    """`machine_info` as two lines of text."""
+    return (
+        f"machine: {info['cpu']}, {info['logical_cores']} logical cores "
+        f"({info['usable_cores']} usable), load average {info['load_average']}\n"
+        f"software: Python {info['python']}, jax {info['jax']} / jaxlib {info['jaxlib']}, "
+        f"backend {info['backend']} {info['devices']}"
+    )
+
+
+def _cell(value: Any, fmt: str) -> str:
+    return "–" if value is None else format(value, fmt)
+
+
+def format_table(records: Sequence[dict[str, Any]]) -> str:
+    """The grid's and the peer's records as a Markdown table, with the ratios to the floors.
+
+    Args:
+      records: records of kind "grid" or "peer", after `add_ratios`.
+
+    Returns:
+      The table.
+    """
+    header = (
+        "| system | H | K | estimator | prior / KL | noise | compile s | ms/step | "
+        "[q25, q75] | examples/s | × floor | × own floor | epoch s | loop overhead |"
+    )
+    lines = [header, "|" + "--|" * (header.count("|") - 1)]
+    for r in records:
+        spread = f"[{r['ms_per_step_q25']:.2f}, {r['ms_per_step_q75']:.2f}]"
+        overhead = r.get("host_overhead_pct")
+        lines.append(
+            f"| {r['system']} | {r['hidden']} | {r['num_samples']} | {r['estimator']} | "
+            f"{r['prior']} / {r['kl']} | {r['noise']} | {_cell(r.get('compile_s'), '.1f')} | "
+            f"{r['ms_per_step']:.2f} | {spread} | {r['examples_per_s']:,.0f} | "
+            f"{_cell(r.get('ratio_to_deterministic'), '.2f')} | "
+            f"{_cell(r.get('ratio_to_own_floor'), '.2f')} | {_cell(r.get('epoch_s'), '.2f')} | "
+            f"{'–' if overhead is None else f'{overhead:+.1f}%'} |"
+        )
+    return "\n".join(lines)
+
+
+def format_ablation(records: Sequence[dict[str, Any]]) -> str:
+    """The ablation's lines and breakdown, per H, as Markdown tables.
+
+    Args:
+      records: from `run_ablation`.
+
+    Returns:
+      The tables.
+    """
+    out = []
+    for width in dict.fromkeys(r["hidden"] for r in records):
+        out.append(f"\nAblation, H={width} (reparam, K=1, B={records[0].get('batch_size')}):\n")
+        out.append("| line | what it times | ms/step | % of full |")
+        out.append("|--|--|--|--|")
+        for r in records:
+            if r["kind"] == "ablation" and r["hidden"] == width:
+                out.append(
+                    f"| {r['ablation']} | {r['measures']} | {r['ms_per_step']:.2f} | "
+                    f"{r['pct_of_full']:.0f}% |"
+                )
+        out.append("\n| component | from | ms | % of full |")
+        out.append("|--|--|--|--|")
+        for r in records:
+            if r["kind"] == "breakdown" and r["hidden"] == width:
+                cells = (r["component"], r["formula"], f"{r['ms']:.2f}", f"{r['pct_of_full']:.0f}%")
+                out.append("| " + " | ".join(cells) + " |")
+    return "\n".join(out)
+
+
+def run(
+    base_config: ml_collections.ConfigDict,
+    *,
+    hidden: Sequence[int] = (400, 1200),
+    num_samples: Sequence[int] = (1, 2, 8),
+    estimators: Sequence[str] = ESTIMATORS,
+    priors: Sequence[str] = tuple(PRIOR_KL),
+    noises: Sequence[str] = NOISES,
+    repeats: int = 20,
+    warmup: int = 3,
+    epoch_repeats: int = 1,
+    epoch_examples: int | None = None,
+    batch_size: int = 128,
+    ablation: bool = False,
+    peer_python: str | None = None,
+    peer_threads: int = 2,
+    json_path: str | None = None,
+    list_only: bool = False,
+    out: Callable[[str], None] = print,
+    log: Callable[[str], None] | None = None,
+) -> list[dict[str, Any]]:
+    """The benchmark of `scripts/benchmark.py`: prints the machine and the tables.
+
+    Without `ablation`: times the grid (`benchmark_grid` of the given lists), and the peer if
+    `peer_python` is given. With `ablation`: runs `run_ablation` at each H instead. With
+    `list_only`: prints the configurations, one JSON object a line, and times nothing.
+
+    Args:
+      base_config: the MNIST config (configs/mnist.py).
+      hidden, num_samples, estimators, priors, noises: restrict the grid (`benchmark_grid`).
+      repeats: timed steps per configuration.
+      warmup: untimed steps after compilation.
+      epoch_repeats: timed epochs per configuration; 0 skips the epoch.
+      epoch_examples: N of an epoch; None takes `EPOCH_EXAMPLES`.
+      batch_size: B.
+      ablation: run the ablation instead of the grid.
+      peer_python: the python of the peer's environment; None or "" skips the peer.
+      peer_threads: torch threads in the peer.
+      json_path: where to write the records as a JSON list, or None.
+      list_only: list the configurations (records without timings) instead of timing them.
+      out: prints the report.
+      log: prints progress, or None.
+
+    Returns:
+      The records (each with a `kind`: "grid", "peer", "ablation" or "breakdown"; the machine
+      is in every record's `machine`).
+    """
+    if list_only:
+        if ablation:
+            records = [
+                {"kind": "ablation", **line.case.record(batch_size), "ablation": line.name}
+                for width in hidden
+                for line in ablation_lines(width)
+            ]
+        else:
+            cases = benchmark_grid(hidden, num_samples, estimators, priors, noises)
+            records = [{"kind": "grid", **case.record(batch_size)} for case in cases]
+        for record in records:
+            out(json.dumps(record))
+        return records
+    info = machine_info()
+    out(format_machine(info))
+    if ablation:
+        records = run_ablation(
+            base_config, hidden, repeats=repeats, warmup=warmup, batch_size=batch_size, log=log
+        )
+        out(format_ablation(records))
+    else:
+        cases = benchmark_grid(hidden, num_samples, estimators, priors, noises)
+        records = run_grid(
+            cases,
+            base_config,
+            repeats=repeats,
+            warmup=warmup,
+            epoch_repeats=epoch_repeats,
+            epoch_examples=epoch_examples,
+            batch_size=batch_size,
+            log=log,
+        )
+        if peer_python:
+            records += run_peer(
+                peer_python,
+                hidden,
+                num_samples,
+                repeats=repeats,
+                warmup=warmup,
+                batch_size=batch_size,
+                threads=peer_threads,
+                num_train=epoch_examples,
+            )
+        add_ratios(records)
+        out(format_table(records))
+        out(
+            "\n× floor: ms/step over bbb's deterministic MLP of the same H, timed in this run. "
+            "× own floor: over the same system's plain MLP. Loop overhead: epoch wall time "
+            "over (steps × median step) − 1."
+        )
+    for record in records:
+        record["machine"] = info
+    if json_path:
+        with open(json_path, "w") as f:
+            json.dump(records, f, indent=1)
+        out(f"wrote {len(records)} records to {json_path}")
+    return records

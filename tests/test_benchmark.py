@@ -1,0 +1,243 @@
+"""Tests of bbb/benchmark.py and scripts/benchmark.py: the grid, the records, the JSON.
+
+Nothing here asserts on a time: timings belong to the benchmark, not to the tests.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from bbb import benchmark
+from bbb.errors import ConfigError
+from bbb.posterior import MeanFieldGaussian
+from configs import mnist
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RECORD_KEYS = {
+    "model",
+    "hidden",
+    "num_samples",
+    "estimator",
+    "prior",
+    "kl",
+    "noise",
+    "optimizer",
+    "batch_size",
+    "ms_per_step",
+    "examples_per_s",
+    "repeats",
+}
+
+
+def _key(record):
+    return (record["hidden"], record["num_samples"], record["estimator"], record["prior"])
+
+
+def test_default_grid_covers_every_configuration_once():
+    cases = benchmark.benchmark_grid()
+    # Per H: the floor, 3 K × 3 estimators × 2 priors with threefry, and the hash noise for
+    # reparam at every K and prior.
+    assert len(cases) == 2 * (1 + 3 * 3 * 2 + 3 * 2)
+    assert len(set(cases)) == len(cases)
+    assert cases[0] == benchmark.deterministic_case(400)
+    assert [c for c in cases if c.is_deterministic] == [
+        benchmark.deterministic_case(400),
+        benchmark.deterministic_case(1200),
+    ]
+    bayesian = [c for c in cases if not c.is_deterministic]
+    assert {(c.prior, c.kl) for c in bayesian} == {
+        ("scale_mixture", "mc"),
+        ("gaussian", "closed_form"),
+    }
+    assert {c.num_samples for c in bayesian} == {1, 2, 8}
+    assert {c.estimator for c in bayesian} == {"reparam", "local_reparam", "flipout"}
+    assert {c.estimator for c in bayesian if c.noise == "hash"} == {"reparam"}
+    assert any(c.noise == "hash" and c.num_samples == 1 and c.estimator == "reparam" for c in cases)
+
+
+def test_restricted_grid_follows_the_flags():
+    cases = benchmark.benchmark_grid((16, 32), (2,), ("flipout",), ("gaussian",), ("jax",))
+    assert [(c.hidden, c.num_samples, c.estimator, c.prior, c.kl, c.noise) for c in cases] == [
+        (16, 1, "deterministic", "flat", "none", "none"),
+        (16, 2, "flipout", "gaussian", "closed_form", "jax"),
+        (32, 1, "deterministic", "flat", "none", "none"),
+        (32, 2, "flipout", "gaussian", "closed_form", "jax"),
+    ]
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"estimators": ("bayes",)},
+        {"priors": ("laplace",)},
+        {"noises": ("philox",)},
+        {"hidden": (0,)},
+        {"num_samples": ()},
+    ],
+)
+def test_grid_rejects_bad_choices(kwargs):
+    with pytest.raises(ConfigError):
+        benchmark.benchmark_grid(**kwargs)
+
+
+def test_case_config_sets_the_fields_and_leaves_the_base_alone():
+    base = mnist.get_config()
+    case = benchmark.Case(1200, 8, "local_reparam", "gaussian", "closed_form", "hash")
+    config = case.config(base, batch_size=64)
+    assert config.model.hidden_sizes == (1200, 1200)
+    assert config.objective.num_samples == 8
+    assert (config.posterior.name, config.posterior.estimator) == ("mean_field", "local_reparam")
+    assert (config.prior.name, config.objective.kl, config.posterior.noise) == (
+        "gaussian",
+        "closed_form",
+        "hash",
+    )
+    assert (config.batch_size, config.optim.name) == (64, "adam")
+    floor = benchmark.deterministic_case(400).config(base)
+    assert (floor.posterior.name, floor.prior.name) == ("point", "flat")
+    assert base.model.hidden_sizes == (400, 400) and base.posterior.name == "mean_field"
+
+
+def test_script_lists_the_grid_that_its_flags_ask_for():
+    def listed(*flags):
+        result = subprocess.run(
+            [sys.executable, "scripts/benchmark.py", "--list", *flags],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        return [json.loads(line) for line in result.stdout.splitlines()]
+
+    quick = listed("--quick")
+    assert {r["hidden"] for r in quick} == {400} and {r["num_samples"] for r in quick} == {1}
+    assert len(quick) == 1 + 3 * 2 + 2
+    chosen = listed("--hidden=400,1200", "--num_samples=2,8", "--estimators=reparam")
+    assert {(r["hidden"], r["num_samples"]) for r in chosen if r["estimator"] == "reparam"} == {
+        (400, 2),
+        (400, 8),
+        (1200, 2),
+        (1200, 8),
+    }
+    assert len(chosen) == 2 * (1 + 2 * 2 * 2)
+    bad = subprocess.run(
+        [sys.executable, "scripts/benchmark.py", "--list", "--estimators=bayes"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+    )
+    assert bad.returncode == 2 and "estimators" in bad.stderr
+
+
+def test_smoke_run_returns_complete_records_and_writes_json(tmp_path, monkeypatch, fast_compile):
+    monkeypatch.setattr(benchmark, "EPOCH_EXAMPLES", 256)  # 4 steps of 64.
+    path = tmp_path / "bench.json"
+    lines = []
+    records = benchmark.run(
+        mnist.get_config(),
+        hidden=(16,),
+        num_samples=(1, 2),
+        estimators=("reparam",),
+        priors=("scale_mixture",),
+        noises=("jax",),
+        repeats=3,
+        warmup=1,
+        epoch_repeats=1,
+        batch_size=64,
+        json_path=str(path),
+        out=lines.append,
+    )
+    assert [_key(r) for r in records] == [
+        (16, 1, "deterministic", "flat"),
+        (16, 1, "reparam", "scale_mixture"),
+        (16, 2, "reparam", "scale_mixture"),
+    ]
+    for r in records:
+        assert RECORD_KEYS <= set(r)
+        assert r["repeats"] == 3 and r["batch_size"] == 64 and r["epoch_steps"] == 4
+        for field in ("ms_per_step", "examples_per_s", "compile_s", "epoch_s", "epoch_compile_s"):
+            assert r[field] > 0, field
+        assert np.isfinite(r["host_overhead_pct"])
+        assert r["ratio_to_deterministic"] == pytest.approx(
+            r["ms_per_step"] / records[0]["ms_per_step"]
+        )
+        assert r["machine"]["backend"] == "cpu"
+    assert records[0]["ratio_to_deterministic"] == 1.0
+    written = json.loads(path.read_text())
+    assert isinstance(written, list) and written == json.loads(json.dumps(records))
+    report = "\n".join(lines)
+    assert "machine:" in report and "| bbb | 16 | 2 | reparam |" in report
+
+
+def test_breakdown_is_the_differences_of_the_lines():
+    ms = {
+        "full": 10.0,
+        "hash_noise": 8.0,
+        "no_noise": 7.0,
+        "no_prior": 9.0,
+        "no_kl": 8.5,
+        "grad_only": 9.5,
+        "deterministic": 3.0,
+        "deterministic_grad_only": 2.0,
+    }
+    parts = {p["formula"]: p["ms"] for p in benchmark.ablation_breakdown(ms)}
+    assert parts["full − no_noise"] == 3.0
+    assert parts["hash_noise − no_noise"] == 1.0
+    assert parts["full − no_prior"] == 1.0
+    assert parts["no_prior − no_kl"] == 0.5
+    assert parts["full − grad_only"] == 0.5
+    assert parts["deterministic_grad_only"] == 2.0
+    # The rest closes the sum (the hash line is an alternative, not a part).
+    additive = [p for p in benchmark.ablation_breakdown(ms) if not p["formula"].startswith("hash")]
+    assert sum(p["ms"] for p in additive) == pytest.approx(ms["full"])
+    assert {line.name for line in benchmark.ablation_lines(16)} == set(ms)
+
+
+def test_ablation_posteriors_remove_only_their_part():
+    mu = {"kernel": jnp.ones((3, 2)), "bias": jnp.zeros((2,))}
+    rho = jax.tree_util.tree_map(lambda m: jnp.full_like(m, -1.0), mu)
+    key = jax.random.key(0)
+    full = MeanFieldGaussian(mu, rho)
+    w, log_q = benchmark.NoiselessPosterior(mu, rho).sample_and_log_prob(key)
+    assert jax.tree_util.tree_all(jax.tree_util.tree_map(lambda a, b: bool(jnp.all(a == b)), w, mu))
+    assert np.isfinite(float(log_q))
+    w_full, log_q_full = full.sample_and_log_prob(key)
+    w_no_q, log_q_none = benchmark.NoLogQPosterior(mu, rho).sample_and_log_prob(key)
+    np.testing.assert_allclose(w_no_q["kernel"], w_full["kernel"], rtol=1e-6)
+    assert float(log_q_none) == 0.0 and float(log_q_full) != 0.0
+
+
+def test_peer_is_skipped_with_a_message_when_missing(tmp_path, capsys):
+    assert benchmark.run_peer(str(tmp_path / "no-python")) == []
+    assert "venv" in capsys.readouterr().err
+
+
+def test_peer_output_becomes_records(tmp_path):
+    canned = {
+        "versions": {"torch": "2.13.0", "bayesian_torch": "0.5.0"},
+        "records": [
+            {"system": "torch", "hidden": 400, "num_samples": 1, "times_ms": [5.0, 6.0, 7.0]},
+            {"system": "bayesian-torch", "hidden": 400, "num_samples": 1, "times_ms": [12.0] * 3},
+        ],
+    }
+    fake = tmp_path / "python"
+    fake.write_text(f"#!/bin/sh\necho '{json.dumps(canned)}'\n")
+    fake.chmod(0o755)
+    records = benchmark.run_peer(str(fake), (400,), (1,), repeats=3)
+    floor = {"kind": "grid", "system": "bbb", "hidden": 400, "estimator": "deterministic"}
+    benchmark.add_ratios([{**floor, "ms_per_step": 2.0}, *records])
+    torch_floor, peer = records
+    assert (torch_floor["estimator"], peer["prior"], peer["kl"]) == (
+        "deterministic",
+        "gaussian",
+        "closed_form",
+    )
+    assert peer["ms_per_step"] == 12.0 and peer["ratio_to_deterministic"] == 6.0
+    assert peer["ratio_to_own_floor"] == 2.0
+    assert RECORD_KEYS <= set(peer)
