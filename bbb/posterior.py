@@ -90,7 +90,7 @@ def hash_normal(key: jax.Array, n: int) -> jax.Array:
     Two 32-bit seeds are drawn from `key` with JAX's own PRNG; number i is
     √2 · erfinv(2u − 1), u = (mix(mix(i·φ + s₀) ⊕ s₁) >> 9 + ½) / 2²³. The mixer is a
     full-avalanche integer hash, so the stream passes the moment, Kolmogorov–Smirnov and
-    correlation tests in tests/test_posterior.py; but, unlike threefry, it carries no
+    correlation tests in tests/test_noise.py; but, unlike threefry, it carries no
     cryptographic guarantee that streams of different keys are independent. Monte-Carlo noise
     for variational inference needs no more; anything that does should keep "jax".
 

@@ -1,0 +1,62 @@
+"""Shared pytest fixtures.
+
+Flax's `model.init` and `bbb.posterior.init_posterior` compile their random initialisers, one
+small XLA program per shape (slow on a small CPU). Tests that only need some parameters take the
+shapes from `jax.eval_shape` and draw the values with numpy (`init_posterior` itself is tested
+in test_posterior.py).
+"""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from bbb.posterior import MeanFieldGaussian
+
+
+def numpy_params(model: nn.Module, x: jax.Array, seed: int = 0, scale: float = 0.5):
+    """Parameters with the structure of `model.init(key, x)["params"]`, drawn with numpy.
+
+    Kernels ~ N(0, scale² / fan_in), biases ~ N(0, (scale / 2)²), float32.
+    """
+    shapes = jax.eval_shape(model.init, jax.random.key(0), x)["params"]
+    rng = np.random.default_rng(seed)
+
+    def draw(path, shape):
+        name = jax.tree_util.keystr(path[-1:])
+        size = shape.shape
+        if "kernel" in name and len(size) >= 2:
+            fan_in = int(np.prod(size[:-1]))
+            values = rng.normal(size=size) * scale / np.sqrt(fan_in)
+        else:
+            values = rng.normal(size=size) * scale / 2.0
+        return jnp.asarray(values, jnp.float32)
+
+    return jax.tree_util.tree_map_with_path(draw, shapes)
+
+
+def numpy_posterior(params, rho, seed: int = 0) -> MeanFieldGaussian:
+    """A mean-field posterior with μ = `params` and ρ a constant or ~ U(low, high), by numpy."""
+    rng = np.random.default_rng(seed)
+
+    def draw(p):
+        shape = np.shape(p)
+        values = np.full(shape, rho) if np.isscalar(rho) else rng.uniform(*rho, size=shape)
+        return jnp.asarray(values, jnp.float32)
+
+    mu = jax.tree_util.tree_map(lambda p: jnp.asarray(p, jnp.float32), params)
+    return MeanFieldGaussian(mu=mu, rho=jax.tree_util.tree_map(draw, params))
+
+
+@pytest.fixture(scope="module")
+def fast_compile():
+    """Compiles with XLA's cheap settings (`jax_disable_most_optimizations`) for one module.
+
+    The tests run tiny programs a few times each, so XLA's optimisation passes (several seconds
+    per program on a small CPU) cost far more than they save. The computed values are the same.
+    """
+    previous = jax.config.read("jax_disable_most_optimizations")
+    jax.config.update("jax_disable_most_optimizations", True)
+    yield
+    jax.config.update("jax_disable_most_optimizations", previous)

@@ -1,0 +1,340 @@
+"""Tests for bbb.estimators: the sampled pre-activations under each estimator have the analytic
+mean x·μ + μ_b and variance x²·σ² + σ_b² (numpy), the right correlation across examples, the
+same KL, clear errors for layers an estimator cannot handle, and each estimator trains."""
+
+import chex
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from bbb import estimators, models, objective, priors
+from bbb.errors import ConfigError
+from bbb.posterior import MeanFieldGaussian, PointEstimate
+from tests.conftest import numpy_posterior
+
+pytestmark = pytest.mark.usefixtures("fast_compile")
+
+NUM_SAMPLES = 6000
+
+
+def _posterior(params, seed, rho_range=(-2.0, -0.5)) -> MeanFieldGaussian:
+    """μ from `params`, ρ ~ U(rho_range): σ between 0.13 and 0.47, far from 1."""
+    return numpy_posterior(params, rho_range, seed)
+
+
+def _np(tree):
+    return jax.tree_util.tree_map(lambda a: np.asarray(a, np.float64), tree)
+
+
+def _output_samples(model, posterior, x, estimator):
+    """[S, B, ...] outputs, one MC sample per key."""
+    keys = jax.random.split(jax.random.key(1), NUM_SAMPLES)
+    sample = jax.jit(
+        jax.vmap(lambda k: estimators.sample_output(model, posterior, x, k, estimator))
+    )
+    return np.asarray(sample(keys), np.float64)
+
+
+def _check_moments(samples, mean, variance):
+    """Sample mean within 5 standard errors, sample variance within 5 of its standard errors."""
+    num = samples.shape[0]
+    z = (samples.mean(0) - mean) / np.sqrt(variance / num)
+    assert np.max(np.abs(z)) < 5.0, np.max(np.abs(z))
+    ratio = samples.var(0, ddof=1) / variance
+    assert np.max(np.abs(ratio - 1.0)) < 5.0 * np.sqrt(2.0 / num), ratio
+
+
+# Dense ------------------------------------------------------------------------------------
+
+DENSE = nn.Dense(4)
+# Five examples: two identical rows (for the correlation check), a zero row (only the bias
+# noise is left), and mixed signs.
+X_DENSE = np.array(
+    [[1.0, -2.0, 0.5], [1.0, -2.0, 0.5], [0.0, 0.0, 0.0], [-1.5, 0.3, 2.0], [0.2, 0.1, -0.7]],
+    np.float32,
+)
+
+
+@pytest.fixture(scope="module")
+def dense_posterior():
+    params = {
+        "kernel": np.random.default_rng(0).normal(size=(3, 4)).astype(np.float32),
+        "bias": np.random.default_rng(1).normal(size=(4,)).astype(np.float32),
+    }
+    return _posterior(params, seed=2)
+
+
+@pytest.mark.parametrize("estimator", estimators.ESTIMATORS)
+def test_dense_pre_activations_have_the_analytic_mean_and_variance(estimator, dense_posterior):
+    samples = _output_samples(DENSE, dense_posterior, X_DENSE, estimator)  # [S, B, F]
+    mu, sigma = _np(dense_posterior.mu), _np(dense_posterior.stddev())
+    x = X_DENSE.astype(np.float64)
+    mean = x @ mu["kernel"] + mu["bias"]
+    variance = x**2 @ sigma["kernel"] ** 2 + sigma["bias"] ** 2
+    _check_moments(samples, mean, variance)
+    # Two identical inputs: one shared weight sample under reparam (correlation 1); independent
+    # noise per example under local_reparam; decorrelated by the random signs under flipout.
+    first, second = samples[:, 0, :], samples[:, 1, :]
+    correlation = np.array([np.corrcoef(first[:, j], second[:, j])[0, 1] for j in range(4)])
+    if estimator == "reparam":
+        np.testing.assert_allclose(correlation, 1.0, atol=1e-6)
+    else:
+        assert np.max(np.abs(correlation)) < 5.0 / np.sqrt(NUM_SAMPLES), correlation
+
+
+# Conv -------------------------------------------------------------------------------------
+
+CONV = nn.Conv(3, (3, 3), padding="SAME")
+
+
+def _np_conv_same(x, kernel):
+    """Cross-correlation with zero 'SAME' padding, [B, H, W, C] × [kh, kw, C, F], by loops."""
+    kh, kw = kernel.shape[:2]
+    padded = np.pad(x, ((0, 0), (kh // 2, kh // 2), (kw // 2, kw // 2), (0, 0)))
+    batch, height, width, _ = x.shape
+    out = np.zeros((batch, height, width, kernel.shape[-1]))
+    for i in range(height):
+        for j in range(width):
+            patch = padded[:, i : i + kh, j : j + kw, :]  # [B, kh, kw, C]
+            out[:, i, j, :] = np.einsum("bhwc,hwcf->bf", patch, kernel)
+    return out
+
+
+@pytest.mark.parametrize("estimator", ["reparam", "flipout"])
+def test_conv_pre_activations_have_the_analytic_mean_and_variance(estimator):
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(2, 4, 4, 2)).astype(np.float32)
+    params = {
+        "kernel": (rng.normal(size=(3, 3, 2, 3)) * 0.5).astype(np.float32),
+        "bias": rng.normal(size=(3,)).astype(np.float32),
+    }
+    posterior = _posterior(params, seed=4)
+    samples = _output_samples(CONV, posterior, x, estimator)  # [S, B, H, W, F]
+    mu, sigma = _np(posterior.mu), _np(posterior.stddev())
+    x64 = x.astype(np.float64)
+    mean = _np_conv_same(x64, mu["kernel"]) + mu["bias"]
+    variance = _np_conv_same(x64**2, sigma["kernel"] ** 2) + sigma["bias"] ** 2
+    _check_moments(samples, mean, variance)
+    # Within one example the perturbation is one weight perturbation shared by every position:
+    # Cov(out[p, f], out[q, f]) = Σ_{offset, c} x[p + offset, c] x[q + offset, c] σ²[offset, c, f]
+    # + σ_b²[f], here for the neighbours p = (1, 1) and q = (1, 2).
+    padded = np.pad(x64, ((0, 0), (1, 1), (1, 1), (0, 0)))
+    left, right = padded[:, 1:4, 1:4, :], padded[:, 1:4, 2:5, :]  # [B, 3, 3, C] receptive fields
+    covariance = (
+        np.einsum("bhwc,bhwc,hwcf->bf", left, right, sigma["kernel"] ** 2) + sigma["bias"] ** 2
+    )
+    centred = samples - samples.mean(0)
+    sample_covariance = np.mean(centred[:, :, 1, 1, :] * centred[:, :, 1, 2, :], axis=0)  # [B, F]
+    standard_error = np.sqrt(
+        (variance[:, 1, 1, :] * variance[:, 1, 2, :] + covariance**2) / NUM_SAMPLES
+    )
+    z = (sample_covariance - covariance) / standard_error
+    assert np.max(np.abs(z)) < 5.0, z
+    # The two examples get independent signs under flipout: uncorrelated outputs.
+    if estimator == "flipout":
+        correlation = np.corrcoef(samples[:, 0, 1, 1, 0], samples[:, 1, 1, 1, 0])[0, 1]
+        assert abs(correlation) < 5.0 / np.sqrt(NUM_SAMPLES)
+
+
+# The KL does not depend on the estimator ----------------------------------------------------
+
+_rng = np.random.default_rng(5)
+X = _rng.normal(size=(32, 2)).astype(np.float32)
+Y = (X[:, 0] - X[:, 1] > 0).astype(np.int32)
+MLP = models.MLP(hidden_sizes=(6,), num_outputs=2)
+
+
+@pytest.fixture(scope="module")
+def mlp_posterior():
+    kernel_0 = _rng.normal(size=(2, 6)).astype(np.float32)
+    params = {
+        "Dense_0": {"kernel": kernel_0, "bias": np.zeros(6, np.float32)},
+        "Dense_1": {
+            "kernel": _rng.normal(size=(6, 2)).astype(np.float32) * 0.4,
+            "bias": np.zeros(2, np.float32),
+        },
+    }
+    return numpy_posterior(params, (-3.0, -1.0), seed=6)
+
+
+@pytest.mark.parametrize("estimator", estimators.ESTIMATORS)
+def test_kl_is_the_same_whichever_estimator(estimator, mlp_posterior):
+    prior = priors.gaussian(1.0)
+    common = dict(
+        model=MLP,
+        prior=prior,
+        likelihood=objective.Categorical(),
+        num_train=32,
+        num_batches=1,
+        estimator=estimator,
+    )
+    monte_carlo = objective.FreeEnergy(**common, kl="mc")
+    closed_form = objective.FreeEnergy(**common, kl="closed_form")
+    params = monte_carlo.init_params(mlp_posterior)
+    num_keys = 3000
+
+    @jax.jit
+    def kls(params, keys):
+        mc = jax.vmap(lambda k: monte_carlo(params, (X, Y), k, 1.0)[1]["kl"])(keys)
+        return mc, closed_form(params, (X, Y), keys[0], 1.0)[1]["kl"]
+
+    mc, exact = kls(params, jax.random.split(jax.random.key(7), num_keys))
+    expected = float(prior.kl({}, mlp_posterior))
+    np.testing.assert_allclose(float(exact), expected, rtol=1e-6)
+    mc = np.asarray(mc, np.float64)
+    standard_error = mc.std(ddof=1) / np.sqrt(num_keys)
+    assert abs(mc.mean() - expected) < 3 * standard_error, (mc.mean(), expected, standard_error)
+    assert 3 * standard_error < 0.05 * expected  # the comparison has power
+
+
+# Layers an estimator cannot handle ---------------------------------------------------------
+
+
+def _free_energy(model, estimator):
+    return objective.FreeEnergy(
+        model,
+        priors.gaussian(1.0),
+        objective.Categorical(),
+        num_train=8,
+        num_batches=1,
+        estimator=estimator,
+    )
+
+
+def _abstract_loss(model, x, estimator):
+    """Traces the loss under jax.eval_shape: shapes only, no compute."""
+    fe = _free_energy(model, estimator)
+    shapes = jax.eval_shape(model.init, jax.random.key(0), x)["params"]
+    params = fe.init_params(MeanFieldGaussian(mu=shapes, rho=shapes))
+    y = np.zeros((x.shape[0],), np.int32)
+    return jax.eval_shape(lambda p: fe(p, (x, y), jax.random.key(0), 1.0)[0], params)
+
+
+LENET = models.LeNet(features=(2, 3), hidden_sizes=(4,), num_outputs=3)
+X_IMAGE = np.zeros((2, 8, 8, 1), np.float32)
+
+
+def test_local_reparam_on_a_conv_model_raises_before_compute():
+    with pytest.raises(ConfigError) as info:
+        _abstract_loss(LENET, X_IMAGE, "local_reparam")
+    assert info.value.field == "posterior.estimator"
+    assert info.value.value == "local_reparam"
+    assert "Conv_0" in str(info.value) and "reparam" in info.value.allowed
+    # The same model is fine under reparam and flipout.
+    for estimator in ("reparam", "flipout"):
+        assert _abstract_loss(LENET, X_IMAGE, estimator).shape == ()
+
+
+class _DenseThenLayerNorm(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        return nn.Dense(3)(nn.LayerNorm()(nn.Dense(4)(x)))
+
+
+class _EmbedThenDense(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        return nn.Dense(3)(nn.Embed(10, 4)(x[:, 0].astype(jnp.int32)))
+
+
+class _OwnParameter(nn.Module):
+    """A parameter declared directly in the model, outside any Dense or Conv."""
+
+    @nn.compact
+    def __call__(self, x):
+        scale = self.param("scale", nn.initializers.ones, (x.shape[-1],))
+        return nn.Dense(3)(x * scale)
+
+
+@pytest.mark.parametrize(
+    "model, layer",
+    [
+        (_DenseThenLayerNorm(), "LayerNorm"),
+        (_EmbedThenDense(), "Embed"),
+        (_OwnParameter(), "_OwnParameter"),
+    ],
+)
+@pytest.mark.parametrize("estimator", ["local_reparam", "flipout"])
+def test_unsupported_parametrised_layers_raise(model, layer, estimator):
+    x = np.zeros((2, 5), np.float32)
+    with pytest.raises(ConfigError) as info:
+        _abstract_loss(model, x, estimator)
+    assert info.value.field == "posterior.estimator" and info.value.value == estimator
+    assert layer in str(info.value)
+    assert _abstract_loss(model, x, "reparam").shape == ()
+
+
+def test_apply_local_rejects_other_estimators(mlp_posterior):
+    with pytest.raises(ConfigError, match=r"posterior\.estimator"):
+        estimators.apply_local(MLP, mlp_posterior, X, jax.random.key(0), "reparam")
+
+
+# Each estimator trains ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("estimator", estimators.ESTIMATORS)
+def test_each_estimator_trains_a_tiny_mlp(estimator, mlp_posterior):
+    fe = objective.FreeEnergy(
+        MLP,
+        priors.gaussian(1.0),
+        objective.Categorical(),
+        num_train=32,
+        num_batches=1,
+        estimator=estimator,
+    )
+    optimizer = optax.adam(0.05)
+    batch = (X, Y)
+
+    @jax.jit
+    def step(params, opt_state, key):
+        (loss, metrics), grads = jax.value_and_grad(lambda p: fe(p, batch, key, 1.0), has_aux=True)(
+            params
+        )
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, loss, metrics["nll"]
+
+    params = fe.init_params(mlp_posterior)
+    opt_state, losses, nlls = optimizer.init(params), [], []
+    for key in jax.random.split(jax.random.key(9), 50):
+        params, opt_state, loss, nll = step(params, opt_state, key)
+        losses.append(float(loss))
+        nlls.append(float(nll))
+    losses, nlls = np.array(losses), np.array(nlls)  # each before its step's update
+    assert np.all(np.isfinite(losses))
+    assert losses[-5:].mean() < 0.7 * losses[:3].mean(), losses
+    assert nlls[-5:].mean() < nlls[:3].mean(), nlls
+
+
+def test_zero_variance_gives_the_deterministic_network_and_finite_gradients(mlp_posterior):
+    """A point mass (σ = 0): local_reparam adds no noise, and its gradients are not NaN."""
+    point = PointEstimate(mu=mlp_posterior.mu)
+    energies = {
+        estimator: objective.FreeEnergy(
+            MLP,
+            priors.gaussian(1.0),
+            objective.Categorical(),
+            num_train=32,
+            num_batches=1,
+            estimator=estimator,
+        )
+        for estimator in ("reparam", "local_reparam")
+    }
+    params = energies["reparam"].init_params(point)
+
+    @jax.jit
+    def losses_and_gradients(params):
+        return {
+            name: jax.value_and_grad(lambda p, fe=fe: fe(p, (X, Y), jax.random.key(0), 1.0)[0])(
+                params
+            )
+            for name, fe in energies.items()
+        }
+
+    results = losses_and_gradients(params)
+    (loss, grads), (local_loss, local_grads) = results["reparam"], results["local_reparam"]
+    assert all(np.all(np.isfinite(g)) for g in jax.tree.leaves(local_grads))
+    np.testing.assert_allclose(float(local_loss), float(loss), rtol=1e-6)
+    chex.assert_trees_all_close(local_grads, grads, rtol=1e-5, atol=1e-7)

@@ -1,0 +1,421 @@
+"""Tests for bbb.objective: the KL schedules, the free energy's scale and minibatch weighting
+(against a numpy computation from the same sampled weights), its gradients (against finite
+differences), the likelihoods and the config checks."""
+
+import math
+from fractions import Fraction
+
+import jax
+import jax.flatten_util
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+import scipy.special
+import scipy.stats
+
+from bbb import models, objective, priors
+from bbb.errors import ConfigError
+from bbb.posterior import PointEstimate
+from tests.conftest import numpy_params, numpy_posterior
+
+pytestmark = pytest.mark.usefixtures("fast_compile")
+
+NUM_TRAIN, NUM_CLASSES = 16, 3
+_rng = np.random.default_rng(0)
+X = _rng.normal(size=(NUM_TRAIN, 2)).astype(np.float32)
+Y = _rng.integers(0, NUM_CLASSES, size=NUM_TRAIN).astype(np.int32)
+MODEL = models.MLP(hidden_sizes=(3,), num_outputs=NUM_CLASSES)
+
+
+def _posterior(model=MODEL, rho=(-2.5, -0.5), seed=0, dtype=jnp.float32):
+    """A mean-field posterior over `model`, μ and ρ drawn by numpy."""
+    post = numpy_posterior(numpy_params(model, X[:1], seed=seed, scale=1.5), rho, seed)
+    return jax.tree_util.tree_map(lambda a: jnp.asarray(a, dtype), post)
+
+
+def _np_mlp(w, x, activation=lambda h: np.maximum(h, 0.0)):
+    """The MLP's forward pass in float64 numpy: Dense_0 → activation → Dense_1."""
+    w = jax.tree_util.tree_map(lambda a: np.asarray(a, np.float64), w)
+    hidden = activation(x.astype(np.float64) @ w["Dense_0"]["kernel"] + w["Dense_0"]["bias"])
+    return hidden @ w["Dense_1"]["kernel"] + w["Dense_1"]["bias"]
+
+
+def _np_log_lik(w, x, y):
+    log_probs = scipy.special.log_softmax(_np_mlp(w, x), axis=-1)
+    return log_probs[np.arange(len(y)), y]  # [B]
+
+
+def _flat(tree) -> np.ndarray:
+    return np.concatenate([np.ravel(np.asarray(x, np.float64)) for x in jax.tree.leaves(tree)])
+
+
+# KL schedules ------------------------------------------------------------------------------
+
+# Global steps 0..799 for every schedule (one array shape: the eager ops compile once).
+STEPS = jnp.arange(800)
+
+
+@pytest.mark.parametrize("num_batches", [1, 5, 10])
+def test_blundell_weights_are_exact_powers_of_two(num_batches):
+    steps = np.arange(2 * num_batches)  # two epochs: the schedule restarts every epoch
+    weights = np.asarray(objective.kl_weight("blundell", STEPS, num_batches), np.float64)
+    weights = weights[: 2 * num_batches]
+    expected = [
+        float(Fraction(2 ** (num_batches - i), 2**num_batches - 1))
+        for i in (int(t) % num_batches + 1 for t in steps)
+    ]
+    np.testing.assert_allclose(weights, expected, rtol=1e-6)
+    assert abs(weights[:num_batches].sum() - 1.0) < 1e-6
+    assert np.all(np.diff(weights[:num_batches]) < 0)  # the first minibatch gets the most KL
+    # A scalar step gives the same value.
+    np.testing.assert_allclose(
+        float(objective.kl_weight("blundell", num_batches + 1, num_batches)), weights[1], rtol=1e-7
+    )
+
+
+def test_blundell_weights_for_a_long_epoch_are_finite_and_sum_to_one():
+    num_batches = 390  # 50,000 / 128
+    weights = np.asarray(objective.kl_weight("blundell", STEPS, num_batches), np.float64)
+    # The second epoch repeats the first.
+    np.testing.assert_array_equal(weights[num_batches : 2 * num_batches], weights[:num_batches])
+    weights = weights[:num_batches]
+    assert np.all(np.isfinite(weights)) and np.all(weights >= 0)
+    assert np.all(np.diff(weights) <= 0)
+    assert abs(weights.sum() - 1.0) < 1e-6
+    normal = slice(0, 120)  # where 2^−i is a normal float32
+    expected = [float(Fraction(2 ** (num_batches - i), 2**num_batches - 1)) for i in range(1, 121)]
+    np.testing.assert_allclose(weights[normal], expected, rtol=1e-6)
+
+
+def test_uniform_and_anneal_weights():
+    np.testing.assert_allclose(
+        np.broadcast_to(objective.kl_weight("uniform", STEPS, 7), (800,)), 1 / 7, rtol=1e-7
+    )
+    assert float(objective.kl_weight("uniform", 123, 7)) == pytest.approx(1 / 7, rel=1e-7)
+    warmup, num_batches = 10, 4
+    weights = np.asarray(objective.kl_weight("anneal", STEPS, num_batches, warmup))
+    expected = [float(min(Fraction(t + 1, warmup), 1) / num_batches) for t in range(800)]
+    np.testing.assert_allclose(weights, expected, rtol=1e-6)
+    assert weights[warmup - 1] == pytest.approx(1 / num_batches)
+    np.testing.assert_allclose(weights[warmup:], 1 / num_batches, rtol=1e-7)
+
+
+def test_unknown_kl_schedule_names_the_field():
+    with pytest.raises(ConfigError) as info:
+        objective.kl_weight("cosine", 0, 10)
+    assert info.value.field == "objective.kl_schedule" and info.value.value == "cosine"
+
+
+# The free energy: scale, KL weighting, temperature -------------------------------------------
+
+
+def _free_energy(**kwargs):
+    defaults = dict(
+        model=MODEL,
+        prior=priors.gaussian(1.0),
+        likelihood=objective.Categorical(),
+        num_train=NUM_TRAIN,
+        num_batches=1,
+    )
+    return objective.FreeEnergy(**{**defaults, **kwargs})
+
+
+_NUM_SAMPLES = 2
+
+
+@pytest.mark.parametrize("kl", ["mc", "closed_form"])
+def test_loss_matches_a_numpy_computation_from_the_same_weights(kl):
+    """loss = M π T KL / N − (1/B) Σ_b (1/K) Σ_k log p(y_b | x_b, w_k), and only KL has T."""
+    num_train, num_batches, pi, batch = 40, 3, 0.3, slice(0, 5)
+    sigma_p = math.exp(-1.0)
+    post = _posterior()
+    energies = {
+        temperature: _free_energy(
+            prior=priors.gaussian(sigma_p),
+            num_train=num_train,
+            num_batches=num_batches,
+            num_samples=_NUM_SAMPLES,
+            kl=kl,
+            temperature=temperature,
+        )
+        for temperature in (0.5, 2.0)
+    }
+    params = energies[0.5].init_params(post)
+    key = jax.random.key(42)
+
+    @jax.jit
+    def run(params):
+        outputs = {t: fe(params, (X[batch], Y[batch]), key, pi) for t, fe in energies.items()}
+        # The weights the objective draws: K keys, each split into (weights, kl, dropout).
+        weights = jax.vmap(lambda k: params["posterior"].sample(jax.random.split(k, 3)[0]))(
+            jax.random.split(key, _NUM_SAMPLES)
+        )
+        return outputs, weights
+
+    outputs, weights = run(params)
+    samples = [jax.tree_util.tree_map(lambda a, k=k: a[k], weights) for k in range(_NUM_SAMPLES)]
+    log_lik = np.mean([_np_log_lik(w, X[batch], Y[batch]) for w in samples], axis=0)  # [B]
+    mu, sigma = _flat(post.mu), np.log1p(np.exp(_flat(post.rho)))
+    if kl == "mc":
+        kl_value = np.mean(
+            [
+                scipy.stats.norm.logpdf(_flat(w), mu, sigma).sum()
+                - scipy.stats.norm.logpdf(_flat(w), 0.0, sigma_p).sum()
+                for w in samples
+            ]
+        )
+    else:
+        kl_value = np.sum(np.log(sigma_p / sigma) + (sigma**2 + mu**2) / (2 * sigma_p**2) - 0.5)
+    for temperature, (loss, metrics) in outputs.items():
+        expected = num_batches * pi * temperature * kl_value / num_train - log_lik.mean()
+        np.testing.assert_allclose(float(loss), expected, rtol=1e-5)
+        np.testing.assert_allclose(float(metrics["loss"]), expected, rtol=1e-5)
+        np.testing.assert_allclose(float(metrics["elbo"]), -expected, rtol=1e-5)
+        np.testing.assert_allclose(float(metrics["nll"]), -log_lik.mean(), rtol=1e-5)
+        np.testing.assert_allclose(float(metrics["kl"]), kl_value, rtol=1e-5)
+        np.testing.assert_allclose(float(metrics["kl_weight"]), pi, rtol=1e-7)
+        np.testing.assert_allclose(float(metrics["sigma_mean"]), sigma.mean(), rtol=1e-5)
+        probs = np.mean([scipy.special.softmax(_np_mlp(w, X[batch]), -1) for w in samples], 0)
+        assert float(metrics["accuracy"]) == pytest.approx(np.mean(probs.argmax(-1) == Y[batch]))
+        assert {"loss", "nll", "kl", "kl_weight", "elbo", "accuracy", "sigma_mean"} <= set(metrics)
+    # The temperature scales the KL term and nothing else.
+    (cold, cold_metrics), (hot, hot_metrics) = outputs[0.5], outputs[2.0]
+    assert float(cold_metrics["nll"]) == float(hot_metrics["nll"])
+    np.testing.assert_allclose(
+        float(hot - cold), 1.5 * num_batches * pi * kl_value / num_train, rtol=1e-4
+    )
+
+
+def _minibatches(num_batches):
+    size = NUM_TRAIN // num_batches
+    return X.reshape(num_batches, size, -1), Y.reshape(num_batches, size)
+
+
+def test_minibatch_losses_average_to_the_full_batch_loss_exactly():
+    """Same weights (same key): the mean over an epoch of F̂_i / N equals the full-batch F / N,
+    for any KL schedule with Σ π_i = 1, so the KL is counted once per epoch, whatever B is."""
+    num_batches = 4
+    prior = priors.scale_mixture(0.5, 1.0, math.exp(-6.0))
+    full = _free_energy(prior=prior, num_samples=2)
+    mini = _free_energy(prior=prior, num_samples=2, num_batches=num_batches)
+    xs, ys = _minibatches(num_batches)
+    post = _posterior()
+
+    @jax.jit
+    def run(params, key, weights):
+        loss, metrics = full(params, (X, Y), key, 1.0)
+        losses, mini_metrics = jax.vmap(lambda x, y, pi: mini(params, (x, y), key, pi))(
+            xs, ys, weights
+        )
+        return loss, metrics, losses, mini_metrics
+
+    for schedule in ("uniform", "blundell"):
+        weights = jnp.broadcast_to(
+            objective.kl_weight(schedule, jnp.arange(num_batches), num_batches), (num_batches,)
+        )
+        for posterior in (post, PointEstimate(mu=post.mu)):
+            params = full.init_params(posterior)
+            loss, metrics, losses, mini_metrics = run(params, jax.random.key(3), weights)
+            np.testing.assert_allclose(float(jnp.mean(losses)), float(loss), rtol=1e-5)
+            np.testing.assert_allclose(
+                np.asarray(mini_metrics["kl"]), float(metrics["kl"]), rtol=1e-6
+            )
+            np.testing.assert_allclose(
+                float(jnp.mean(mini_metrics["nll"])), float(metrics["nll"]), rtol=1e-5
+            )
+            # The two terms are on different scales, so a wrong weighting of either shows.
+            assert abs(float(metrics["kl"]) / NUM_TRAIN) > 0.2 * float(metrics["nll"])
+
+
+def test_point_estimate_loss_is_penalised_negative_log_likelihood():
+    """q a point mass at μ: F / N = −log P(μ) / N − (1/B) Σ log p(y | x, μ), in numpy."""
+    post = PointEstimate(mu=numpy_params(MODEL, X[:1], seed=1, scale=1.5))
+    fe = _free_energy(prior=priors.laplace(0.5), num_batches=2)
+    loss, metrics = jax.jit(fe)(fe.init_params(post), (X[:8], Y[:8]), jax.random.key(0), 0.5)
+    neg_log_prior = -scipy.stats.laplace(scale=0.5).logpdf(_flat(post.mu)).sum()
+    log_lik = _np_log_lik(post.mu, X[:8], Y[:8])
+    np.testing.assert_allclose(float(loss), neg_log_prior / NUM_TRAIN - log_lik.mean(), rtol=1e-5)
+    np.testing.assert_allclose(float(metrics["kl"]), neg_log_prior, rtol=1e-5)
+    assert float(metrics["sigma_mean"]) == 0.0
+
+
+def test_loss_does_not_depend_on_batch_size_in_expectation():
+    """Per-example noise (local_reparam): equal means over many keys, within MC error."""
+    estimator = "local_reparam"
+    num_batches, num_keys = 4, 600
+    full = _free_energy(estimator=estimator)
+    mini = _free_energy(estimator=estimator, num_batches=num_batches)
+    xs, ys = _minibatches(num_batches)
+    params = full.init_params(_posterior(rho=(-1.5, -0.5)))
+
+    @jax.jit
+    def run(params, keys):
+        def full_loss(key):
+            return full(params, (X, Y), key, 1.0)[0]
+
+        def epoch_mean_loss(key):
+            keys = jax.random.split(key, num_batches)
+            return jnp.mean(
+                jax.vmap(lambda x, y, k: mini(params, (x, y), k, 1.0 / num_batches)[0])(
+                    xs, ys, keys
+                )
+            )
+
+        return jax.vmap(full_loss)(keys), jax.vmap(epoch_mean_loss)(keys)
+
+    keys = jax.random.split(jax.random.key(0), num_keys)
+    full_losses, epoch_losses = (np.asarray(a, np.float64) for a in run(params, keys))
+    standard_error = np.sqrt(
+        full_losses.var(ddof=1) / num_keys + epoch_losses.var(ddof=1) / num_keys
+    )
+    difference = full_losses.mean() - epoch_losses.mean()
+    assert abs(difference) < 4 * standard_error, (difference, standard_error)
+    # Power: scaling the KL by 1/B instead of 1/N would move the mean by 3 KL/N here.
+    kl_per_example = float(priors.gaussian(1.0).kl({}, params["posterior"])) / NUM_TRAIN
+    assert 4 * standard_error < 0.5 * kl_per_example
+
+
+# Gradients --------------------------------------------------------------------------------
+
+
+def test_gradient_matches_central_finite_differences():
+    """∂F/∂μ and ∂F/∂ρ at a fixed key (fixed ε), in float64, against central differences."""
+    model = models.MLP(hidden_sizes=(3,), num_outputs=2, activation="tanh")
+    y = (Y % 2).astype(np.int32)
+    with jax.enable_x64(True):
+        post = _posterior(model=model, dtype=jnp.float64)
+        fe = _free_energy(
+            model=model,
+            prior=priors.scale_mixture(0.5, 1.0, math.exp(-2.0)),
+            num_batches=4,
+            num_samples=2,
+        )
+        flat, unravel = jax.flatten_util.ravel_pytree(post)
+        key = jax.random.key(5)
+        x = X[:8].astype(np.float64)
+
+        def loss(theta):
+            params = fe.init_params(unravel(theta))
+            return fe(params, (x, y[:8]), key, 0.3)[0]
+
+        step = 1e-5
+        basis = np.eye(flat.size)
+        shifts = np.concatenate([step * basis, -step * basis])  # [2P, P]: all ± perturbations
+
+        @jax.jit
+        def gradient_and_differences(theta):
+            values = jax.vmap(loss)(theta + shifts)
+            return jax.grad(loss)(theta), (values[: flat.size] - values[flat.size :]) / (2 * step)
+
+        gradient, numeric = gradient_and_differences(flat)
+        assert gradient.dtype == jnp.float64
+    gradient, numeric = np.asarray(gradient), np.asarray(numeric)
+    assert np.max(np.abs(gradient)) > 1e-2
+    np.testing.assert_allclose(gradient, numeric, rtol=1e-5, atol=1e-8)
+
+
+# Likelihoods ------------------------------------------------------------------------------
+
+
+def test_gaussian_likelihood_matches_scipy_and_learns_its_noise():
+    rng = np.random.default_rng(3)
+    outputs = rng.normal(size=(6, 2)).astype(np.float32)
+    y = rng.normal(size=(6, 2)).astype(np.float32)
+    fixed = objective.Gaussian(noise_std=0.3)
+    learnable = objective.Gaussian(noise_std=0.3, learnable=True)
+    params = learnable.init_params()
+    assert fixed.init_params() == {} and set(params) == {"log_noise_std"}
+
+    @jax.jit
+    def evaluate(params):
+        return (
+            fixed.log_prob({}, outputs, y),
+            fixed.log_prob({}, outputs[:, :1], y[:, 0]),  # one output, targets given as [B]
+            learnable.log_prob(params, outputs, y),
+            jax.grad(lambda p: jnp.sum(learnable.log_prob(p, outputs, y)))(params),
+        )
+
+    two_outputs, one_output, learned, grad = evaluate(params)
+    expected = scipy.stats.norm.logpdf(y, loc=outputs, scale=0.3).sum(-1)
+    np.testing.assert_allclose(np.asarray(two_outputs), expected, rtol=1e-5)
+    np.testing.assert_allclose(
+        np.asarray(one_output),
+        scipy.stats.norm.logpdf(y[:, 0], loc=outputs[:, 0], scale=0.3),
+        rtol=1e-5,
+    )
+    np.testing.assert_allclose(np.asarray(learned), expected, rtol=1e-5)
+    # d/d log s Σ log N(y | f, s²) = Σ (z² − 1).
+    z = (y.astype(np.float64) - outputs) / 0.3
+    np.testing.assert_allclose(float(grad["log_noise_std"]), np.sum(z**2 - 1.0), rtol=1e-4)
+
+
+def test_categorical_likelihood_matches_scipy():
+    logits = np.random.default_rng(4).normal(size=(5, 4)).astype(np.float32) * 3
+    y = np.array([0, 3, 1, 1, 2], np.int32)
+    expected = scipy.special.log_softmax(logits.astype(np.float64), -1)[np.arange(5), y]
+    np.testing.assert_allclose(
+        np.asarray(objective.Categorical().log_prob({}, logits, y)), expected, rtol=1e-5
+    )
+
+
+def test_learned_noise_gets_the_right_gradient_through_the_free_energy():
+    """Too small a noise scale is pushed up, too large a one down."""
+    model = models.MLP(hidden_sizes=(3,), num_outputs=1)
+    targets = (3.0 * X[:, 0] + 1.0).astype(np.float32)
+    fe = _free_energy(model=model, likelihood=objective.Gaussian(noise_std=0.1, learnable=True))
+    params = fe.init_params(_posterior(model=model))
+    loss_and_grad = jax.jit(
+        jax.value_and_grad(lambda p, key: fe(p, (X, targets), key, 1.0), has_aux=True)
+    )
+    for noise_std, sign in [(0.01, -1.0), (100.0, 1.0)]:
+        params["likelihood"] = {"log_noise_std": jnp.float32(math.log(noise_std))}
+        (_, metrics), grads = loss_and_grad(params, jax.random.key(0))
+        g = float(grads["likelihood"]["log_noise_std"])
+        assert np.sign(g) == sign, (noise_std, g)
+        assert "accuracy" not in metrics
+        assert all(np.isfinite(float(v)) for v in metrics.values())
+    # At a very large s the per-example gradient of −log N tends to +1 (from log s).
+    assert g == pytest.approx(1.0, abs=1e-2)
+
+
+def test_make_likelihood():
+    config = ml_collections.ConfigDict(dict(name="gaussian", noise_std=0.2, learnable=True))
+    assert objective.make_likelihood(config) == objective.Gaussian(0.2, learnable=True)
+    assert isinstance(
+        objective.make_likelihood(ml_collections.ConfigDict(dict(name="categorical"))),
+        objective.Categorical,
+    )
+    with pytest.raises(ConfigError) as info:
+        objective.make_likelihood(ml_collections.ConfigDict(dict(name="poisson")))
+    assert info.value.field == "likelihood.name"
+    config.noise_std = 0.0
+    with pytest.raises(ConfigError) as info:
+        objective.make_likelihood(config)
+    assert info.value.field == "likelihood.noise_std" and info.value.value == 0.0
+
+
+# Config checks ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "kwargs, field",
+    [
+        (dict(num_samples=0), "objective.num_samples"),
+        (dict(num_samples=-2), "objective.num_samples"),
+        (dict(num_samples=1.5), "objective.num_samples"),
+        (dict(num_samples=True), "objective.num_samples"),
+        (dict(kl="exact"), "objective.kl"),
+        (dict(kl="closed_form", prior=priors.scale_mixture()), "objective.kl"),
+        (dict(estimator="reparametrization"), "posterior.estimator"),
+        (dict(temperature=0.0), "objective.kl_temperature"),
+        (dict(temperature=-1.0), "objective.kl_temperature"),
+    ],
+)
+def test_bad_config_values_name_the_field(kwargs, field):
+    with pytest.raises(ConfigError) as info:
+        _free_energy(**kwargs)
+    assert info.value.field == field
+    assert field in str(info.value)
+    value = next(iter(kwargs.values()))
+    assert info.value.value == value and repr(value) in str(info.value)
