@@ -159,6 +159,8 @@ def build(config: ml_collections.ConfigDict, num_train: int, input_shape: tuple[
     check_positive("posterior.mu_scale", config.posterior.mu_scale)
     if not -30.0 <= config.posterior.init_rho <= 30.0:
         raise ConfigError("posterior.init_rho", config.posterior.init_rho, "a number in [-30, 30]")
+    if config.posterior.name == "point" and config.objective.kl != "mc":
+        raise ConfigError("objective.kl", config.objective.kl, "'mc' for a point posterior")
     if config.posterior.name == "point" and config.posterior.estimator != "reparam":
         raise ConfigError(
             "posterior.estimator", config.posterior.estimator, "'reparam' for a point posterior"

@@ -6,6 +6,13 @@ shapes from `jax.eval_shape` and draw the values with numpy (`init_posterior` it
 in test_posterior.py).
 """
 
+import os
+
+# The tests run small programs a few times each: XLA's optimisation passes cost far more than
+# they save. Set in the environment (before JAX is imported) so that the training subprocesses
+# that some tests start compile the same way, and give bit-identical numbers.
+os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
