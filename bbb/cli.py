@@ -46,13 +46,14 @@ def run_or_exit(fn: Callable[[], Any]) -> Any:
     Returns:
       What `fn` returns.
     """
+    from bbb.data import DataError
     from bbb.errors import ConfigError
     from bbb.train import TrainingDivergedError
     from bbb.workdir import WorkdirError
 
     try:
         return fn()
-    except (ConfigError, WorkdirError) as e:
+    except (ConfigError, WorkdirError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(EXIT_BAD_INPUT)
     except TrainingDivergedError as e:

@@ -577,7 +577,10 @@ def load_run(workdir: str, step: int | None = None) -> tuple[Experiment, TrainSt
     experiment = build(config, *dataset_spec(config))
     abstract = jax.eval_shape(lambda: init_state(experiment, root_keys(config)["init"]))
     checkpoint_dir = os.path.join(os.path.abspath(workdir), "checkpoints")
-    with ocp.CheckpointManager(checkpoint_dir) as manager:
+    if not os.path.isdir(checkpoint_dir):
+        raise WorkdirError(f"{workdir} holds no checkpoint: {checkpoint_dir} is missing.")
+    options = ocp.CheckpointManagerOptions(create=False, read_only=True)
+    with ocp.CheckpointManager(checkpoint_dir, options=options) as manager:
         step = manager.latest_step() if step is None else step
         if step is None:
             raise WorkdirError(f"{workdir} holds no checkpoint in {checkpoint_dir}.")

@@ -1,0 +1,424 @@
+"""Tests of the uncertainty evaluation (bbb/evaluation.py and scripts/evaluate.py).
+
+The runs are trained on small random arrays (no TensorFlow import, no MNIST files): the tests
+check the evaluation's plumbing and maths, not what a model learns.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from bbb import cli, evaluation, train
+from bbb import posterior as posterior_lib
+from bbb.models import make_model
+from configs import test as test_config
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+NUM_TRAIN, NUM_TEST = 256, 64
+
+pytestmark = pytest.mark.usefixtures("fast_compile")
+
+
+def _images(rng: np.random.Generator, n: int) -> np.ndarray:
+    return rng.random((n, 28, 28, 1), dtype=np.float32)  # [N, 28, 28, 1]
+
+
+def _labels(rng: np.random.Generator, n: int) -> np.ndarray:
+    return rng.integers(0, 10, n).astype(np.int32)  # [N]
+
+
+def _fake_splits(config) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Stands in for `train.load_data`: random images of the sizes that `config` asks for."""
+    rng = np.random.default_rng(0)
+    sizes = {"train": config.data.train_subset, "validation": NUM_TEST, "test": NUM_TEST}
+    return {name: (_images(rng, n), _labels(rng, n)) for name, n in sizes.items()}
+
+
+def _fake_evaluation_data(config=None) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Stands in for `evaluation.load_evaluation_data`."""
+    rng = np.random.default_rng(1)
+    return {
+        "in_distribution": (_images(rng, NUM_TEST), _labels(rng, NUM_TEST)),
+        "out_of_distribution": (_images(rng, NUM_TEST), _labels(rng, NUM_TEST)),
+    }
+
+
+def _tiny_config(kind: str = "bbb"):
+    """configs/test.py for one epoch on NUM_TRAIN images, as BBB, SGD or dropout."""
+    config = test_config.get_config()
+    config.num_epochs = 1
+    config.data.train_subset = NUM_TRAIN
+    config.data.eval_subset = NUM_TEST
+    config.eval.num_samples = 2
+    if kind in ("sgd", "dropout"):
+        config.posterior.name = "point"
+        config.prior.name = "flat"
+    if kind == "dropout":
+        config.model.dropout_rate = 0.5
+    return config
+
+
+@pytest.fixture(scope="module")
+def evaluated_run(tmp_path_factory):
+    """A BBB run of one epoch, evaluated with K = 4 samples: (workdir, returned summary)."""
+    workdir = str(tmp_path_factory.mktemp("eval") / "bbb")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(train, "load_data", _fake_splits)
+        train.train_and_evaluate(_tiny_config(), workdir)
+    summary = evaluation.evaluate_run(
+        workdir, num_samples=4, data=_fake_evaluation_data(), progress=False
+    )
+    return workdir, summary
+
+
+# End to end ---------------------------------------------------------------------------------
+
+
+def test_eval_json_has_every_key(evaluated_run):
+    workdir, summary = evaluated_run
+    with open(os.path.join(workdir, evaluation.EVAL_FILE)) as f:
+        on_disk = json.load(f)
+    assert on_disk == summary
+    for key in (
+        "method workdir step seed num_samples posterior mc_dropout deterministic wall_time_s "
+        "plots in_distribution out_of_distribution rotation sample_counts reliability_diagram"
+    ).split():
+        assert key in on_disk, key
+    assert on_disk["method"] == "Bayes by Backprop"
+    assert on_disk["num_samples"] == 4 and on_disk["step"] == NUM_TRAIN // 64
+    in_distribution = on_disk["in_distribution"]
+    for key in (
+        "error nll brier ece adaptive_ece predictive_entropy expected_entropy "
+        "mutual_information error_mean_weights"
+    ).split():
+        assert math.isfinite(in_distribution[key]), key
+    assert in_distribution["num_examples"] == NUM_TEST
+    ood = on_disk["out_of_distribution"]
+    for key in (
+        "auroc_entropy aupr_entropy auroc_mutual_information aupr_mutual_information "
+        "predictive_entropy mutual_information"
+    ).split():
+        assert math.isfinite(ood[key]), key
+    assert 0 <= ood["auroc_entropy"] <= 1 and 0 <= ood["auroc_mutual_information"] <= 1
+    rotation = on_disk["rotation"]
+    assert rotation["angles"] == [float(a) for a in range(0, 181, 15)]
+    for name in ("error", "nll", "ece"):
+        assert len(rotation[name]) == 13 and all(map(math.isfinite, rotation[name])), name
+        # 0° is the unrotated test set with the same samples.
+        assert rotation[name][0] == in_distribution[name]
+    bins = on_disk["reliability_diagram"]
+    assert sum(bins["count"]) == NUM_TEST and len(bins["accuracy"]) == evaluation.NUM_BINS
+
+
+def test_sample_count_curve_has_the_requested_counts(evaluated_run):
+    sweep = evaluated_run[1]["sample_counts"]
+    assert sweep["num_samples"] == [1, 2, 4]  # SAMPLE_COUNTS below K = 4, then K.
+    assert sweep["pool_size"] == 8  # Two independent halves of K samples.
+    assert sweep["num_sets"] == [8, 4, 2]
+    for name in evaluation.SAMPLE_COUNT_METRICS:
+        for stat in ("mean", "std", "sem"):
+            values = sweep[name][stat]
+            assert len(values) == 3 and all(map(math.isfinite, values)), (name, stat)
+        # BBB samples differ, so K = 1 evaluations differ from one another.
+    assert sweep["nll"]["std"][0] > 0
+    assert evaluation.sample_counts(100) == [1, 2, 5, 10, 20, 50, 100]
+    assert evaluation.sample_counts(30) == [1, 2, 5, 10, 20, 30]
+
+
+def test_every_plot_is_a_nontrivial_png(evaluated_run):
+    import matplotlib.pyplot as plt
+
+    workdir, summary = evaluated_run
+    assert summary["plots"] == [os.path.join("plots", name) for name in evaluation.PLOT_FILES]
+    for name in evaluation.PLOT_FILES:
+        path = os.path.join(workdir, "plots", name)
+        with open(path, "rb") as f:
+            assert f.read(8) == b"\x89PNG\r\n\x1a\n", name
+        assert os.path.getsize(path) > 10_000, name
+        image = plt.imread(path)  # [H, W, 4]
+        assert image.shape[0] > 200 and image.shape[1] > 300, name
+        assert np.std(image[..., :3]) > 0.05, name  # Not a blank canvas.
+
+
+def test_not_a_classification_run_exits_2(tmp_path, monkeypatch, capsys):
+    config = _tiny_config()
+    config.likelihood.name = "gaussian"
+    config.model.num_outputs = 1
+    experiment = train.build(config, NUM_TRAIN, (28, 28, 1))
+    state = jax.eval_shape(lambda: train.init_state(experiment, jax.random.key(0)))
+    monkeypatch.setattr(train, "load_run", lambda workdir: (experiment, state))
+    with pytest.raises(SystemExit) as exit_info:
+        cli.run_or_exit(lambda: evaluation.evaluate_run(str(tmp_path), progress=False))
+    assert exit_info.value.code == 2
+    assert "regression run" in capsys.readouterr().err
+    assert os.listdir(tmp_path) == []  # Nothing written.
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, os.path.join(REPO, "scripts", "evaluate.py"), *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=REPO,
+    )
+
+
+def test_cli_workdir_without_checkpoint_exits_2(evaluated_run, tmp_path):
+    workdir = tmp_path / "no_checkpoint"
+    workdir.mkdir()
+    shutil.copy(os.path.join(evaluated_run[0], "config.json"), workdir)
+    result = _cli(f"--workdir={workdir}", "--num_samples=2")
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "holds no checkpoint" in result.stderr
+    assert not os.path.exists(workdir / evaluation.EVAL_FILE)
+    assert not os.path.exists(workdir / "plots")
+
+
+# Rotation -----------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def images():
+    rng = np.random.default_rng(2)
+    return rng.random((3, 28, 28, 2), dtype=np.float32)  # [N, H, W, C]
+
+
+def test_rotation_by_0_degrees_is_the_identity(images):
+    np.testing.assert_array_equal(np.asarray(evaluation.rotate_images(images, 0.0)), images)
+
+
+def test_rotation_by_90_degrees_is_rot90(images):
+    quarter = np.asarray(evaluation.rotate_images(images, 90.0))
+    np.testing.assert_allclose(quarter, np.rot90(images, k=1, axes=(1, 2)), atol=1e-5)
+    twice = np.asarray(evaluation.rotate_images(jnp.asarray(quarter), 90.0))
+    half = np.asarray(evaluation.rotate_images(images, 180.0))
+    np.testing.assert_allclose(twice, half, atol=1e-5)
+    np.testing.assert_allclose(half, np.rot90(images, k=2, axes=(1, 2)), atol=1e-5)
+
+
+@pytest.mark.parametrize("angle", [15.0, 37.5, 135.0])
+def test_rotation_matches_scipy(images, angle):
+    from scipy import ndimage
+
+    expected = ndimage.rotate(
+        images, angle, axes=(1, 2), reshape=False, order=1, mode="grid-constant"
+    )
+    actual = np.asarray(evaluation.rotate_images(images, angle))
+    np.testing.assert_allclose(actual, expected, atol=1e-4)
+
+
+# Sampling: BBB, MC dropout, point estimate --------------------------------------------------
+
+
+def _numpy_params(model, x: jax.Array):
+    """Parameters shaped as `model.init`'s, drawn with numpy (no initialiser to compile)."""
+    rng = np.random.default_rng(0)
+    shapes = jax.eval_shape(model.init, jax.random.key(0), x)["params"]
+    return jax.tree_util.tree_map(
+        lambda s: jnp.asarray(rng.normal(size=s.shape) / np.sqrt(s.shape[0]), jnp.float32),
+        shapes,
+    )
+
+
+def _samples(kind: str, num_samples: int = 4) -> np.ndarray:
+    """K samples of an untrained network of `_tiny_config(kind)` on 16 images [K, N, C]."""
+    config = _tiny_config(kind)
+    model = make_model(config.model)
+    x = jnp.asarray(_images(np.random.default_rng(3), 16))  # [N, 28, 28, 1]
+    params = _numpy_params(model, x)
+    if config.posterior.name == "point":
+        posterior = posterior_lib.PointEstimate(mu=params)
+    else:
+        posterior = posterior_lib.init_posterior(jax.random.key(0), params, -3.0)
+    predictor = evaluation.make_predictor(
+        model, num_samples, mc_dropout=evaluation.uses_mc_dropout(config)
+    )
+    return np.asarray(predictor(posterior, x, jax.random.key(1)))  # [K, N, C]
+
+
+def test_mc_dropout_samples_differ_and_point_samples_are_identical():
+    dropout, point, bbb = _samples("dropout"), _samples("sgd"), _samples("bbb")
+    assert dropout.shape == point.shape == bbb.shape == (4, 16, 10)
+    np.testing.assert_allclose(dropout.sum(-1), 1.0, rtol=1e-5)
+    for k in range(1, 4):
+        assert np.max(np.abs(dropout[k] - dropout[0])) > 1e-3, k  # Different dropout masks.
+        np.testing.assert_array_equal(point[k], point[0])  # The same network K times.
+        assert np.max(np.abs(bbb[k] - bbb[0])) > 1e-3, k  # Different weight samples.
+
+
+def test_run_kind_detection():
+    bbb, sgd, dropout = (_tiny_config(kind) for kind in ("bbb", "sgd", "dropout"))
+    assert [evaluation.uses_mc_dropout(c) for c in (bbb, sgd, dropout)] == [False, False, True]
+    assert [evaluation.is_deterministic(c) for c in (bbb, sgd, dropout)] == [False, True, False]
+    assert evaluation.method_name(sgd) == "SGD (point estimate)"
+    assert evaluation.method_name(dropout) == "MC dropout (p=0.5)"
+
+
+# Metrics against the number of samples; OOD detection ---------------------------------------
+
+
+def _random_samples(seed: int, num_samples: int, n: int) -> jax.Array:
+    logits = np.random.default_rng(seed).normal(size=(num_samples, n, 10)) * 2
+    return jax.nn.softmax(jnp.asarray(logits, jnp.float32), axis=-1)  # [K, N, C]
+
+
+def _entropy(probs: np.ndarray) -> np.ndarray:
+    return -np.sum(probs * np.log(probs), axis=-1)
+
+
+def _numpy_metrics(samples_in, samples_out, labels) -> dict[str, float]:
+    """`SAMPLE_COUNT_METRICS` of samples [K, N, C] in float64 numpy and scikit-learn."""
+    from sklearn.metrics import roc_auc_score
+
+    samples_in, samples_out = (np.asarray(s, np.float64) for s in (samples_in, samples_out))
+    predictive = samples_in.mean(0)  # [N, C]
+    n, classes = predictive.shape
+    confidence, correct = predictive.max(-1), predictive.argmax(-1) == labels  # [N], [N]
+    bins = np.clip(np.ceil(confidence * evaluation.NUM_BINS).astype(int) - 1, 0, None)  # [N]
+    gaps = np.bincount(bins, correct - confidence, evaluation.NUM_BINS)  # [M]
+    values = {
+        "error": np.mean(~correct),
+        "nll": -np.mean(np.log(predictive[np.arange(n), labels])),
+        "brier": np.mean(np.sum((predictive - np.eye(classes)[labels]) ** 2, -1)),
+        "ece": np.sum(np.abs(gaps)) / n,
+    }
+    is_out = np.r_[np.zeros(n), np.ones(samples_out.shape[1])]
+    pools = (samples_in, samples_out)
+    entropy = [_entropy(s.mean(0)) for s in pools]  # [N_in], [N_out]
+    information = [np.maximum(_entropy(s.mean(0)) - _entropy(s).mean(0), 0) for s in pools]
+    values["auroc_entropy"] = roc_auc_score(is_out, np.concatenate(entropy))
+    values["auroc_mutual_information"] = roc_auc_score(is_out, np.concatenate(information))
+    return values
+
+
+def test_sample_count_metrics_match_direct_computation():
+    samples_in, samples_out = _random_samples(4, 6, 40), _random_samples(5, 6, 30)
+    labels = _labels(np.random.default_rng(6), 40)
+    sweep = evaluation.metrics_by_sample_count(
+        samples_in, samples_out, jnp.asarray(labels), [1, 4, 6]
+    )
+    assert sweep["num_sets"] == [6, 1, 1]  # The incomplete second set of 4 is dropped.
+    per_sample = [
+        _numpy_metrics(samples_in[k : k + 1], samples_out[k : k + 1], labels) for k in range(6)
+    ]
+    first_four = _numpy_metrics(samples_in[:4], samples_out[:4], labels)
+    everything = _numpy_metrics(samples_in, samples_out, labels)
+    for name in evaluation.SAMPLE_COUNT_METRICS:
+        values = [p[name] for p in per_sample]
+        mean, std = sweep[name]["mean"], sweep[name]["std"]
+        assert mean[0] == pytest.approx(np.mean(values), abs=1e-5), name
+        assert std[0] == pytest.approx(np.std(values, ddof=1), abs=1e-5), name
+        assert sweep[name]["sem"][0] == pytest.approx(std[0] / math.sqrt(6), abs=1e-6), name
+        assert mean[1] == pytest.approx(first_four[name], abs=1e-5), name
+        assert mean[2] == pytest.approx(everything[name], abs=1e-5), name
+        assert std[1] == std[2] == 0.0, name
+    assert np.std([p["nll"] for p in per_sample]) > 0.01  # The sets really differ.
+
+
+def test_ood_detection_of_uniform_and_disagreeing_predictions():
+    """Confident in-distribution predictions vs OOD ones that are uniform (entropy detects
+    them) or that disagree across samples (mutual information detects them): AUROC ≈ 1."""
+    num_samples, n, classes = 10, 50, 10
+    labels = np.arange(n) % classes
+    confident = np.full((num_samples, n, classes), 0.01 / (classes - 1), np.float32)
+    confident[:, np.arange(n), labels] = 0.99  # [K, N, C], every sample agrees
+    uniform = np.full((num_samples, n, classes), 1 / classes, np.float32)
+    # Sample k puts 0.99 on class (k + n) mod C: each sample is confident, but they disagree.
+    disagreeing = np.full((num_samples, n, classes), 0.01 / (classes - 1), np.float32)
+    k, i = np.meshgrid(np.arange(num_samples), np.arange(n), indexing="ij")
+    disagreeing[k, i, (k + i) % classes] = 0.99
+    labels = jnp.asarray(labels, jnp.int32)
+    by_entropy = evaluation.metrics_by_sample_count(
+        jnp.asarray(confident), jnp.asarray(uniform), labels, [1, 10]
+    )
+    assert by_entropy["auroc_entropy"]["mean"] == pytest.approx([1.0, 1.0], abs=1e-6)
+    by_information = evaluation.metrics_by_sample_count(
+        jnp.asarray(confident), jnp.asarray(disagreeing), labels, [1, 10]
+    )
+    # One sample has no disagreement (MI = 0 everywhere: chance); ten samples separate fully.
+    assert by_information["auroc_mutual_information"]["mean"] == pytest.approx([0.5, 1.0])
+    assert by_information["auroc_entropy"]["mean"][1] == pytest.approx(1.0)
+
+
+# Comparison ---------------------------------------------------------------------------------
+
+
+def _fake_result(method: str, error: float, nll: float, ece: float, auroc_h: float, auroc_mi):
+    return {
+        "method": method,
+        "num_samples": 100,
+        "in_distribution": {"error": error, "nll": nll, "ece": ece},
+        "out_of_distribution": {"auroc_entropy": auroc_h, "auroc_mutual_information": auroc_mi},
+    }
+
+
+def _parse_table(table: str) -> list[list[str]]:
+    rows = [line for line in table.strip().splitlines()]
+    assert set(rows[1]) <= set("|:- ")  # The alignment row.
+    return [[cell.strip() for cell in row.strip("|").split("|")] for row in rows[:1] + rows[2:]]
+
+
+def test_comparison_table_columns_and_values(tmp_path):
+    results = {
+        "runs/a": _fake_result("Bayes by Backprop", 0.0152, 0.0481, 0.0031, 0.912, 0.874),
+        "runs/b": _fake_result("SGD (point estimate)", 0.0187, 0.0912, 0.0102, 0.801, 0.5),
+    }
+    header, *rows = _parse_table(evaluation.comparison_table(results))
+    assert header == [
+        "method",
+        "test error (%)",
+        "NLL (nats)",
+        "ECE (%)",
+        "OOD AUROC (entropy)",
+        "OOD AUROC (MI)",
+    ]
+    assert rows[0] == [
+        "Bayes by Backprop, K=100 (`runs/a`)",
+        "1.52",
+        "0.0481",
+        "0.31",
+        "0.9120",
+        "0.8740",
+    ]
+    assert rows[1][1:] == ["1.87", "0.0912", "1.02", "0.8010", "0.5000"]
+
+
+def test_compare_reads_eval_json_files(tmp_path):
+    workdirs = []
+    for name, error in (("first", 0.02), ("second", 0.03)):
+        workdir = tmp_path / name
+        workdir.mkdir()
+        result = _fake_result(name, error, 0.1, 0.01, 0.9, 0.8)
+        (workdir / evaluation.EVAL_FILE).write_text(json.dumps(result))
+        workdirs.append(str(workdir))
+    out = tmp_path / "tables" / "compare.md"
+    table = evaluation.compare_runs(workdirs, str(out))
+    assert out.read_text() == table
+    _, first, second = _parse_table(table)
+    assert first[0].startswith("first") and first[1] == "2.00"
+    assert second[0].startswith("second") and second[1] == "3.00"
+
+
+def test_compare_evaluates_runs_without_eval_json(evaluated_run, tmp_path, monkeypatch):
+    copy = str(tmp_path / "copy")
+    shutil.copytree(evaluated_run[0], copy)
+    os.remove(os.path.join(copy, evaluation.EVAL_FILE))
+    monkeypatch.setattr(evaluation, "load_evaluation_data", _fake_evaluation_data)
+    table = evaluation.compare_runs([copy], num_samples=4, progress=False)
+    with open(os.path.join(copy, evaluation.EVAL_FILE)) as f:
+        result = json.load(f)
+    assert result["workdir"] == copy
+    _, row = _parse_table(table)
+    assert row[0] == f"Bayes by Backprop, K=4 (`{copy}`)"
+    assert row[1] == f"{100 * result['in_distribution']['error']:.2f}"
