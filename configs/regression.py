@@ -28,6 +28,7 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
     config.model.num_outputs = 1  # One regression output, the mean of y.
 
     config.posterior.init_rho = -5.0  # σ₀ = softplus(−5) ≈ 0.0067.
+    config.posterior.noise = "jax"  # Threefry: the figures in docs/experiments.md used it.
 
     # A Gaussian prior N(0, 1) on every weight.
     config.prior.name = "gaussian"
