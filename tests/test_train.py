@@ -198,33 +198,66 @@ def test_no_compilation_after_the_first_epoch(tmp_path):
 
 BAD_VALUES = [
     ("prior.name", "nope", "prior.name"),
+    ("prior.name", "no_such_module:prior", "prior.name"),
     ("prior.sigma1", -1.0, "prior.sigma1"),
+    ("prior.sigma2", 0.0, "prior.sigma2"),
     ("prior.pi", 1.5, "prior.pi"),
+    ("prior.pi", 0.0, "prior.pi"),
     ("objective.num_samples", 0, "objective.num_samples"),
     ("objective.kl", "exact", "objective.kl"),
+    ("objective.kl", "closed_form", "objective.kl"),  # the scale mixture has none
+    ("objective.kl_schedule", "cyclic", "objective.kl_schedule"),
+    ("objective.kl_temperature", -1.0, "objective.kl_temperature"),
     ("posterior.estimator", "magic", "posterior.estimator"),
+    ("posterior.name", "full_rank", "posterior.name"),
+    ("posterior.noise", "philox", "posterior.noise"),
+    ("posterior.init_rho", 99.0, "posterior.init_rho"),
     ("batch_size", 10**6, "batch_size"),
+    ("batch_size", -8, "batch_size"),
+    ("num_epochs", 0, "num_epochs"),
     ("model.hidden_sizes", (32, -4), "model.hidden_sizes"),
+    ("model.activation", "swish2", "model.activation"),
+    ("model.dropout_rate", 1.0, "model.dropout_rate"),
     ("optim.name", "lbfgs", "optim.name"),
+    ("optim.learning_rate", 0.0, "optim.learning_rate"),
+    ("eval.num_samples", 0, "eval.num_samples"),
+    ("data.name", "cifar10", "data.name"),
+    ("data.num_train", 70000, "data.num_train"),
+    ("likelihood.name", "poisson", "likelihood.name"),
+    ("prng_impl", "mersenne", "prng_impl"),
 ]
 
 
+@pytest.fixture(scope="module")
+def existing_workdir(tmp_path_factory):
+    """A workdir with a finished run in it, which no bad start may touch."""
+    workdir = str(tmp_path_factory.mktemp("existing") / "wd")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(train, "load_data", _cached_load)
+        train.train_and_evaluate(test_config.get_config(), workdir)
+    return workdir
+
+
 @pytest.mark.parametrize(("field", "value", "named"), BAD_VALUES)
-def test_bad_config_fails_before_touching_the_workdir(tmp_path, field, value, named):
-    workdir = str(tmp_path / "wd")
-    train.train_and_evaluate(test_config.get_config(), workdir)
-    before = _digest(workdir)
+def test_bad_config_fails_before_touching_the_workdir(existing_workdir, field, value, named):
+    before = _digest(existing_workdir)
     config = test_config.get_config()
     *path, last = field.split(".")
     node = config
     for p in path:
         node = node[p]
     node[last] = value
-    with pytest.raises((ConfigError, WorkdirError)) as info:
-        train.train_and_evaluate(config, workdir)
-    assert named in str(info.value)
-    assert repr(value) in str(info.value) or str(value) in str(info.value)
-    assert _digest(workdir) == before
+    compiled = []
+    with pytest.MonkeyPatch.context() as mp:  # No epoch may be compiled, let alone run.
+        mp.setattr(train, "compile_epoch", lambda *a: compiled.append(a))
+        with pytest.raises((ConfigError, WorkdirError)) as info:
+            train.train_and_evaluate(config, existing_workdir)
+    message = str(info.value)
+    assert named in message
+    assert repr(value) in message or str(value) in message
+    assert "allowed" in message or "valid" in message
+    assert not compiled
+    assert _digest(existing_workdir) == before
 
 
 def test_missing_workdir_parent_is_a_clear_error(tmp_path):
@@ -251,6 +284,24 @@ def test_cli_misspelt_field_exits_2(tmp_path):
     result = _cli("--config=configs/test.py", f"--workdir={workdir}", "--config.prior.nmae=x")
     assert result.returncode == 2, result.stderr[-2000:]
     assert "nmae" in result.stderr
+    assert sorted(os.listdir(workdir)) == ["keep.txt"]
+
+
+@pytest.mark.parametrize(
+    ("flag", "named"),
+    [
+        ("--config.num_epochs=ten", "num_epochs"),  # wrong type
+        ("--config.model.hidden_sizes=(32,-4)", "model.hidden_sizes"),
+        ("--config.posterior.estimator=local", "posterior.estimator"),
+    ],
+)
+def test_cli_bad_flags_exit_2_and_leave_the_workdir(tmp_path, flag, named):
+    workdir = tmp_path / "wd"
+    workdir.mkdir()
+    (workdir / "keep.txt").write_text("precious")
+    result = _cli("--config=configs/test.py", f"--workdir={workdir}", flag)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert named in result.stderr
     assert sorted(os.listdir(workdir)) == ["keep.txt"]
 
 
