@@ -99,6 +99,13 @@ def get_config(width: str | None = None) -> ml_collections.ConfigDict:
     config.eval.every_epochs = 10  # Evaluate on validation and test every this many epochs.
     config.eval.batch_size = 1000  # Examples per evaluation chunk (memory: K × this × width).
 
+    config.mesh = ml_collections.ConfigDict()
+    # The device mesh (jax.sharding.Mesh) with axes ("data", "samples"): the minibatch is sharded
+    # over "data", the K Monte-Carlo samples over "samples", the variational parameters are
+    # replicated. -1 on one axis takes all the devices the other leaves; one device needs nothing.
+    config.mesh.data = -1  # Devices on the batch axis (must divide batch_size).
+    config.mesh.samples = 1  # Devices on the MC-sample axis (must divide objective.num_samples).
+
     config.checkpoint_every_epochs = 10  # Orbax checkpoint interval (and always at the end).
     config.max_checkpoints = 2  # Checkpoints kept in workdir/checkpoints.
     config.progress = True  # Show a progress bar with ETA, live loss and errors.
