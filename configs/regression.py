@@ -56,3 +56,18 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
         config.prior.name = "flat"  # No weight penalty: maximum likelihood.
         config.eval.num_samples = 1  # A point estimate has one "sample".
     return config
+
+
+def get_sweep() -> list[dict]:
+    """8 members, all numeric, so that `scripts/sweep.py --vectorize` trains them as one program.
+
+      python scripts/sweep.py --config=configs/regression.py --workdir=runs/regression_sweep
+
+    Two seeds (init, shuffling and noise) × two prior widths × two Adam learning rates.
+    """
+    return [
+        {"seed": seed, "prior.sigma": math.exp(-a), "optim.learning_rate": lr}
+        for seed in (0, 1)  # Repeats: how much of a difference is noise.
+        for a in (0, 1)  # −log σ of the Gaussian prior (the paper's grid: 0, 1, 2).
+        for lr in (1e-2, 3e-3)  # The config's rate and a slower one.
+    ]

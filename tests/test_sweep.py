@@ -1,0 +1,344 @@
+"""Sweeps (bbb/sweep.py, scripts/sweep.py): members equal to their one-by-one runs when
+vectorised, sub-workdir names, job arrays, skipping, collecting, and bad sweep entries."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from bbb import sweep, train
+from bbb.errors import ConfigError
+from bbb.priors import make_prior
+from configs import mnist as mnist_config
+from configs import regression as regression_config
+from tests.conftest import numpy_posterior
+from tests.test_train import _digest, _read_metrics
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# Every numeric hyperparameter that --vectorize varies, in one member against the base.
+SWEEP = [
+    {},
+    {
+        "seed": 1,
+        "prior.sigma": 0.5,
+        "optim.learning_rate": 3e-3,
+        "objective.kl_temperature": 0.5,
+    },
+]
+
+
+def _tiny_config():
+    """configs/regression.py shrunk to seconds: 3 epochs of 2 steps, a 16×16 network."""
+    config = regression_config.get_config()
+    config.num_epochs = 3
+    config.model.hidden_sizes = (16, 16)
+    config.data.train_subset = 200
+    config.data.eval_subset = 100
+    config.eval.num_samples = 4
+    config.eval.every_epochs = 1
+    config.eval.batch_size = 100
+    config.checkpoint_every_epochs = 1
+    return config
+
+
+# Vectorised against one by one -----------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """SWEEP vectorised (stopped after 1 epoch, then resumed) and one member after another."""
+    root = tmp_path_factory.mktemp("sweep")
+    vectorized, sequential = str(root / "vectorized"), str(root / "sequential")
+    sweep.run_sweep(_tiny_config(), SWEEP, vectorized, vectorize=True, stop_after_epochs=1)
+    members = sweep.make_members(_tiny_config(), SWEEP, vectorized, build=False)
+    interrupted = [(m.status, len(_read_metrics(m.workdir))) for m in members]
+    sweep.run_sweep(_tiny_config(), SWEEP, vectorized, vectorize=True)
+    sweep.run_sweep(_tiny_config(), SWEEP, sequential)
+    return vectorized, sequential, interrupted, members
+
+
+def test_vectorized_members_equal_their_one_by_one_runs(trained):
+    vectorized, sequential, _, members = trained
+    for member in members:
+        one_by_one = _read_metrics(os.path.join(sequential, member.name))
+        together = _read_metrics(os.path.join(vectorized, member.name))
+        assert len(one_by_one) == len(together) == 3
+        for expected, actual in zip(one_by_one, together, strict=True):
+            assert expected.keys() == actual.keys()
+            for key, value in expected.items():
+                assert actual[key] == pytest.approx(value, rel=1e-5, abs=1e-6), (member.name, key)
+    # The members differ from each other: the hyperparameters did reach the program.
+    first, second = (_read_metrics(m.workdir)[-1]["train/loss"] for m in members)
+    assert abs(first - second) > 1e-3
+
+
+def test_vectorized_run_resumed_into_ordinary_runs(trained):
+    _, sequential, interrupted, members = trained
+    assert interrupted == [("interrupted", 1), ("interrupted", 1)]
+    for member in members:
+        assert member.status == "finished"
+        for name in ("config.json", "summary.json", "metrics.jsonl", "plots"):
+            assert os.path.exists(os.path.join(member.workdir, name)), name
+        with open(os.path.join(member.workdir, "config.json")) as f:
+            assert json.load(f)["seed"] == member.config.seed
+    # A vectorised member's checkpoint is an ordinary run's: load_run restores it.
+    _, state = train.load_run(members[1].workdir)
+    _, reference = train.load_run(os.path.join(sequential, members[1].name))
+    assert int(state.step) == int(reference.step) == 6
+    np.testing.assert_allclose(
+        jax.tree_util.tree_leaves(state.params)[0],
+        jax.tree_util.tree_leaves(reference.params)[0],
+        rtol=1e-4,
+        atol=1e-6,
+    )
+
+
+def test_results_table_lists_best_validation_first(trained):
+    vectorized = trained[0]
+    with open(os.path.join(vectorized, "results.csv")) as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 2
+    values = [float(r["best_val_nll"]) for r in rows]
+    assert values == sorted(values)
+    assert {"seed", "prior.sigma", "optim.learning_rate", "test_nll_at_best_val"} <= rows[0].keys()
+    with open(os.path.join(vectorized, "results.md")) as f:
+        assert "2 of 2 members finished." in f.read()
+    assert os.path.getsize(os.path.join(vectorized, "results.png")) > 0
+
+
+def test_traced_prior_is_the_fixed_prior_and_is_not_trained():
+    """The vectorised program's prior: the fixed prior's log-density, KL and weight gradient."""
+    rng = np.random.default_rng(0)
+    w = {"a": jnp.asarray(rng.normal(size=(5, 3)), jnp.float32), "b": jnp.float32(0.3)}
+    posterior = numpy_posterior(w, (-4.0, -1.0))
+    for fields in (
+        {"name": "gaussian", "sigma": 0.5},
+        {"name": "scale_mixture", "pi": 0.25, "sigma1": 1.0, "sigma2": math.exp(-7)},
+    ):
+        fixed = make_prior(fields)
+        hyperparameters = make_prior({**fields, "learnable": True}).init_params()
+        traced = sweep.TracedPrior(make_prior({**fields, "learnable": True}), hyperparameters)
+        assert float(traced.log_prob({}, w)) == pytest.approx(float(fixed.log_prob({}, w)), 1e-6)
+        grad = jax.grad(lambda tree, p=fixed: p.log_prob({}, tree))(w)
+        grad_traced = jax.grad(lambda tree, p=traced: p.log_prob({}, tree))(w)
+        np.testing.assert_allclose(grad_traced["a"], grad["a"], rtol=1e-5)
+        if fixed.has_closed_form_kl:
+            assert float(traced.kl({}, posterior)) == pytest.approx(float(fixed.kl({}, posterior)))
+        # Its hyperparameters get no gradient: they are fixed, as in the one-by-one run.
+        grad_hyper = jax.grad(
+            lambda h, t=traced: sweep.TracedPrior(t.learnable, h).log_prob({}, w)
+        )(hyperparameters)
+        assert all(float(g) == 0.0 for g in jax.tree_util.tree_leaves(grad_hyper))
+
+
+def test_member_experiment_scales_learning_rate_and_temperature():
+    """Temperature T: the KL weight times T (the logged weight stays π_i); rate: updates × s."""
+    calls = []
+
+    def free_energy(params, batch, key, kl_weight):
+        calls.append(kl_weight)
+        return jnp.float32(0.0), {"kl_weight": jnp.float32(kl_weight)}
+
+    free_energy.prior = make_prior({"name": "flat"})
+    base = train.Experiment(None, None, free_energy, optax.sgd(0.1), 100, 10, (1,))
+    hyperparameters = sweep.MemberHyperparameters(jnp.float32(0.5), jnp.float32(0.25), {})
+    member = sweep.member_experiment(base, hyperparameters)
+    _, metrics = member.free_energy({}, None, None, jnp.float32(0.2))
+    assert float(calls[0]) == pytest.approx(0.05)
+    assert float(metrics["kl_weight"]) == pytest.approx(0.2)
+    params = {"w": jnp.ones(3)}
+    updates, _ = member.optimizer.update({"w": jnp.ones(3)}, member.optimizer.init(params), params)
+    np.testing.assert_allclose(updates["w"], -0.05 * np.ones(3), rtol=1e-6)
+
+
+def test_members_that_differ_in_structure_are_grouped(tmp_path):
+    config = _tiny_config()
+    members = sweep.make_members(
+        config,
+        [
+            {"seed": 1},
+            {"model.hidden_sizes": (8, 8)},
+            {"prior.sigma": 0.3, "optim.learning_rate": 0.1},
+            {"objective.num_samples": 2, "seed": 2},
+        ],
+        str(tmp_path / "sweep"),
+        build=False,
+    )
+    groups = sweep.group_members(members)
+    assert [[m.index for m in group] for group in groups] == [[0, 2], [1], [3]]
+
+
+# Names, listing, job arrays, skipping and collecting -------------------------------------
+
+
+def test_member_names_are_readable_safe_and_distinct():
+    names = sweep.member_names(mnist_config.get_sweep())
+    assert names[0] == "prior.pi=0.25,prior.sigma1=1,prior.sigma2=0.00248"
+    assert names[1] == "prior.pi=0.25,prior.sigma1=1,prior.sigma2=0.000912"
+    assert len(set(names)) == 27
+    close = sweep.member_names([{"optim.learning_rate": 1e-3}, {"optim.learning_rate": 1.0001e-3}])
+    assert close == ["optim.learning_rate=0.001", "optim.learning_rate=0.0010001"]
+    odd = sweep.member_names([{}, {"prior.name": "../a/b:c"}, {"model.hidden_sizes": (8, 4)}])
+    assert odd == ["base", "prior.name=.._a_b_c", "model.hidden_sizes=8x4"]
+    long = sweep.member_names([{"data.data_dir": "x" * 300}])[0]
+    assert len(long) <= 120 and "/" not in long
+
+
+def test_list_prints_every_member_with_its_sub_workdir(tmp_path, capsys):
+    workdir = str(tmp_path / "sweep")
+    text = sweep.run_sweep(
+        regression_config.get_config(), regression_config.get_sweep(), workdir, list_only=True
+    )
+    lines = text.splitlines()
+    assert len(lines) == 8
+    index, path, status = lines[2].split("\t")
+    assert (index, status) == ("2", "new")
+    assert path == os.path.join(workdir, "optim.learning_rate=0.01,prior.sigma=0.368,seed=0")
+    assert not os.path.exists(workdir)  # Listing writes nothing.
+    assert capsys.readouterr().out.strip() == text
+
+
+@pytest.fixture
+def fake_training(monkeypatch):
+    """train_and_evaluate replaced by a stub that writes a finished run at once."""
+    calls = []
+
+    def fake(config, workdir, **kwargs):
+        del kwargs
+        calls.append(os.path.basename(workdir))
+        os.makedirs(workdir, exist_ok=True)
+        nll = 1.0 / config.prior.sigma + config.seed
+        record = {"step": 2, "epoch": 1, "eval/val_nll": nll}
+        with open(os.path.join(workdir, "metrics.jsonl"), "w") as f:
+            f.write(json.dumps(record) + "\n")
+        summary = {
+            "best_val_error": nll,
+            "test_error_at_best_val": nll + 0.1,
+            "best_epoch": 1,
+            "epochs": config.num_epochs,
+        }
+        with open(os.path.join(workdir, "summary.json"), "w") as f:
+            json.dump(summary, f)
+        return summary
+
+    monkeypatch.setattr(train, "train_and_evaluate", fake)
+    monkeypatch.delenv(sweep.SLURM_TASK_VARIABLE, raising=False)
+    return calls
+
+
+FAKE_SWEEP = [{"prior.sigma": 0.5}, {"prior.sigma": 2.0}, {"prior.sigma": 1.0, "seed": 3}]
+
+
+def test_member_flag_and_slurm_task_run_one_member(tmp_path, fake_training, monkeypatch):
+    workdir = str(tmp_path / "sweep")
+    sweep.run_sweep(_tiny_config(), FAKE_SWEEP, workdir, member=1)
+    assert fake_training == ["prior.sigma=2"]
+    monkeypatch.setenv(sweep.SLURM_TASK_VARIABLE, "2")
+    sweep.run_sweep(_tiny_config(), FAKE_SWEEP, workdir)
+    assert fake_training == ["prior.sigma=2", "prior.sigma=1,seed=3"]
+    sweep.run_sweep(_tiny_config(), FAKE_SWEEP, workdir, member=0)  # The flag wins.
+    assert fake_training[-1] == "prior.sigma=0.5"
+
+
+def test_finished_members_are_skipped(tmp_path, fake_training):
+    workdir = str(tmp_path / "sweep")
+    sweep.run_sweep(_tiny_config(), FAKE_SWEEP, workdir, member=2)
+    sweep.run_sweep(_tiny_config(), FAKE_SWEEP, workdir)
+    assert sorted(fake_training) == sorted(sweep.member_names(FAKE_SWEEP))
+    assert fake_training.count("prior.sigma=1,seed=3") == 1
+    sweep.run_sweep(_tiny_config(), FAKE_SWEEP, workdir, vectorize=True)
+    assert len(fake_training) == 3  # Nothing left to train, vectorised or not.
+
+
+def test_collect_tolerates_missing_and_unfinished_members(tmp_path, fake_training):
+    workdir = str(tmp_path / "sweep")
+    sweep.run_sweep(_tiny_config(), FAKE_SWEEP, workdir, member=1)
+    sweep.run_sweep(_tiny_config(), FAKE_SWEEP, workdir, member=0)
+    os.makedirs(os.path.join(workdir, "prior.sigma=1,seed=3", "checkpoints"))  # Interrupted.
+    text = sweep.run_sweep(_tiny_config(), FAKE_SWEEP, workdir, collect=True)
+    assert "2 of 3 members finished; not finished: 2 (interrupted)." in text
+    with open(os.path.join(workdir, "results.csv")) as f:
+        rows = list(csv.DictReader(f))
+    assert [r["member"] for r in rows] == ["1", "0"]  # NLL 0.5 before NLL 2.
+    assert float(rows[0]["test_nll_at_best_val"]) == pytest.approx(0.6)
+    assert fake_training == ["prior.sigma=2", "prior.sigma=0.5"]  # Collecting trains nothing.
+
+
+# Bad sweeps: exit 2, naming the member and field, the workdir untouched ------------------
+
+
+@pytest.mark.parametrize(
+    ("entries", "kwargs", "message"),
+    [
+        ([{"prior.sigma": 0.5}, {"prior.pie": 0.5}], {}, "sweep[1].prior.pie=0.5"),
+        ([{"num_epochs": 2.5}], {}, "sweep[0].num_epochs=2.5"),
+        ([{"prior.sigma": "wide"}], {}, "sweep[0].prior.sigma='wide'"),
+        ([], {}, "sweep=[]"),
+        ([{"prior.sigma": 1}, {"prior.sigma": 1.0}], {}, "repeats sweep[0]"),
+        (["prior.sigma=0.5"], {}, "sweep[0]='prior.sigma=0.5'"),
+        ([{"prior.sigma": 0.5}, {"prior.sigma": -1.0}], {}, "sweep[1].prior.sigma=-1.0"),
+        ([{"batch_size": 5000}], {}, "sweep[0].batch_size=5000"),
+        (FAKE_SWEEP, {"member": 3}, "--member=3"),
+        (FAKE_SWEEP, {"member": 0, "vectorize": True}, "--vectorize"),
+    ],
+)
+def test_bad_sweep_exits_2_naming_the_field(tmp_path, capsys, entries, kwargs, message):
+    from bbb import cli
+
+    workdir = tmp_path / "sweep"
+    (workdir / "prior.sigma=0.5").mkdir(parents=True)
+    (workdir / "prior.sigma=0.5" / "notes.txt").write_text("keep")
+    before = _digest(str(workdir))
+    with pytest.raises(SystemExit) as exit_info:
+        cli.run_or_exit(lambda: sweep.run_sweep(_tiny_config(), entries, str(workdir), **kwargs))
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+    assert _digest(str(workdir)) == before
+
+
+def test_slurm_task_that_is_not_an_integer_is_a_config_error(tmp_path, monkeypatch):
+    monkeypatch.setenv(sweep.SLURM_TASK_VARIABLE, "x")
+    with pytest.raises(ConfigError, match="SLURM_ARRAY_TASK_ID='x'"):
+        sweep.run_sweep(_tiny_config(), FAKE_SWEEP, str(tmp_path / "s"))
+
+
+def test_script_reads_get_sweep_and_exits_2_on_a_bad_one(tmp_path):
+    config_file = tmp_path / "bad_sweep.py"
+    config_file.write_text(
+        "from configs.regression import get_config\n\n\n"
+        "def get_sweep():\n    return [{'prior.sigma': 0.5}, {'optim.learning_rat': 1e-3}]\n"
+    )
+    result = subprocess.run(
+        [
+            sys.executable,
+            os.path.join(REPO, "scripts", "sweep.py"),
+            f"--config={config_file}",
+            f"--workdir={tmp_path / 'sweep'}",
+            "--list",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": REPO},
+    )
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "sweep[1].optim.learning_rat" in result.stderr
+    assert "did you mean 'optim.learning_rate'" in result.stderr
+    assert not (tmp_path / "sweep").exists()
+
+
+def test_config_file_path_arg_and_missing_get_sweep():
+    get_sweep = sweep.load_get_sweep(os.path.join(REPO, "configs", "regression.py:plain"))
+    assert len(get_sweep()) == 8
+    with pytest.raises(ConfigError, match="get_sweep"):
+        sweep.load_get_sweep(os.path.join(REPO, "configs", "test.py"))
