@@ -1,0 +1,929 @@
+"""The mushroom contextual bandit of Blundell et al. (2015), §5.3 and Figure 6.
+
+At each step t a mushroom is drawn uniformly from the data set; the agent sees its context x
+(the one-hot attributes) and chooses to eat it or to pass. Rewards: an edible mushroom eaten
+gives +5; a poisonous one eaten gives −35 with probability ½ and +5 otherwise; passing gives 0.
+The oracle eats exactly the edible mushrooms (+5 for edible, 0 for poisonous), and the regret of a
+step is the oracle's reward minus the agent's. We also record the expected regret, with the
+coin flip of a poisonous meal averaged out (5 for passing an edible mushroom, 15 for eating a
+poisonous one), which has much less noise than the realised one.
+
+Every agent has the same network, f(x, a; w) ≈ E[r | x, a]: a 2×100 ReLU MLP (`bbb.models.MLP`)
+on the context concatenated with the one-hot action, trained with a Gaussian likelihood; the
+same buffer of the last 4,096 interactions; and the same schedule: after each interaction, 64
+Adam steps on minibatches of 64 drawn uniformly (with replacement) from the buffer.
+
+- Bayes by Backprop with Thompson sampling: w ~ q(w|θ) once per step, act greedily under w. The
+  update minimises the free energy of `bbb.objective.FreeEnergy` with 2 posterior samples.
+- ε-greedy (ε = 5%, 1%, 0%): a point estimate of w (`PointEstimate`, flat prior: a plain MLP
+  trained by maximum likelihood), acting greedily except with probability ε, uniformly.
+
+The KL weight with a growing buffer. The buffer is the data set the posterior conditions on, so
+each minibatch is given the free energy per buffered interaction, KL / n_t − mean log P(r|x,a,w),
+where n_t = min(t, 4096) is the buffer's current size (`FreeEnergy` with N = 1 and a KL weight
+1/n_t). Early on, with a handful of data, the prior dominates and q stays wide, which is what
+drives exploration; as the buffer fills, the KL's share falls as 1/n_t and stays at 1/4096 once it
+is full, since interactions that left the buffer are no longer in the likelihood. (Weighting by
+the total number of interactions t instead would count forgotten data as evidence and shrink the
+posterior without the likelihood that justifies it.)
+
+The whole run lives on the device. A `lax.scan` runs a chunk of interactions; each interaction
+runs its 64 updates in a `lax.fori_loop`; the buffer is a fixed-size ring buffer with a counter;
+the agents of one kind (the three ε-greedy agents, or Bayes by Backprop, each over all seeds) are
+stacked on a leading axis and `vmap`ped. The host sees only chunk boundaries, to log and to
+advance the progress bar.
+
+The setup follows Blundell et al. (2015), §5.3; the ε-greedy baselines and the uniform minibatch
+updates from a buffer are those of Riquelme et al. (2018), "Deep Bayesian Bandits Showdown".
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import time
+from collections.abc import Callable
+from typing import Any
+
+import flax.linen as nn
+import flax.struct
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from bbb import objective as objective_lib
+from bbb import posterior as posterior_lib
+from bbb.errors import ConfigError, check_choice, check_non_negative, check_positive
+from bbb.models import make_model
+from bbb.priors import make_prior
+
+PyTree = Any
+PASS, EAT = 0, 1  # The two actions.
+NUM_ACTIONS = 2
+
+
+# Rewards and regret -----------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Rewards:
+    """The reward table of the mushroom bandit (Blundell et al. 2015, §5.3).
+
+    Attributes:
+      edible: the reward for eating an edible mushroom (+5).
+      poisonous_bad: the reward for eating a poisonous one, when it makes the eater ill (−35).
+      poisonous_good: the reward for eating a poisonous one otherwise (+5).
+      poisonous_bad_probability: the chance of the bad outcome (½).
+    """
+
+    edible: float = 5.0
+    poisonous_bad: float = -35.0
+    poisonous_good: float = 5.0
+    poisonous_bad_probability: float = 0.5
+
+    def expected_poisonous(self) -> float:
+        """E[r | poisonous, eat] (−15 with the paper's numbers)."""
+        p = self.poisonous_bad_probability
+        return p * self.poisonous_bad + (1 - p) * self.poisonous_good
+
+
+def step_rewards(
+    rewards: Rewards, poisonous: jax.Array, action: jax.Array, bad_outcome: jax.Array
+) -> dict[str, jax.Array]:
+    """The agent's reward, the oracle's reward, and the realised and expected regret.
+
+    Args:
+      rewards: the reward table.
+      poisonous: 1 if the mushroom is poisonous (int or bool, any shape).
+      action: `EAT` or `PASS` (same shape).
+      bad_outcome: True if a poisonous meal makes the eater ill this time (same shape).
+
+    Returns:
+      {"reward", "oracle_reward", "regret", "expected_regret"}, float32, shape of `action`.
+      The oracle eats edible mushrooms only; `regret` = oracle − agent reward (realised, so
+      eating a poisonous mushroom that turns out well has regret −5); `expected_regret` averages
+      the outcome of a poisonous meal.
+    """
+    poisonous = jnp.asarray(poisonous).astype(bool)
+    eat = jnp.asarray(action) == EAT
+    poison_reward = jnp.where(bad_outcome, rewards.poisonous_bad, rewards.poisonous_good)
+    expected_poison = rewards.expected_poisonous()
+
+    def realised(eats):
+        return jnp.where(eats, jnp.where(poisonous, poison_reward, rewards.edible), 0.0)
+
+    def expected(eats):
+        return jnp.where(eats, jnp.where(poisonous, expected_poison, rewards.edible), 0.0)
+
+    # The oracle knows the class and eats when that has a positive expected reward.
+    oracle_eats = jnp.where(poisonous, expected_poison > 0, rewards.edible > 0)
+    reward = realised(eat)
+    oracle = realised(oracle_eats)
+    return {
+        "reward": reward.astype(jnp.float32),
+        "oracle_reward": oracle.astype(jnp.float32),
+        "regret": (oracle - reward).astype(jnp.float32),
+        "expected_regret": (expected(oracle_eats) - expected(eat)).astype(jnp.float32),
+    }
+
+
+# The replay buffer ------------------------------------------------------------------------
+
+
+@flax.struct.dataclass
+class Buffer:
+    """A ring buffer of the last `capacity` interactions, in fixed-size device arrays.
+
+    Interaction number c (0-based) is stored at slot c mod capacity; `count` is the number ever
+    added, so the filled slots are [0, min(count, capacity)).
+
+    Attributes:
+      context_index: the row of the data set that was the context, int32 [C].
+      action: the action taken, int32 [C].
+      reward: the reward received, float32 [C].
+      count: interactions added so far, int32 scalar.
+    """
+
+    context_index: jax.Array
+    action: jax.Array
+    reward: jax.Array
+    count: jax.Array
+
+    @classmethod
+    def empty(cls, capacity: int) -> Buffer:
+        """An empty buffer of `capacity` slots."""
+        return cls(
+            context_index=jnp.zeros((capacity,), jnp.int32),
+            action=jnp.zeros((capacity,), jnp.int32),
+            reward=jnp.zeros((capacity,), jnp.float32),
+            count=jnp.int32(0),
+        )
+
+    @property
+    def capacity(self) -> int:
+        """C, the number of slots."""
+        return self.action.shape[-1]
+
+    def size(self) -> jax.Array:
+        """The number of filled slots, min(count, capacity)."""
+        return jnp.minimum(self.count, self.capacity)
+
+    def add(self, context_index: jax.Array, action: jax.Array, reward: jax.Array) -> Buffer:
+        """The buffer with one more interaction, overwriting the oldest when full.
+
+        Args:
+          context_index: int scalar.
+          action: int scalar.
+          reward: float scalar.
+
+        Returns:
+          The new buffer.
+        """
+        slot = self.count % self.capacity
+        return Buffer(
+            context_index=self.context_index.at[slot].set(context_index),
+            action=self.action.at[slot].set(action),
+            reward=self.reward.at[slot].set(reward),
+            count=self.count + 1,
+        )
+
+    def sample(self, key: jax.Array, batch_size: int) -> jax.Array:
+        """Slots of a minibatch, uniform with replacement over the filled slots.
+
+        Args:
+          key: a PRNG key.
+          batch_size: B.
+
+        Returns:
+          int32 [B] slot indices (all 0 if the buffer is empty).
+        """
+        return jax.random.randint(key, (batch_size,), 0, jnp.maximum(self.size(), 1))
+
+
+# Agents -----------------------------------------------------------------------------------
+
+
+def network_inputs(features: jax.Array, action: jax.Array) -> jax.Array:
+    """The network's input: the context's features and the one-hot action, concatenated.
+
+    Args:
+      features: float32 [..., F].
+      action: int [...].
+
+    Returns:
+      float32 [..., F + 2].
+    """
+    return jnp.concatenate([features, jax.nn.one_hot(action, NUM_ACTIONS, dtype=jnp.float32)], -1)
+
+
+@flax.struct.dataclass
+class AgentState:
+    """One agent's state: its trained pytree, optimiser state and buffer.
+
+    Attributes:
+      params: {"posterior", "prior", "likelihood"} (see `FreeEnergy.init_params`).
+      opt_state: the Optax state.
+      buffer: its replay buffer.
+    """
+
+    params: PyTree
+    opt_state: PyTree
+    buffer: Buffer
+
+
+@dataclasses.dataclass(frozen=True)
+class Learner:
+    """What the agents of one kind share: network, objective, optimiser and update schedule.
+
+    Attributes:
+      model: the Flax model f(x, a; w), output [B, 1].
+      free_energy: the objective (a point posterior with a flat prior gives plain maximum
+        likelihood).
+      optimizer: the Optax optimiser.
+      num_updates: gradient steps after each interaction (64).
+      batch_size: minibatch size of each (64).
+      thompson: act greedily under one posterior sample (True), or under the mean (False).
+    """
+
+    model: nn.Module
+    free_energy: objective_lib.FreeEnergy
+    optimizer: optax.GradientTransformation
+    num_updates: int
+    batch_size: int
+    thompson: bool
+
+    def values(self, params: PyTree, features: jax.Array, key: jax.Array) -> jax.Array:
+        """f(x, a; w) for both actions, with w ~ q (Thompson) or w = μ.
+
+        Args:
+          params: the trained pytree.
+          features: one context, float32 [F].
+          key: the key of the posterior sample.
+
+        Returns:
+          float32 [2], the predicted reward of PASS and EAT.
+        """
+        posterior = params["posterior"]
+        weights = posterior.sample(key) if self.thompson else posterior.mean()
+        inputs = network_inputs(jnp.stack([features, features]), jnp.arange(NUM_ACTIONS))
+        return self.model.apply({"params": weights}, inputs)[:, 0]
+
+    def update(
+        self, state: AgentState, contexts: jax.Array, key: jax.Array
+    ) -> tuple[AgentState, dict[str, jax.Array]]:
+        """`num_updates` gradient steps on minibatches from the buffer (a `fori_loop`).
+
+        The KL weight is 1 / n_t, n_t the buffer's size (see the module docstring).
+
+        Args:
+          state: the agent's state, its buffer holding at least one interaction.
+          contexts: the data set's features, float32 [N, F].
+          key: this interaction's update key; step j uses fold_in(key, j).
+
+        Returns:
+          (state, metrics of the last step: loss, nll, kl, sigma_mean).
+        """
+        buffer = state.buffer
+        kl_weight = 1.0 / buffer.size().astype(jnp.float32)
+        grad_fn = jax.value_and_grad(self.free_energy, has_aux=True)
+
+        def one_step(j, carry):
+            params, opt_state, _ = carry
+            key_batch, key_noise = jax.random.split(jax.random.fold_in(key, j))
+            slots = buffer.sample(key_batch, self.batch_size)  # [B]
+            x = network_inputs(contexts[buffer.context_index[slots]], buffer.action[slots])
+            y = buffer.reward[slots][:, None]  # [B, 1]
+            (_, metrics), grads = grad_fn(params, (x, y), key_noise, kl_weight)
+            updates, opt_state = self.optimizer.update(grads, opt_state, params)
+            params = optax.apply_updates(params, updates)
+            return params, opt_state, _last_metrics(metrics)
+
+        metrics0 = {k: jnp.float32(0.0) for k in _METRICS}
+        params, opt_state, metrics = jax.lax.fori_loop(
+            0, self.num_updates, one_step, (state.params, state.opt_state, metrics0)
+        )
+        return AgentState(params=params, opt_state=opt_state, buffer=buffer), metrics
+
+
+_METRICS = ("loss", "nll", "kl", "sigma_mean")
+
+
+def _last_metrics(metrics: dict[str, jax.Array]) -> dict[str, jax.Array]:
+    return {k: jnp.asarray(metrics[k], jnp.float32) for k in _METRICS}
+
+
+@flax.struct.dataclass
+class Problem:
+    """A mushroom-like bandit: contexts and which of them are poisonous.
+
+    Attributes:
+      contexts: float32 [N, F] features.
+      poisonous: int32 [N], 1 for poisonous.
+    """
+
+    contexts: jax.Array
+    poisonous: jax.Array
+
+
+def draw_mushroom(
+    rewards: Rewards, problem: Problem, env_key: jax.Array, t: jax.Array
+) -> tuple[jax.Array, jax.Array]:
+    """The mushroom of interaction t, uniform over the data set, and the outcome if eaten.
+
+    Args:
+      rewards: the reward table (its `poisonous_bad_probability`).
+      problem: the bandit.
+      env_key: the environment's key.
+      t: the interaction number.
+
+    Returns:
+      (row index, int32 scalar; bad_outcome, bool scalar: a poisonous meal goes badly).
+    """
+    key_index, key_outcome = jax.random.split(jax.random.fold_in(env_key, t))
+    index = jax.random.randint(key_index, (), 0, problem.contexts.shape[0])
+    bad_outcome = jax.random.bernoulli(key_outcome, rewards.poisonous_bad_probability)
+    return index, bad_outcome
+
+
+def interact(
+    learner: Learner,
+    rewards: Rewards,
+    problem: Problem,
+    state: AgentState,
+    t: jax.Array,
+    env_key: jax.Array,
+    agent_key: jax.Array,
+    epsilon: jax.Array,
+) -> tuple[AgentState, dict[str, jax.Array]]:
+    """Interaction t of one agent: observe a mushroom, act, receive the reward, store it.
+
+    The mushroom and the outcome of a poisonous meal come from fold_in(env_key, t), so every
+    agent that shares `env_key` (one seed) meets the same mushrooms in the same order.
+
+    Args:
+      learner: the agent kind.
+      rewards: the reward table.
+      problem: the bandit.
+      state: the agent's state.
+      t: the interaction number (0-based).
+      env_key: the environment's key (one per seed).
+      agent_key: the agent's acting key.
+      epsilon: the chance of a uniformly random action.
+
+    Returns:
+      (state with the interaction in its buffer, {"action", "reward", "regret",
+      "expected_regret"}).
+    """
+    index, bad_outcome = draw_mushroom(rewards, problem, env_key, t)
+    key_value, key_explore, key_random = jax.random.split(jax.random.fold_in(agent_key, t), 3)
+    values = learner.values(state.params, problem.contexts[index], key_value)  # [2]
+    explore = jax.random.uniform(key_explore) < epsilon
+    action = jnp.where(
+        explore, jax.random.randint(key_random, (), 0, NUM_ACTIONS), jnp.argmax(values)
+    ).astype(jnp.int32)
+    outcome = step_rewards(rewards, problem.poisonous[index], action, bad_outcome)
+    buffer = state.buffer.add(index, action, outcome["reward"])
+    state = AgentState(params=state.params, opt_state=state.opt_state, buffer=buffer)
+    return state, {"action": action, **{k: outcome[k] for k in _OUTCOMES}}
+
+
+_OUTCOMES = ("reward", "regret", "expected_regret")
+
+
+def run_chunk(
+    learner: Learner,
+    rewards: Rewards,
+    problem: Problem,
+    states: AgentState,
+    start: jax.Array,
+    num_steps: int,
+    update_every: int,
+    env_keys: jax.Array,
+    agent_keys: jax.Array,
+    epsilons: jax.Array,
+) -> tuple[AgentState, dict[str, jax.Array]]:
+    """Interactions [start, start + num_steps) of a stack of A agents of one kind.
+
+    A `lax.scan` over rounds; a round is `update_every` interactions (1 in the paper) followed
+    by the learner's `num_updates` gradient steps. The agents are `vmap`ped; nothing returns to
+    the host inside a chunk.
+
+    Args:
+      learner: the agents' kind.
+      rewards: the reward table.
+      problem: the bandit.
+      states: the agents' states, each leaf with a leading axis [A].
+      start: the first interaction number (a multiple of `update_every`).
+      num_steps: L, the chunk's length (static, a multiple of `update_every`).
+      update_every: interactions per round (static).
+      env_keys: [A] environment keys (agents of one seed share theirs).
+      agent_keys: [A] agent keys.
+      epsilons: float32 [A].
+
+    Returns:
+      (states, metrics): `action`, `reward`, `regret`, `expected_regret` [L, A], and the last
+      update of each round's `loss`, `nll`, `kl`, `sigma_mean` [L / update_every, A].
+    """
+
+    def agent_round(state, t0, env_key, agent_key, epsilon):
+        act_key, update_key = jax.random.split(agent_key)
+
+        def step(state, t):
+            return interact(learner, rewards, problem, state, t, env_key, act_key, epsilon)
+
+        state, outcomes = jax.lax.scan(step, state, t0 + jnp.arange(update_every))
+        state, metrics = learner.update(state, problem.contexts, jax.random.fold_in(update_key, t0))
+        return state, (outcomes, metrics)
+
+    round_fn = jax.vmap(agent_round, in_axes=(0, None, 0, 0, 0))
+
+    def body(states, t0):
+        return round_fn(states, t0, env_keys, agent_keys, epsilons)
+
+    starts = start + update_every * jnp.arange(num_steps // update_every)
+    states, (outcomes, metrics) = jax.lax.scan(body, states, starts)
+    # outcomes: [rounds, A, update_every] -> [L, A]
+    outcomes = jax.tree_util.tree_map(
+        lambda x: jnp.swapaxes(x, 1, 2).reshape(num_steps, x.shape[1]), outcomes
+    )
+    return states, {**outcomes, **metrics}
+
+
+# Building the agents from a config --------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Experiment:
+    """Everything a bandit run needs, built and checked from its config before any compute.
+
+    Attributes:
+      config: the config.
+      rewards: the reward table.
+      thompson: Bayes by Backprop with Thompson sampling (None if `agents.thompson` is off).
+      greedy: the ε-greedy point-estimate learner (None if `agents.epsilons` is empty).
+      epsilons: the ε of each ε-greedy agent.
+    """
+
+    config: ml_collections.ConfigDict
+    rewards: Rewards
+    thompson: Learner | None
+    greedy: Learner | None
+    epsilons: tuple[float, ...]
+
+    def agent_names(self) -> list[str]:
+        """Display names, Bayes by Backprop first: "BBB (Thompson)", "ε-greedy 5%", ..."""
+        names = ["BBB (Thompson)"] if self.thompson is not None else []
+        return names + [f"ε-greedy {100 * e:g}%" for e in self.epsilons]
+
+
+def _check_probability(field: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value <= 1:
+        raise ConfigError(field, value, "a number in [0, 1]")
+
+
+def _make_learner(config: ml_collections.ConfigDict, model: nn.Module, bayesian: bool) -> Learner:
+    likelihood = objective_lib.make_likelihood(config.likelihood)
+    if bayesian:
+        prior = make_prior(config.prior)
+        num_samples, kl = config.objective.num_samples, config.objective.kl
+    else:
+        prior, num_samples, kl = make_prior({"name": "flat"}), 1, "mc"
+    free_energy = objective_lib.FreeEnergy(
+        model=model,
+        prior=prior,
+        likelihood=likelihood,
+        num_train=1,  # With num_batches = 1 and KL weight 1/n_t: KL/n_t − mean log-likelihood.
+        num_batches=1,
+        num_samples=num_samples,
+        kl=kl,
+        temperature=config.objective.kl_temperature,
+    )
+    check_positive("optim.learning_rate", config.optim.learning_rate)
+    optimizer = optax.adam(config.optim.learning_rate)
+    return Learner(
+        model=model,
+        free_energy=free_energy,
+        optimizer=optimizer,
+        num_updates=config.num_updates,
+        batch_size=config.batch_size,
+        thompson=bayesian,
+    )
+
+
+def build(config: ml_collections.ConfigDict) -> Experiment:
+    """Checks `config` and builds the agents, before any data is read or anything is computed.
+
+    Args:
+      config: a bandit config (configs/bandit_mushroom.py).
+
+    Returns:
+      The `Experiment`.
+
+    Raises:
+      ConfigError: naming the first bad field.
+    """
+    if not isinstance(config.seed, int) or isinstance(config.seed, bool) or config.seed < 0:
+        raise ConfigError("seed", config.seed, "a non-negative integer")
+    for field in ("num_steps", "num_seeds", "buffer_size", "num_updates", "batch_size"):
+        check_positive(field, config[field], integer=True)
+    for field in ("chunk_steps", "update_every"):
+        check_positive(field, config[field], integer=True)
+    if config.num_steps % config.update_every or config.chunk_steps % config.update_every:
+        raise ConfigError(
+            "update_every",
+            config.update_every,
+            f"a divisor of num_steps ({config.num_steps}) and chunk_steps ({config.chunk_steps})",
+        )
+    if config.num_steps % config.chunk_steps:
+        raise ConfigError(
+            "chunk_steps", config.chunk_steps, f"a divisor of num_steps ({config.num_steps})"
+        )
+    check_positive("rewards.edible", config.rewards.edible)
+    for field in ("poisonous_bad", "poisonous_good"):
+        value = config.rewards[field]
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, int | float)
+            or not math.isfinite(value)
+        ):
+            raise ConfigError(f"rewards.{field}", value, "a finite number")
+    _check_probability(
+        "rewards.poisonous_bad_probability", config.rewards.poisonous_bad_probability
+    )
+    rewards = Rewards(
+        edible=float(config.rewards.edible),
+        poisonous_bad=float(config.rewards.poisonous_bad),
+        poisonous_good=float(config.rewards.poisonous_good),
+        poisonous_bad_probability=float(config.rewards.poisonous_bad_probability),
+    )
+    epsilons = tuple(config.agents.epsilons)
+    for i, epsilon in enumerate(epsilons):
+        _check_probability(f"agents.epsilons[{i}]", epsilon)
+    if not isinstance(config.agents.thompson, bool):
+        raise ConfigError("agents.thompson", config.agents.thompson, "True or False")
+    if not epsilons and not config.agents.thompson:
+        raise ConfigError("agents.epsilons", epsilons, "at least one ε when agents.thompson=False")
+    if config.model.num_outputs != 1:
+        raise ConfigError("model.num_outputs", config.model.num_outputs, "1 (the expected reward)")
+    check_choice("posterior.noise", config.posterior.noise, posterior_lib.NOISE_GENERATORS)
+    check_positive("posterior.mu_scale", config.posterior.mu_scale)
+    rho = config.posterior.init_rho
+    if isinstance(rho, bool) or not isinstance(rho, int | float) or not -30 <= rho <= 30:
+        raise ConfigError("posterior.init_rho", rho, "a number in [-30, 30]")
+    check_choice("likelihood.name", config.likelihood.name, ("gaussian",))
+    check_non_negative("objective.kl_temperature", config.objective.kl_temperature)
+    model = make_model(config.model)
+    thompson = _make_learner(config, model, bayesian=True) if config.agents.thompson else None
+    greedy = _make_learner(config, model, bayesian=False) if epsilons else None
+    return Experiment(
+        config=config,
+        rewards=rewards,
+        thompson=thompson,
+        greedy=greedy,
+        epsilons=tuple(float(e) for e in epsilons),
+    )
+
+
+def init_agent(
+    experiment: Experiment, learner: Learner, key: jax.Array, bayesian: bool, num_features: int
+) -> AgentState:
+    """A fresh agent: the model's own initial weights (μ₀ for Bayes by Backprop), empty buffer.
+
+    Args:
+      experiment: from `build`.
+      learner: the agent's kind.
+      key: the init key (agents of one seed share it, so they start from the same weights).
+      bayesian: a mean-field posterior (True) or a point estimate.
+      num_features: F, the width of a context (the network's input is F + 2 wide).
+
+    Returns:
+      The `AgentState`.
+    """
+    config = experiment.config
+    key_model, key_rho = jax.random.split(key)
+    params = learner.model.init(key_model, jnp.zeros((1, num_features + NUM_ACTIONS), jnp.float32))
+    params = params["params"]
+    if bayesian:
+        posterior = posterior_lib.init_posterior(
+            key_rho,
+            params,
+            float(config.posterior.init_rho),
+            mu_scale=config.posterior.mu_scale,
+            noise=config.posterior.noise,
+        )
+    else:
+        posterior = posterior_lib.PointEstimate(mu=params)
+    trained = learner.free_energy.init_params(posterior)
+    return AgentState(
+        params=trained,
+        opt_state=learner.optimizer.init(trained),
+        buffer=Buffer.empty(config.buffer_size),
+    )
+
+
+# The experiment ---------------------------------------------------------------------------
+
+
+def load_problem(config: ml_collections.ConfigDict) -> Problem:
+    """The mushroom bandit of `config.data` (a path, or a fetch when the path is empty).
+
+    Args:
+      config: the run's config.
+
+    Returns:
+      The `Problem`, in device memory.
+
+    Raises:
+      DataError: the file is missing, unreadable or not the UCI file.
+    """
+    from bbb.data import mushroom
+
+    path = mushroom.resolve_path(config.data.path, config.data.cache_dir)
+    data = mushroom.load_mushroom(path)
+    return Problem(contexts=jnp.asarray(data.features), poisonous=jnp.asarray(data.poisonous))
+
+
+@dataclasses.dataclass
+class _Family:
+    """The stacked agents of one kind and their compiled chunk."""
+
+    names: list[str]
+    learner: Learner
+    states: AgentState
+    env_keys: jax.Array
+    agent_keys: jax.Array
+    epsilons: jax.Array
+    chunk: Callable
+
+
+def _families(experiment: Experiment, problem: Problem) -> list[_Family]:
+    config = experiment.config
+    seeds = config.num_seeds
+    root = jax.random.key(config.seed)
+    init_root, env_root, agent_root = jax.random.split(root, 3)
+    seed_ids = jnp.arange(seeds)
+    init_keys = jax.vmap(lambda s: jax.random.fold_in(init_root, s))(seed_ids)  # [S]
+    env_keys = jax.vmap(lambda s: jax.random.fold_in(env_root, s))(seed_ids)  # [S]
+    kinds = []
+    if experiment.thompson is not None:
+        kinds.append((experiment.thompson, [experiment.agent_names()[0]], [0.0], True))
+    if experiment.greedy is not None:
+        names = experiment.agent_names()[-len(experiment.epsilons) :]
+        kinds.append((experiment.greedy, names, list(experiment.epsilons), False))
+    families, agent_index = [], 0
+    for learner, names, epsilons, bayesian in kinds:
+        count = len(names)
+        # Agent a of seed s sits at row a * S + s of the stack.
+        states = jax.jit(
+            jax.vmap(
+                lambda k, learner=learner, b=bayesian: init_agent(
+                    experiment, learner, k, b, int(problem.contexts.shape[1])
+                )
+            )
+        )(jnp.tile(init_keys, count))
+        agent_ids = jnp.repeat(agent_index + jnp.arange(count), seeds)
+        agent_keys = jax.vmap(
+            lambda a, s: jax.random.fold_in(jax.random.fold_in(agent_root, a), s)
+        )(agent_ids, jnp.tile(seed_ids, count))
+        chunk = jax.jit(
+            lambda states, start, ek, ak, eps, learner=learner: run_chunk(
+                learner,
+                experiment.rewards,
+                problem,
+                states,
+                start,
+                config.chunk_steps,
+                config.update_every,
+                ek,
+                ak,
+                eps,
+            ),
+            donate_argnums=0,
+        )
+        families.append(
+            _Family(
+                names=names,
+                learner=learner,
+                states=states,
+                env_keys=jnp.tile(env_keys, count),
+                agent_keys=agent_keys,
+                epsilons=jnp.repeat(jnp.asarray(epsilons, jnp.float32), seeds),
+                chunk=chunk,
+            )
+        )
+        agent_index += count
+    return families
+
+
+def summarize(
+    names: list[str], regret: np.ndarray, expected_regret: np.ndarray
+) -> dict[str, dict[str, Any]]:
+    """Cumulative regret at the last step per agent: mean and std over seeds, and per seed.
+
+    Args:
+      names: the agents' names [A].
+      regret: realised per-step regret [A, S, T].
+      expected_regret: expected per-step regret [A, S, T].
+
+    Returns:
+      name → {"cumulative_regret_mean", "..._std", "..._per_seed", and the same for the
+      expected regret}.
+    """
+    out = {}
+    for i, name in enumerate(names):
+        total = regret[i].sum(axis=-1)  # [S]
+        expected_total = expected_regret[i].sum(axis=-1)  # [S]
+        out[name] = {
+            "cumulative_regret_mean": float(total.mean()),
+            "cumulative_regret_std": float(total.std()),
+            "cumulative_regret_per_seed": [float(v) for v in total],
+            "cumulative_expected_regret_mean": float(expected_total.mean()),
+            "cumulative_expected_regret_std": float(expected_total.std()),
+            "cumulative_expected_regret_per_seed": [float(v) for v in expected_total],
+        }
+    return out
+
+
+def plot_regret(path: str, names: list[str], regret: np.ndarray, expected: np.ndarray) -> None:
+    """Cumulative regret curves, mean ± std over seeds, realised and expected (as Figure 6).
+
+    Args:
+      path: the PNG file.
+      names: the agents' names [A].
+      regret: realised per-step regret [A, S, T].
+      expected: expected per-step regret [A, S, T].
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = np.arange(1, regret.shape[-1] + 1)
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.5))
+    for ax, values, title in (
+        (axes[0], regret, "cumulative regret"),
+        (axes[1], expected, "cumulative expected regret"),
+    ):
+        for i, name in enumerate(names):
+            curves = np.cumsum(values[i], axis=-1)  # [S, T]
+            mean, std = curves.mean(0), curves.std(0)
+            ax.plot(steps, mean, label=name, color=f"C{i}")
+            ax.fill_between(steps, mean - std, mean + std, color=f"C{i}", alpha=0.2, lw=0)
+        ax.set_xlabel("interaction")
+        ax.set_title(f"{title} (mean ± std over {values.shape[1]} seeds)")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("regret")
+    axes[0].legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def results_table(summary: dict[str, dict[str, Any]], num_steps: int, num_seeds: int) -> str:
+    """The results as a Markdown table."""
+    lines = [
+        f"Cumulative regret at {num_steps:,} interactions, mean ± std over {num_seeds} seeds.",
+        "",
+        "| agent | cumulative regret | cumulative expected regret |",
+        "|---|---:|---:|",
+    ]
+    for name, row in summary.items():
+        lines.append(
+            f"| {name} | {row['cumulative_regret_mean']:.0f} ± {row['cumulative_regret_std']:.0f}"
+            f" | {row['cumulative_expected_regret_mean']:.0f} ± "
+            f"{row['cumulative_expected_regret_std']:.0f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def bandit_experiment(
+    config: ml_collections.ConfigDict, workdir: str, problem: Problem | None = None
+) -> dict[str, Any]:
+    """Runs every agent over every seed and writes the curves, table and config to `workdir`.
+
+    Writes `config.json`, `metrics.jsonl` (one line per chunk: mean cumulative regret per agent
+    and the last update's loss), `regret.npz` (per-step regret [agent, seed, step]),
+    `plots/regret.png`, `results.md` and `results.json`.
+
+    Args:
+      config: configs/bandit_mushroom.py.
+      workdir: the output folder.
+      problem: a ready bandit (tests); None loads `config.data`.
+
+    Returns:
+      The contents of results.json.
+
+    Raises:
+      ConfigError, DataError, WorkdirError: before anything is computed or written.
+      TrainingDivergedError: a loss became NaN or Inf.
+    """
+    from tqdm.auto import tqdm
+
+    from bbb.train import TrainingDivergedError
+    from bbb.workdir import check_workdir
+
+    check_workdir(workdir, config)
+    experiment = build(config)
+    if problem is None:
+        problem = load_problem(config)
+    os.makedirs(os.path.join(workdir, "plots"), exist_ok=True)
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+        f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+    metrics_path = os.path.join(workdir, "metrics.jsonl")
+    open(metrics_path, "w").close()
+
+    started = time.time()
+    families = _families(experiment, problem)
+    names = [name for family in families for name in family.names]
+    seeds, steps = config.num_seeds, config.num_steps
+    per_step = {k: [] for k in ("regret", "expected_regret", "action")}
+    totals = np.zeros((len(names), seeds))
+    bar = tqdm(total=steps, unit="step", disable=not config.progress, dynamic_ncols=True)
+    first_chunk_s = None
+    for start in range(0, steps, config.chunk_steps):
+        length = config.chunk_steps
+        outputs = []
+        for family in families:  # Dispatched asynchronously; both run before we wait.
+            family.states, metrics = family.chunk(
+                family.states,
+                jnp.int32(start),
+                family.env_keys,
+                family.agent_keys,
+                family.epsilons,
+            )
+            outputs.append(metrics)
+        record = {"step": start + length}
+        rows = []
+        for family, metrics in zip(families, outputs, strict=True):
+            metrics = jax.device_get(metrics)
+            count = len(family.names)
+            for key in per_step:
+                # [L, count * S] -> [count, S, L]
+                rows.append((key, np.moveaxis(metrics[key], 0, -1).reshape(count, seeds, -1)))
+            loss = metrics["loss"]
+            if not np.all(np.isfinite(loss)):
+                raise TrainingDivergedError(
+                    f"the loss of {family.names} became NaN or Inf before step {start + length}."
+                )
+            for i, name in enumerate(family.names):
+                record[f"{name}/loss"] = float(loss[-1, i * seeds : (i + 1) * seeds].mean())
+                if family.learner.thompson:
+                    sigma = metrics["sigma_mean"][-1, i * seeds : (i + 1) * seeds]
+                    record[f"{name}/sigma_mean"] = float(sigma.mean())
+        for key in per_step:
+            per_step[key].append(np.concatenate([r for k, r in rows if k == key], axis=0))
+        totals += per_step["regret"][-1].sum(axis=-1)
+        for i, name in enumerate(names):
+            record[f"{name}/cumulative_regret"] = float(totals[i].mean())
+        with open(metrics_path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if first_chunk_s is None:
+            first_chunk_s = time.time() - started
+        bar.set_postfix(
+            {name.split(" ")[-1]: f"{totals[i].mean():.0f}" for i, name in enumerate(names)},
+            refresh=False,
+        )
+        bar.update(length)
+    bar.close()
+    wall_time = time.time() - started
+
+    regret = np.concatenate(per_step["regret"], axis=-1)  # [A, S, T]
+    expected = np.concatenate(per_step["expected_regret"], axis=-1)
+    actions = np.concatenate(per_step["action"], axis=-1)
+    np.savez_compressed(
+        os.path.join(workdir, "regret.npz"),
+        names=np.asarray(names),
+        regret=regret,
+        expected_regret=expected,
+        action=actions.astype(np.int8),
+    )
+    summary = summarize(names, regret, expected)
+    for i, name in enumerate(names):
+        summary[name]["eat_fraction"] = float((actions[i] == EAT).mean())
+    plot_regret(os.path.join(workdir, "plots", "regret.png"), names, regret, expected)
+    updates = steps // config.update_every * config.num_updates
+    results = {
+        "num_steps": steps,
+        "num_seeds": seeds,
+        "agents": summary,
+        "wall_time_s": wall_time,
+        "first_chunk_s": first_chunk_s,
+        "gradient_steps_per_agent": updates,
+        "seconds_per_gradient_step_all_agents": (wall_time - first_chunk_s)
+        / max(updates - updates * config.chunk_steps // steps, 1)
+        if steps > config.chunk_steps
+        else None,
+    }
+    with open(os.path.join(workdir, "results.json"), "w") as f:
+        json.dump(results, f, indent=2)
+    table = results_table(summary, steps, seeds)
+    table += f"\nWall time {wall_time:.0f} s ({len(names)} agents × {seeds} seeds).\n"
+    with open(os.path.join(workdir, "results.md"), "w") as f:
+        f.write(table)
+    if config.progress:
+        print(table)
+    return results

@@ -1,0 +1,275 @@
+"""Tests of the mushroom bandit (bbb/bandit.py) and its loader (bbb/data/mushroom.py).
+
+Everything runs on data the tests make: a tiny mushroom file, and a synthetic bandit whose
+contexts say outright whether a mushroom is poisonous.
+"""
+
+import json
+import os
+import re
+import subprocess
+import sys
+import urllib.error
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from bbb import bandit
+from bbb.data import DataError, mushroom
+from bbb.errors import ConfigError
+from configs import bandit_mushroom
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PAPER = bandit.Rewards()
+
+
+# Rewards and regret -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "poisonous, action, bad, reward, regret, expected_regret",
+    [
+        (0, bandit.EAT, False, 5.0, 0.0, 0.0),  # Edible, eaten: the oracle's choice.
+        (0, bandit.PASS, False, 0.0, 5.0, 5.0),  # Edible, passed: 5 lost.
+        (1, bandit.PASS, True, 0.0, 0.0, 0.0),  # Poisonous, passed: the oracle's choice.
+        (1, bandit.EAT, True, -35.0, 35.0, 15.0),  # Poisonous, eaten, ill.
+        (1, bandit.EAT, False, 5.0, -5.0, 15.0),  # Poisonous, eaten, lucky: realised regret < 0.
+    ],
+)
+def test_step_rewards_by_hand(poisonous, action, bad, reward, regret, expected_regret):
+    out = bandit.step_rewards(PAPER, jnp.int32(poisonous), jnp.int32(action), jnp.bool_(bad))
+    assert float(out["reward"]) == reward
+    assert float(out["regret"]) == regret
+    assert float(out["expected_regret"]) == expected_regret
+    assert float(out["oracle_reward"]) == (0.0 if poisonous else 5.0)
+
+
+def test_poisonous_meal_is_minus_35_half_the_time():
+    problem = bandit.Problem(contexts=jnp.zeros((4, 1)), poisonous=jnp.ones((4,), jnp.int32))
+    steps = jnp.arange(20_000)
+    draw = jax.jit(jax.vmap(lambda t: bandit.draw_mushroom(PAPER, problem, jax.random.key(3), t)))
+    index, bad = draw(steps)
+    out = bandit.step_rewards(PAPER, problem.poisonous[index], jnp.full_like(index, 1), bad)
+    rewards = np.asarray(out["reward"])
+    assert set(np.unique(rewards)) == {-35.0, 5.0}
+    # Binomial(20000, 1/2): the standard error of the fraction is 0.0035.
+    assert abs(np.mean(rewards == -35.0) - 0.5) < 0.015
+    assert abs(rewards.mean() + 15.0) < 0.6  # E[r] = ½(−35) + ½(5) = −15.
+    # The mushrooms are uniform over the rows.
+    assert np.all(np.abs(np.bincount(np.asarray(index), minlength=4) / 20_000 - 0.25) < 0.015)
+
+
+# The buffer -------------------------------------------------------------------------------
+
+
+def test_buffer_is_a_ring_of_the_last_interactions():
+    buffer = bandit.Buffer.empty(3)
+    assert int(buffer.size()) == 0
+    assert np.all(np.asarray(buffer.sample(jax.random.key(0), 5)) == 0)
+    for i in range(5):
+        buffer = buffer.add(jnp.int32(10 + i), jnp.int32(i % 2), jnp.float32(i))
+        assert int(buffer.size()) == min(i + 1, 3)
+    assert int(buffer.count) == 5
+    # Interaction c sits at slot c mod 3: slots hold interactions 3, 4, 2.
+    np.testing.assert_array_equal(buffer.context_index, [13, 14, 12])
+    np.testing.assert_array_equal(buffer.action, [1, 0, 0])
+    np.testing.assert_array_equal(buffer.reward, [3.0, 4.0, 2.0])
+    slots = np.asarray(buffer.sample(jax.random.key(1), 1000))
+    assert slots.min() == 0 and slots.max() == 2
+
+
+def test_buffer_samples_only_filled_slots():
+    buffer = bandit.Buffer.empty(8).add(jnp.int32(1), jnp.int32(1), jnp.float32(5.0))
+    buffer = buffer.add(jnp.int32(2), jnp.int32(0), jnp.float32(0.0))
+    slots = np.asarray(buffer.sample(jax.random.key(0), 500))
+    assert set(np.unique(slots)) == {0, 1}
+
+
+# The loader -------------------------------------------------------------------------------
+
+ROWS = [
+    "p,x,s,n,t,p,f,c,n,k,e,e,s,s,w,w,p,w,o,p,k,s,u",
+    "e,x,s,y,t,a,f,c,b,k,e,c,s,s,w,w,p,w,o,p,n,n,g",
+    "e,b,s,w,t,l,f,c,b,n,e,?,s,s,w,w,p,w,o,p,n,n,m",
+]
+
+
+def _write(path, rows):
+    path.write_text("\n".join(rows) + "\n")
+    return str(path)
+
+
+def test_loader_one_hot_and_labels(tmp_path):
+    data = mushroom.load_mushroom(_write(tmp_path / mushroom.FILENAME, ROWS), num_rows=3)
+    # Distinct values per column: column 1 {x, b}, 3 {n, y, w}, 5 {p, a, l}, ... one block each.
+    table = np.asarray([r.split(",") for r in ROWS])
+    width = sum(len(set(table[:, j])) for j in range(1, 23))
+    assert data.features.shape == (3, width) and data.features.dtype == np.float32
+    assert np.all(data.features.sum(axis=1) == 22)  # One 1 per attribute.
+    np.testing.assert_array_equal(data.poisonous, [1, 0, 0])
+    assert data.categories[0] == ("b", "x")
+    assert "?" in data.categories[10]  # A missing stalk-root is a category of its own.
+    np.testing.assert_array_equal(data.features[:, :2], [[0, 1], [0, 1], [1, 0]])
+
+
+def test_loader_finds_the_file_in_a_folder(tmp_path):
+    _write(tmp_path / mushroom.FILENAME, ROWS)
+    assert mushroom.resolve_path(str(tmp_path)) == str(tmp_path / mushroom.FILENAME)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(DataError, match=re.escape(f"folder {empty} holds no")):
+        mushroom.resolve_path(str(empty))
+
+
+@pytest.mark.parametrize(
+    "rows, message",
+    [
+        ([*ROWS[:2], "e,x,s"], "row 3: 3 columns, expected 23"),
+        ([ROWS[0], "x" + ROWS[1][1:]], "row 2: class 'x', expected 'e' or 'p'"),
+        ([], "is empty"),
+    ],
+)
+def test_loader_rejects_bad_files(tmp_path, rows, message):
+    path = _write(tmp_path / "bad.data", rows)
+    with pytest.raises(DataError, match=message) as error:
+        mushroom.load_mushroom(path, num_rows=None)
+    assert path in str(error.value)
+
+
+def test_loader_checks_the_row_count(tmp_path):
+    path = _write(tmp_path / "short.data", ROWS)
+    with pytest.raises(DataError, match=re.escape(f"{path} has 3 rows, expected 8124")):
+        mushroom.load_mushroom(path)
+
+
+def test_missing_file_and_offline_fetch_say_what_to_do(tmp_path, monkeypatch):
+    with pytest.raises(DataError, match="does not exist"):
+        mushroom.resolve_path(str(tmp_path / "nope.data"))
+
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("no network")
+
+    monkeypatch.setattr(mushroom.urllib.request, "urlopen", offline)
+    with pytest.raises(DataError, match=re.escape("--config.data.path")):
+        mushroom.resolve_path("", cache_dir=str(tmp_path / "cache"))
+
+
+# The agents -------------------------------------------------------------------------------
+
+
+def small_config(**overrides):
+    """The paper's config, shrunk to a synthetic problem that runs in seconds."""
+    config = bandit_mushroom.get_config()
+    config.num_seeds = 2
+    config.num_steps = 240
+    config.chunk_steps = 120
+    config.buffer_size = 256
+    config.num_updates = 8
+    config.batch_size = 16
+    config.model.hidden_sizes = (16,)
+    config.prior.sigma = 0.3
+    config.optim.learning_rate = 1e-2
+    config.progress = False
+    config.update_from_flattened_dict(overrides)
+    return config
+
+
+def synthetic_problem(num_rows: int = 40) -> bandit.Problem:
+    """A bandit whose context shows the class: feature 0 for edible, feature 1 for poisonous."""
+    poisonous = np.arange(num_rows) % 2
+    contexts = np.eye(2, dtype=np.float32)[poisonous]
+    return bandit.Problem(contexts=jnp.asarray(contexts), poisonous=jnp.asarray(poisonous))
+
+
+def test_thompson_sampling_learns_and_beats_uniform(tmp_path):
+    config = small_config(**{"agents.epsilons": (1.0,)})  # ε = 1: a uniformly random agent.
+    results = bandit.bandit_experiment(config, str(tmp_path), problem=synthetic_problem())
+    data = np.load(tmp_path / "regret.npz")
+    names = list(data["names"])
+    assert names == ["BBB (Thompson)", "ε-greedy 100%"]
+    expected = data["expected_regret"]  # [A, S, T]
+    assert expected.shape == (2, 2, 240)
+    thompson_early = expected[0, :, :40].mean()
+    thompson_late = expected[0, :, -80:].mean()
+    uniform = expected[1].mean()
+    # Uniform: ½ · 5 (pass an edible) + ½ · 15 (eat a poisonous) per step on average = 5.
+    assert 3.5 < uniform < 6.5
+    assert thompson_late < 0.5 * thompson_early
+    assert thompson_late < 0.4 * uniform
+    # The outputs the issue asks for.
+    for name in ("results.json", "results.md", "config.json", "metrics.jsonl", "plots/regret.png"):
+        assert os.path.exists(tmp_path / name), name
+    with open(tmp_path / "results.json") as f:
+        saved = json.load(f)
+    bbb = saved["agents"]["BBB (Thompson)"]
+    assert bbb == results["agents"]["BBB (Thompson)"]
+    per_seed = data["regret"][0].sum(axis=-1)
+    assert bbb["cumulative_regret_per_seed"] == pytest.approx(per_seed.tolist())
+    assert bbb["cumulative_regret_mean"] == pytest.approx(per_seed.mean())
+    assert bbb["cumulative_regret_std"] == pytest.approx(per_seed.std())
+
+
+def test_agents_of_one_seed_meet_the_same_mushrooms():
+    problem = synthetic_problem(1000)
+    draw = jax.vmap(lambda k, t: bandit.draw_mushroom(PAPER, problem, k, t), in_axes=(None, 0))
+    a = draw(jax.random.fold_in(jax.random.key(0), 1), jnp.arange(50))
+    b = draw(jax.random.fold_in(jax.random.key(0), 1), jnp.arange(50))
+    c = draw(jax.random.fold_in(jax.random.key(0), 2), jnp.arange(50))
+    np.testing.assert_array_equal(a[0], b[0])
+    assert not np.array_equal(a[0], c[0])
+
+
+# Bad configs ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("num_updates", 0),
+        ("buffer_size", -1),
+        ("update_every", 7),  # 240 interactions are not a multiple of 7.
+        ("chunk_steps", 100),  # Nor of 100.
+        ("agents.epsilons", (0.1, 1.5)),
+        ("rewards.poisonous_bad_probability", 2.0),
+        ("model.num_outputs", 2),
+        ("posterior.init_rho", 50.0),
+        ("likelihood.noise_std", 0.0),
+        ("prior.name", "nonsense"),
+        ("optim.learning_rate", -1.0),
+    ],
+)
+def test_bad_config_names_the_field(field, value):
+    config = small_config(**{field: value})
+    with pytest.raises(ConfigError) as error:
+        bandit.build(config)
+    reported = error.value.field
+    assert reported == field or reported.startswith(field)
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("--config.num_updates=0", "num_updates"),
+        ("--config.data.path=/nonexistent/mushroom.data", "data.path"),
+    ],
+)
+def test_script_exits_2_naming_the_problem(tmp_path, override, message):
+    workdir = tmp_path / "run"
+    result = subprocess.run(
+        [
+            sys.executable,
+            os.path.join(ROOT, "scripts", "bandit.py"),
+            "--config=" + os.path.join(ROOT, "configs", "bandit_mushroom.py"),
+            f"--workdir={workdir}",
+            override,
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=120,
+    )
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert message in result.stderr
+    assert not workdir.exists()
