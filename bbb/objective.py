@@ -15,8 +15,10 @@ uniform schedule π_i = 1/M. The optimised and logged `loss` is F̂_i / N, the f
 training example: the KL and the log-likelihood are on the same scale, whatever B is.
 
 The expectations are estimated with K Monte-Carlo samples (`objective.num_samples`), vmapped
-over keys. The KL is either the paper's Monte-Carlo estimate log q(w) − log P(w) at the
-sampled weights (`"mc"`, the only option for non-conjugate priors such as the scale mixture), or
+over keys; on a device mesh the K samples are split over its "samples" axis and the minibatch
+over its "data" axis (`bbb.parallel`), with the same keys, hence the same noise, as on one
+device. The KL is either the paper's Monte-Carlo estimate log q(w) − log P(w) at the sampled
+weights (`"mc"`, the only option for non-conjugate priors such as the scale mixture), or
 its closed form where one exists (`"closed_form"`, Gaussian prior).
 
 KL schedules (`objective.kl_schedule`), as π_i for step `step` of an epoch of M steps:
@@ -37,7 +39,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from bbb import estimators
+from bbb import estimators, parallel
 from bbb.errors import ConfigError, check_positive
 from bbb.posterior import MeanFieldGaussian, PointEstimate
 from bbb.priors import Prior, closed_form_unavailable
@@ -184,6 +186,8 @@ class FreeEnergy:
       estimator: "reparam", "local_reparam" or "flipout".
       kl: "mc" or "closed_form".
       temperature: T, multiplying the KL.
+      mesh: a ("data", "samples") `jax.sharding.Mesh` to shard the minibatch and the K samples
+        over (`bbb.parallel`); None (or one device) computes everything on one device.
     """
 
     model: nn.Module
@@ -195,6 +199,7 @@ class FreeEnergy:
     estimator: str = "reparam"
     kl: str = "mc"
     temperature: float = 1.0
+    mesh: jax.sharding.Mesh | None = None
 
     def __post_init__(self):
         check_positive("objective.num_samples", self.num_samples, integer=True)
@@ -274,10 +279,13 @@ class FreeEnergy:
           log-likelihood per example), `kl` (KL[q‖P] in nats, for the whole network),
           `kl_weight` (π_i), `elbo` (−loss), `accuracy` (classification) and `sigma_mean`.
         """
-        x, y = batch
+        x, y = parallel.constrain(batch, self.mesh, "data")
         batch_size = x.shape[0]
-        keys = jax.random.split(key, self.num_samples)
+        # The keys are split as on one device, then each device takes its K / samples of them.
+        keys = parallel.constrain(jax.random.split(key, self.num_samples), self.mesh, "samples")
         outputs, kl_samples = jax.vmap(lambda k: self._sample(params, x, k))(keys)  # [K, B, ..]
+        outputs = parallel.constrain(outputs, self.mesh, "samples", "data")
+        kl_samples = parallel.constrain(kl_samples, self.mesh, "samples")  # [K]
         log_lik = jax.vmap(lambda out: self.likelihood.log_prob(params["likelihood"], out, y))(
             outputs
         )  # [K, B]

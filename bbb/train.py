@@ -5,6 +5,11 @@ drawn from fold_in(shuffle_key, epoch) inside `jit`, and a `lax.scan` runs the e
 The host sees the device once per epoch, to log. Keys are derived from the step and epoch, and
 Orbax checkpoints hold the whole state, so a resumed run repeats an uninterrupted one bit for
 bit on the CPU.
+
+On several devices (and hosts), `config.mesh` lays them out as a ("data", "samples") mesh: each
+minibatch is sharded over "data", the MC samples over "samples", and the state is replicated
+(`bbb.parallel`). The same keys give the same noise, so the loss trajectory is that of one device
+up to the order of floating-point sums.
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import flax.struct
@@ -27,6 +32,7 @@ import numpy as np
 import optax
 
 from bbb import objective as objective_lib
+from bbb import parallel
 from bbb import posterior as posterior_lib
 from bbb import predict as predict_lib
 from bbb.errors import ConfigError, check_choice, check_non_negative, check_positive
@@ -72,6 +78,7 @@ class Experiment:
       num_train: N.
       steps_per_epoch: M.
       input_shape: shape of one example.
+      mesh: the ("data", "samples") device mesh (`bbb.parallel`); None means one device.
     """
 
     config: ml_collections.ConfigDict
@@ -81,6 +88,7 @@ class Experiment:
     num_train: int
     steps_per_epoch: int
     input_shape: tuple[int, ...]
+    mesh: jax.sharding.Mesh | None = None
 
 
 # Building and validation ------------------------------------------------------------------
@@ -133,13 +141,21 @@ def make_optimizer(config: ml_collections.ConfigDict, steps_per_epoch: int, num_
     return tx
 
 
-def build(config: ml_collections.ConfigDict, num_train: int, input_shape: tuple[int, ...]):
+def build(
+    config: ml_collections.ConfigDict,
+    num_train: int,
+    input_shape: tuple[int, ...],
+    *,
+    devices: Sequence[Any] | None = None,
+):
     """Validates `config` and builds the model, objective and optimiser, before any compute.
 
     Args:
       config: the experiment config.
       num_train: the number of training examples.
       input_shape: the shape of one example.
+      devices: the devices that `config.mesh` lays out; None takes `jax.devices()` (every
+        process's).
 
     Returns:
       An `Experiment`.
@@ -170,6 +186,16 @@ def build(config: ml_collections.ConfigDict, num_train: int, input_shape: tuple[
     check_positive("eval.batch_size", config.eval.batch_size, integer=True)
     check_positive("checkpoint_every_epochs", config.checkpoint_every_epochs, integer=True)
     check_positive("max_checkpoints", config.max_checkpoints, integer=True)
+    check_positive("objective.num_samples", config.objective.num_samples, integer=True)
+    devices = jax.devices() if devices is None else list(devices)
+    mesh_config = config.get("mesh") or ml_collections.ConfigDict({"data": -1, "samples": 1})
+    shape = parallel.mesh_shape(
+        mesh_config,
+        len(devices),
+        batch_size=config.batch_size,
+        num_samples=config.objective.num_samples,
+    )
+    mesh = parallel.make_mesh(shape, devices)
     steps_per_epoch = num_train // config.batch_size
     model = make_model(config.model)
     free_energy = objective_lib.FreeEnergy(
@@ -182,12 +208,13 @@ def build(config: ml_collections.ConfigDict, num_train: int, input_shape: tuple[
         estimator=config.posterior.estimator,
         kl=config.objective.kl,
         temperature=config.objective.kl_temperature,
+        mesh=mesh,
     )
     check_choice("objective.kl_schedule", config.objective.kl_schedule, objective_lib.KL_SCHEDULES)
     check_non_negative("objective.kl_warmup_steps", config.objective.kl_warmup_steps, integer=True)
     optimizer = make_optimizer(config.optim, steps_per_epoch, config.num_epochs)
     experiment = Experiment(
-        config, model, free_energy, optimizer, num_train, steps_per_epoch, tuple(input_shape)
+        config, model, free_energy, optimizer, num_train, steps_per_epoch, tuple(input_shape), mesh
     )
     # Trace one step abstractly: an estimator/layer mismatch or a shape error surfaces here,
     # as a ConfigError, before anything is computed or written.
@@ -266,7 +293,8 @@ def train_step(
     updates, opt_state = experiment.optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     metrics["grad_norm"] = optax.global_norm(grads)
-    return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
+    state = TrainState(step=state.step + 1, params=params, opt_state=opt_state)
+    return parallel.constrain(state, experiment.mesh), metrics  # replicated on a mesh
 
 
 def train_epoch(
@@ -292,6 +320,7 @@ def train_epoch(
     batch_size, steps = experiment.config.batch_size, experiment.steps_per_epoch
     order = jax.random.permutation(jax.random.fold_in(keys["shuffle"], epoch), x.shape[0])
     order = order[: steps * batch_size].reshape(steps, batch_size)  # [M, B]
+    order = parallel.constrain(order, experiment.mesh, None, "data")
 
     def step(state, indices):
         return train_step(experiment, state, (x[indices], y[indices]), keys["train"])
@@ -420,14 +449,36 @@ def load_data(config: ml_collections.ConfigDict) -> dict[str, tuple[np.ndarray, 
 # The loop ---------------------------------------------------------------------------------
 
 
+def jit_shardings(experiment: Experiment) -> dict[str, Any]:
+    """The keyword arguments of `jax.jit` for the experiment's mesh.
+
+    Every input and output is replicated (the minibatch and the MC samples are sharded inside
+    the step); on one device there are none, and the program is that of plain `jax.jit`.
+
+    Args:
+      experiment: from `build`.
+
+    Returns:
+      {"in_shardings", "out_shardings"}, or {} on one device.
+    """
+    if not parallel.is_sharded(experiment.mesh):
+        return {}
+    replicated = parallel.replicated(experiment.mesh)
+    return {"in_shardings": replicated, "out_shardings": replicated}
+
+
 def compile_epoch(experiment: Experiment) -> Callable:
-    """`train_epoch` jitted once, with the state's buffers donated."""
-    return jax.jit(lambda s, d, e, k: train_epoch(experiment, s, d, e, k), donate_argnums=0)
+    """`train_epoch` jitted once, with the state's buffers donated (and replicated on a mesh)."""
+    return jax.jit(
+        lambda s, d, e, k: train_epoch(experiment, s, d, e, k),
+        donate_argnums=0,
+        **jit_shardings(experiment),
+    )
 
 
 def compile_evaluate(experiment: Experiment) -> Callable:
     """`evaluate` jitted once (validation and test share the compiled program)."""
-    return jax.jit(lambda p, d, k: evaluate(experiment, p, d, k))
+    return jax.jit(lambda p, d, k: evaluate(experiment, p, d, k), **jit_shardings(experiment))
 
 
 def check_finite(metrics: dict[str, np.ndarray], first_step: int) -> None:
@@ -496,12 +547,15 @@ def train_and_evaluate(
         raise ConfigError("data", config.data.name, "data matching its declared size and shape")
     run = workdir_lib.Run(workdir, config)  # Creates the workdir; config errors come first.
 
+    shardings = jit_shardings(experiment)
     keys = root_keys(config)
-    state = jax.jit(lambda key: init_state(experiment, key))(keys["init"])
+    if shardings:  # Global arrays, replicated on every device of every process.
+        keys = jax.jit(lambda: root_keys(config), out_shardings=shardings["out_shardings"])()
+    state = jax.jit(lambda key: init_state(experiment, key), **shardings)(keys["init"])
     state, history = run.restore(state)
     start_epoch = int(state.step) // experiment.steps_per_epoch
 
-    device_data = {name: tuple(jnp.asarray(a) for a in arrays) for name, arrays in splits.items()}
+    device_data = parallel.replicate(splits, experiment.mesh)  # every device, every process
     epoch_fn = compile_epoch(experiment)
     eval_fn = compile_evaluate(experiment)
     progress = workdir_lib.Progress(config.num_epochs, start_epoch, enabled=config.progress)
@@ -510,7 +564,7 @@ def train_and_evaluate(
     with PreemptionWatcher() as preemption:
         for epoch in range(start_epoch, config.num_epochs):
             first_step = int(state.step)
-            state, metrics = epoch_fn(state, device_data["train"], jnp.int32(epoch), keys)
+            state, metrics = epoch_fn(state, device_data["train"], np.int32(epoch), keys)
             metrics = jax.device_get(metrics)
             steps_done += experiment.steps_per_epoch
             check_finite(metrics, first_step)
@@ -536,7 +590,7 @@ def train_and_evaluate(
             if interrupted and not last:
                 progress.close()
                 run.close()
-                if preemption.requested:
+                if preemption.requested and parallel.is_main_process():
                     print(
                         f"Pre-empted ({preemption.requested}) after epoch {epoch + 1}: checkpoint "
                         f"saved in {run.checkpoint_dir}. Run the same command to resume."
@@ -574,7 +628,9 @@ def load_run(workdir: str, step: int | None = None) -> tuple[Experiment, TrainSt
         config = ml_collections.ConfigDict(json.load(f))
     for field in ("hidden_sizes", "features"):
         config.model[field] = tuple(config.model[field])
-    experiment = build(config, *dataset_spec(config))
+    # Reading needs no mesh: the run's own may not fit the devices at hand.
+    config.mesh = ml_collections.ConfigDict({"data": 1, "samples": 1})
+    experiment = build(config, *dataset_spec(config), devices=jax.devices()[:1])
     abstract = jax.eval_shape(lambda: init_state(experiment, root_keys(config)["init"]))
     checkpoint_dir = os.path.join(os.path.abspath(workdir), "checkpoints")
     if not os.path.isdir(checkpoint_dir):

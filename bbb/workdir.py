@@ -24,11 +24,20 @@ import jax
 import ml_collections
 import numpy as np
 
+from bbb import parallel
 from bbb.errors import ConfigError
 
 PyTree = Any
-# Fields that may change between a run and its resumption (training length, logging cadence).
-RESUMABLE_FIELDS = ("num_epochs", "progress", "checkpoint_every_epochs", "max_checkpoints")
+# Fields that may change between a run and its resumption (training length, logging cadence,
+# and the device mesh: a run may resume on other hardware).
+RESUMABLE_FIELDS = (
+    "num_epochs",
+    "progress",
+    "checkpoint_every_epochs",
+    "max_checkpoints",
+    "mesh.data",
+    "mesh.samples",
+)
 
 
 class WorkdirError(RuntimeError):
@@ -83,8 +92,8 @@ def check_workdir(workdir: str, config: ml_collections.ConfigDict) -> None:
             diffs = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed[:5])
             raise WorkdirError(
                 f"workdir {path} holds a run with a different config ({diffs}). Resume it with "
-                "its own config (only num_epochs and logging fields may change), or choose "
-                "a new --workdir."
+                "its own config (only num_epochs, logging fields and the mesh may change), or "
+                "choose a new --workdir."
             )
 
 
@@ -212,7 +221,9 @@ def _posterior_arrays(params: PyTree) -> tuple[np.ndarray, np.ndarray] | None:
 class Run:
     """The writers of one run: metrics, TensorBoard, checkpoints, plots and summary.
 
-    Only process 0 writes logs; Orbax coordinates checkpoint writes across processes.
+    Only process 0 writes logs, metrics, TensorBoard, plots, config.json and summary.json; every
+    process calls the Orbax checkpoint manager (save, restore, wait), which coordinates the
+    writes across processes, as Orbax requires.
     """
 
     def __init__(self, workdir: str, config: ml_collections.ConfigDict):
@@ -220,7 +231,7 @@ class Run:
 
         self.workdir = os.path.abspath(workdir)
         self.config = config
-        self.is_writer = jax.process_index() == 0
+        self.is_writer = parallel.is_main_process()
         self.records: list[dict[str, Any]] = []
         if self.is_writer:
             os.makedirs(os.path.join(self.workdir, "plots"), exist_ok=True)
@@ -387,7 +398,7 @@ class Progress:
             total=num_epochs,
             initial=start_epoch,
             unit="epoch",
-            disable=not enabled or jax.process_index() != 0,
+            disable=not enabled or not parallel.is_main_process(),
             dynamic_ncols=True,
         )
         self.postfix: dict[str, str] = {}

@@ -2,6 +2,8 @@
 
   python scripts/train.py --config=configs/mnist.py --workdir=runs/mnist
   python scripts/train.py --config=configs/mnist.py:1200 --config.prior.pi=0.5 --workdir=runs/x
+  python scripts/train.py --config=configs/mnist.py --config.mesh.samples=2 --workdir=runs/x
+  python scripts/train.py --multihost --config=configs/mnist.py --workdir=gs://bucket/x  # each host
 
 Bad configs and flags exit with code 2 and a message naming the field, before any compute.
 """
@@ -18,13 +20,21 @@ from bbb import cli
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Output folder (resumed if it has checkpoints).")
+_MULTIHOST = flags.DEFINE_bool(
+    "multihost",
+    False,
+    "Run one process per host of a multi-host job: jax.distributed.initialize() joins them, the "
+    "mesh spans every host's devices, and process 0 writes the logs.",
+)
 flags.mark_flags_as_required(["config", "workdir"])
 
 
 def main(argv):
     del argv
-    from bbb import train
+    from bbb import parallel, train
 
+    if _MULTIHOST.value:  # Before anything touches a device.
+        cli.run_or_exit(parallel.initialize_multihost)
     cli.run_or_exit(lambda: train.train_and_evaluate(_CONFIG.value, _WORKDIR.value))
 
 

@@ -1,0 +1,341 @@
+"""SPMD over a ("data", "samples") mesh: same trajectory as one device, clear errors, process 0.
+
+The multi-device tests run in one subprocess with 8 fake CPU devices
+(`XLA_FLAGS=--xla_force_host_platform_device_count=8`), which computes every mesh at once and
+reports in JSON; the others run in this process, on its one device.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from bbb import parallel, train
+from bbb.errors import ConfigError
+from bbb.posterior import MeanFieldGaussian
+from bbb.workdir import History, Run
+from configs import test as test_config
+from tests.test_train import _digest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MESHES = [(8, 1), (4, 2), (1, 8)]
+NUM_TRAIN, NUM_EPOCHS = 64, 2
+
+
+def _tiny_config() -> ml_collections.ConfigDict:
+    """A 784-20-10 MLP, B = 16, K = 8: every mesh of 8 devices divides both. A Gaussian prior
+    (with the MC KL, one per sample) and a constant learning rate, which compile faster."""
+    config = test_config.get_config()
+    config.model.hidden_sizes = (20,)
+    config.prior.name = "gaussian"
+    config.optim.schedule = "constant"
+    config.batch_size = 16
+    config.objective.num_samples = 8
+    config.num_epochs = NUM_EPOCHS
+    config.data.train_subset = NUM_TRAIN
+    config.data.eval_subset = 40
+    config.eval.num_samples = 2
+    config.eval.batch_size = 20
+    config.objective.kl_temperature = 1e-3  # A loss of order 1, so that 1e-5 is tight.
+    return config
+
+
+def _synthetic_splits(config) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """MNIST-shaped random images and labels (the mesh tests need no real data)."""
+    rng = np.random.default_rng(0)
+    sizes = {
+        "train": config.data.train_subset,
+        "validation": config.data.eval_subset,
+        "test": config.data.eval_subset,
+    }
+    return {
+        name: (
+            rng.normal(size=(n, 28, 28, 1)).astype(np.float32),
+            rng.integers(0, 10, size=n).astype(np.int32),
+        )
+        for name, n in sizes.items()
+    }
+
+
+def _mesh_config(config, data, samples):
+    config.mesh.data, config.mesh.samples = data, samples
+    return config
+
+
+def _worker(workdir: str) -> dict:
+    """In the 8-device subprocess: trajectories on one device and on each mesh, and the checks
+    that need several devices. Returns what the tests assert on."""
+    assert jax.device_count() == 8, jax.devices()
+    # The whole-loop run below compiles the (4, 2) epoch again: let it hit the disk cache.
+    jax.config.update("jax_compilation_cache_dir", os.path.join(workdir + "_xla_cache"))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    splits = _synthetic_splits(_tiny_config())
+    report = {"losses": {}, "cache_sizes": {}, "replicated": {}, "shapes": {}}
+    initial = None  # One initial state (on the host) for every mesh.
+    for shape in [(1, 1), *MESHES]:
+        name = "x".join(map(str, shape))
+        config = _mesh_config(_tiny_config(), *shape)
+        devices = jax.devices()[: shape[0] * shape[1]]
+        experiment = train.build(config, NUM_TRAIN, (28, 28, 1), devices=devices)
+        keys = train.root_keys(config)
+        if initial is None:
+            init = jax.jit(lambda key: train.init_state(experiment, key))  # noqa: B023
+            initial = jax.device_get(init(keys["init"]))
+        state = parallel.replicate(initial, experiment.mesh)
+        data = parallel.replicate(splits, experiment.mesh)
+        epoch_fn = train.compile_epoch(experiment)
+        text = epoch_fn.lower(state, data["train"], np.int32(0), keys).compile().as_text()
+        # The sampled first-layer weights: [K / samples, 784, 20] on each device.
+        report["shapes"][name] = [k for k in (1, 2, 4, 8) if f"f32[{k},784,20]" in text]
+        losses = []
+        for epoch in range(NUM_EPOCHS):
+            state, metrics = epoch_fn(state, data["train"], np.int32(epoch), keys)
+            losses.extend(np.asarray(metrics["loss"]).tolist())
+        report["losses"][name] = losses
+        report["cache_sizes"][name] = epoch_fn._cache_size()
+        report["replicated"][name] = all(
+            leaf.sharding.is_fully_replicated and len(leaf.sharding.device_set) == len(devices)
+            for leaf in jax.tree_util.tree_leaves(state)
+        )
+
+    # The whole loop on the (4, 2) mesh, stopped after one epoch and resumed.
+    config = _mesh_config(_tiny_config(), 4, 2)
+    train.load_data = lambda config: splits
+    train.train_and_evaluate(config, workdir, stop_after_epochs=1)
+    train.train_and_evaluate(config, workdir)
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        report["run"] = [json.loads(line) for line in f]
+
+    # Bad meshes on 8 real devices.
+    report["errors"] = {}
+    for data_axis, samples_axis, num_samples in [(4, 2, 3), (3, -1, 8), (2, 2, 8), (-1, 1, 4)]:
+        config = _mesh_config(_tiny_config(), data_axis, samples_axis)
+        config.objective.num_samples = num_samples
+        config.batch_size = 12 if data_axis == -1 else 16
+        try:
+            train.build(config, NUM_TRAIN, (28, 28, 1))
+            message = ""
+        except ConfigError as e:
+            message = str(e)
+        report["errors"][f"{data_axis},{samples_axis},{num_samples}"] = message
+    return report
+
+
+@pytest.fixture(scope="module")
+def eight_devices(tmp_path_factory) -> dict:
+    """The report of `_worker`, run with 8 fake CPU devices."""
+    workdir = str(tmp_path_factory.mktemp("mesh") / "wd")
+    env = dict(
+        os.environ,
+        XLA_FLAGS="--xla_force_host_platform_device_count=8",
+        JAX_PLATFORMS="cpu",
+        JAX_DISABLE_MOST_OPTIMIZATIONS="1",
+    )
+    code = (
+        "import json, sys; from tests.test_mesh import _worker; "
+        f"print('REPORT' + json.dumps(_worker({workdir!r})))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=600
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    line = next(line for line in result.stdout.splitlines() if line.startswith("REPORT"))
+    return json.loads(line[len("REPORT") :])
+
+
+@pytest.mark.parametrize("shape", MESHES)
+def test_mesh_gives_the_one_device_loss_trajectory(eight_devices, shape):
+    name = "x".join(map(str, shape))
+    reference = eight_devices["losses"]["1x1"]
+    assert len(reference) == NUM_EPOCHS * NUM_TRAIN // 16
+    np.testing.assert_allclose(eight_devices["losses"][name], reference, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("shape", [(1, 1), *MESHES])
+def test_epoch_compiles_once_and_the_state_stays_replicated(eight_devices, shape):
+    name = "x".join(map(str, shape))
+    assert eight_devices["cache_sizes"][name] == 1
+    assert eight_devices["replicated"][name]
+
+
+def test_samples_axis_splits_the_monte_carlo_samples(eight_devices):
+    """Each device draws K / samples weight samples: 8 on one device, 4 on (4, 2), 1 on (1, 8)."""
+    shapes = eight_devices["shapes"]
+    assert 8 in shapes["1x1"] and 8 in shapes["8x1"]
+    assert 4 in shapes["4x2"] and 8 not in shapes["4x2"]
+    assert shapes["1x8"] == [1]
+
+
+def test_training_loop_on_a_mesh_resumes_and_matches_one_device(eight_devices):
+    records = eight_devices["run"]
+    assert [r["epoch"] for r in records] == [1, 2]
+    reference = np.reshape(eight_devices["losses"]["1x1"], (NUM_EPOCHS, -1)).mean(axis=1)
+    np.testing.assert_allclose([r["train/loss"] for r in records], reference, rtol=1e-5)
+    assert all("eval/test_error" in r for r in records)
+
+
+@pytest.mark.parametrize(
+    ("case", "expected"),
+    [
+        ("4,2,3", "mesh.samples=2 is invalid: allowed is a divisor of objective.num_samples=3"),
+        ("3,-1,8", "mesh.data=3 is invalid: allowed is a divisor of the 8 devices"),
+        ("2,2,8", "mesh.data × mesh.samples = 2 × 2 = 4 equal to the 8 devices"),
+        ("-1,1,4", "mesh.data=-1 is invalid: allowed is a divisor of batch_size=12"),
+    ],
+)
+def test_bad_mesh_on_eight_devices_names_the_field(eight_devices, case, expected):
+    assert expected in eight_devices["errors"][case]
+
+
+# In this process (one device) -------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("data", "samples", "devices", "expected"),
+    [((-1, 1, 8, (8, 1))), (2, -1, 8, (2, 4)), (-1, 4, 8, (2, 4)), (4, 2, 8, (4, 2))]
+    + [(-1, 1, 1, (1, 1)), (1, -1, 1, (1, 1))],
+)
+def test_mesh_shape_takes_the_devices_the_other_axis_leaves(data, samples, devices, expected):
+    mesh = ml_collections.ConfigDict({"data": data, "samples": samples})
+    assert parallel.mesh_shape(mesh, devices, batch_size=64, num_samples=8) == expected
+
+
+@pytest.mark.parametrize(
+    ("data", "samples", "devices", "batch_size", "num_samples", "field", "allowed"),
+    [
+        (-1, -1, 8, 64, 8, "mesh.samples=-1", "one axis at most"),
+        (0, 1, 8, 64, 8, "mesh.data=0", "a positive integer, or -1"),
+        (2.0, 1, 2, 64, 8, "mesh.data=2.0", "a positive integer, or -1"),
+        (1, True, 1, 64, 8, "mesh.samples=True", "a positive integer, or -1"),
+        (3, -1, 8, 64, 8, "mesh.data=3", "a divisor of the 8 devices"),
+        (-1, 3, 8, 64, 8, "mesh.samples=3", "a divisor of the 8 devices"),
+        (2, 1, 8, 64, 8, "mesh.data=2", "2 × 1 = 2 equal to the 8 devices"),
+        (8, 2, 8, 64, 8, "mesh.data=8", "8 × 2 = 16 equal to the 8 devices"),
+        (2, 1, 1, 64, 8, "mesh.data=2", "2 × 1 = 2 equal to the 1 device "),
+        (-1, 1, 8, 100, 8, "mesh.data=-1", "a divisor of batch_size=100"),
+        (4, 2, 8, 64, 3, "mesh.samples=2", "a divisor of objective.num_samples=3"),
+        (1, 8, 8, 64, 4, "mesh.samples=8", "a divisor of objective.num_samples=4"),
+    ],
+)
+def test_bad_mesh_is_a_config_error_naming_the_field(
+    data, samples, devices, batch_size, num_samples, field, allowed
+):
+    mesh = ml_collections.ConfigDict({"data": data, "samples": samples})
+    with pytest.raises(ConfigError) as info:
+        parallel.mesh_shape(mesh, devices, batch_size=batch_size, num_samples=num_samples)
+    assert f"config field {field} is invalid" in str(info.value)
+    assert allowed in str(info.value)
+
+
+def test_build_checks_the_mesh_against_the_devices_before_any_compute():
+    """`build` with 8 stand-in devices: the checks run on their count, before a mesh exists."""
+    config = _mesh_config(_tiny_config(), 4, 2)
+    config.objective.num_samples = 3
+    with pytest.raises(ConfigError, match=r"objective\.num_samples=3"):
+        train.build(config, NUM_TRAIN, (28, 28, 1), devices=jax.devices() * 8)
+    config = _mesh_config(_tiny_config(), 2, 1)  # 2 devices asked, 1 here
+    with pytest.raises(ConfigError, match=r"mesh\.data=2 .* equal to the 1 device "):
+        train.build(config, NUM_TRAIN, (28, 28, 1))
+
+
+def test_one_device_program_has_no_sharding_annotation_of_bbb():
+    """On one device the mesh adds nothing: no constraint beyond the one inside jax.random."""
+    config = _tiny_config()
+    experiment = train.build(config, NUM_TRAIN, (28, 28, 1))
+    assert not parallel.is_sharded(experiment.mesh)
+    keys = train.root_keys(config)
+    state = jax.eval_shape(lambda: train.init_state(experiment, keys["init"]))
+    data = (jnp.zeros((NUM_TRAIN, 28, 28, 1)), jnp.zeros((NUM_TRAIN,), jnp.int32))
+    text = train.compile_epoch(experiment).lower(state, data, np.int32(0), keys).as_text()
+    constraints = [line for line in text.splitlines() if "sharding_constraint" in line]
+    assert all("tensor<2xui32>" in line for line in constraints), constraints  # PRNG key data
+
+
+def test_cli_bad_mesh_exits_2_and_leaves_the_workdir(tmp_path):
+    workdir = tmp_path / "wd"
+    workdir.mkdir()
+    config = test_config.get_config()
+    (workdir / "config.json").write_text(config.to_json_best_effort())
+    (workdir / "keep.txt").write_text("precious")
+    before = _digest(str(workdir))
+    result = subprocess.run(
+        [
+            sys.executable,
+            os.path.join(REPO, "scripts", "train.py"),
+            "--config=configs/test.py",
+            f"--workdir={workdir}",
+            "--config.mesh.data=2",  # one device here
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "mesh.data=2" in result.stderr and "equal to the 1 device " in result.stderr
+    assert _digest(str(workdir)) == before
+
+
+# Processes ----------------------------------------------------------------------------------
+
+
+def test_only_process_0_is_the_main_process(monkeypatch):
+    assert parallel.is_main_process()
+    monkeypatch.setattr(jax, "process_index", lambda: 1)
+    assert not parallel.is_main_process()
+
+
+@functools.cache
+def _small_state() -> train.TrainState:
+    posterior = MeanFieldGaussian(
+        mu={"w": jnp.linspace(-1.0, 1.0, 12).reshape(3, 4)}, rho={"w": jnp.full((3, 4), -3.0)}
+    )
+    return train.TrainState(step=jnp.int32(5), params={"posterior": posterior}, opt_state={})
+
+
+def _record(step: int) -> dict:
+    return {"step": step, "epoch": 1, "train/loss": 1.0, "eval/val_error": 0.5}
+
+
+def test_other_processes_write_only_checkpoints(tmp_path, monkeypatch, capsys):
+    """Process 1 of a multi-host job: no logs, metrics, plots, TensorBoard or config.json; it
+    still calls Orbax's save, which every process must."""
+    monkeypatch.setattr(parallel, "is_main_process", lambda: False)
+    workdir = str(tmp_path / "wd")
+    run = Run(workdir, test_config.get_config())
+    state = _small_state()
+    run.write_metrics(_record(5), state)
+    run.save(state, History())
+    run.finish(state, History(), wall_time=1.0, steps_done=5)
+    assert os.listdir(workdir) == ["checkpoints"]
+    assert os.listdir(os.path.join(workdir, "checkpoints")) == ["5"]
+    assert capsys.readouterr().out == ""
+
+
+def test_process_0_writes_the_logs(tmp_path):
+    workdir = str(tmp_path / "wd")
+    run = Run(workdir, test_config.get_config())
+    run.write_metrics(_record(5), _small_state())
+    run.save(_small_state(), History())
+    run.close()
+    assert {"config.json", "metrics.jsonl", "tensorboard", "checkpoints", "plots"} <= set(
+        os.listdir(workdir)
+    )
+
+
+def test_multihost_without_a_cluster_is_a_clear_error(monkeypatch):
+    def no_cluster():
+        raise ValueError("coordinator_address should be defined.")
+
+    monkeypatch.setattr(jax.distributed, "initialize", no_cluster)
+    with pytest.raises(ConfigError, match=r"--multihost.*JAX_COORDINATOR_ADDRESS"):
+        parallel.initialize_multihost()
