@@ -414,11 +414,15 @@ def run_member(member: Member, **kwargs: Any) -> dict[str, Any] | None:
         print(f"sweep[{member.index}] {member.name}: finished, skipped.")
         return read_summary(member.workdir)
     print(f"sweep[{member.index}] {member.name}: training ({member.status}).")
+    os.makedirs(os.path.dirname(member.workdir), exist_ok=True)  # The sweep's folder.
     return train.train_and_evaluate(member.config, member.workdir, **kwargs)
 
 
 def run_sequential(members: Sequence[Member], **kwargs: Any) -> list[int]:
     """Trains the members one after another; a diverged member does not stop the others.
+
+    A member that stops early (pre-empted by SIGTERM, or `stop_after_epochs`) stops the sweep:
+    the same command resumes it.
 
     Args:
       members: the members to train.
@@ -430,7 +434,9 @@ def run_sequential(members: Sequence[Member], **kwargs: Any) -> list[int]:
     diverged = []
     for member in members:
         try:
-            run_member(member, **kwargs)
+            if run_member(member, **kwargs) is None:
+                print(f"sweep[{member.index}] {member.name}: stopped early; the sweep stops.")
+                break
         except train.TrainingDivergedError as e:
             print(f"sweep[{member.index}] {member.name}: {e}", file=sys.stderr)
             diverged.append(member.index)
@@ -675,7 +681,10 @@ def train_vectorized(
         if member.finished:
             print(f"sweep[{member.index}] {member.name}: finished, skipped.")
     for group in groups:
-        diverged += _train_group(group, stop_after_epochs)
+        group_diverged, stopped = _train_group(group, stop_after_epochs)
+        diverged += group_diverged
+        if stopped:  # Pre-empted: the same command resumes.
+            break
     return diverged
 
 
@@ -689,9 +698,8 @@ def _on_one_device(obj: Any) -> Any:
     return obj
 
 
-def _train_group(group: Sequence[Member], stop_after_epochs: int | None) -> list[int]:
-    from tqdm.auto import tqdm
-
+def _train_group(group: Sequence[Member], stop_after_epochs: int | None) -> tuple[list[int], bool]:
+    """Trains one group; returns (diverged member indices, whether it stopped early)."""
     from bbb import workdir as workdir_lib
 
     config = group[0].config
@@ -708,6 +716,7 @@ def _train_group(group: Sequence[Member], stop_after_epochs: int | None) -> list
     )
     runs, restored = [], []
     for index, member in enumerate(group):
+        os.makedirs(os.path.dirname(member.workdir), exist_ok=True)  # The sweep's folder.
         run = workdir_lib.Run(member.workdir, member.config)
         runs.append(run)
         restored.append(run.restore(_unstack(states, index)))
@@ -722,7 +731,7 @@ def _train_group(group: Sequence[Member], stop_after_epochs: int | None) -> list
             f"({', '.join(str(group[i].index) for i in indices)}) as one program, "
             f"from epoch {step // experiment.steps_per_epoch}."
         )
-        diverged += _train_subgroup(
+        subgroup_diverged, stopped = _train_subgroup(
             experiment,
             programs,
             [group[i] for i in indices],
@@ -732,15 +741,25 @@ def _train_group(group: Sequence[Member], stop_after_epochs: int | None) -> list
             _stack([member_keys[i] for i in indices]),
             device_data,
             stop_after_epochs,
-            tqdm,
         )
-    return diverged
+        diverged += subgroup_diverged
+        if stopped:  # The members of later subgroups wait for the next session.
+            for later in (i for s, rest in by_step.items() if s > step for i in rest):
+                runs[later].close()
+            return diverged, True
+    return diverged, False
 
 
 def _train_subgroup(
-    experiment, programs, members, runs, state, histories, keys, device_data, stop_after, tqdm
-) -> list[int]:
-    """The loop of `train.train_and_evaluate`, over a member axis."""
+    experiment, programs, members, runs, state, histories, keys, device_data, stop_after
+) -> tuple[list[int], bool]:
+    """The loop of `train.train_and_evaluate`, over a member axis.
+
+    Returns:
+      (the indices of the members that diverged, whether the loop stopped early).
+    """
+    from tqdm.auto import tqdm
+
     config = members[0].config
     hyperparameters = _hyperparameters(members)
     steps_per_epoch = experiment.steps_per_epoch
@@ -752,12 +771,17 @@ def _train_subgroup(
     )
     started = time.perf_counter()
     steps_done = 0
+    start_step = int(state.step[0])
+    # The next epoch is dispatched before this one's logs and checkpoints are written, so that
+    # the per-member host work (TensorBoard's fsync, Orbax) overlaps the device's compute.
+    if start_epoch < config.num_epochs:
+        pending = programs.epoch(
+            hyperparameters, state, device_data["train"], jnp.int32(start_epoch), keys
+        )
     with train.PreemptionWatcher() as preemption:
         for epoch in range(start_epoch, config.num_epochs):
-            first_step = int(state.step[0])
-            state, metrics = programs.epoch(
-                hyperparameters, state, device_data["train"], jnp.int32(epoch), keys
-            )
+            first_step = start_step + (epoch - start_epoch) * steps_per_epoch
+            state, metrics = pending
             metrics = jax.device_get(metrics)  # each [members, M]
             steps_done += steps_per_epoch
             last = epoch + 1 == config.num_epochs
@@ -775,6 +799,14 @@ def _train_subgroup(
                 stop_after is not None and epoch + 1 - start_epoch >= stop_after
             )
             save = (epoch + 1) % config.checkpoint_every_epochs == 0 or last or interrupted
+            member_states = {}
+            if evaluated or save:  # Copies, made before the next epoch takes the buffers.
+                member_states = {i: _unstack(state, i) for i in range(len(members)) if alive[i]}
+                jax.block_until_ready(member_states)
+            if not (last or interrupted):
+                pending = programs.epoch(
+                    hyperparameters, state, device_data["train"], jnp.int32(epoch + 1), keys
+                )
             for i, (member, run) in enumerate(zip(members, runs, strict=True)):
                 if not alive[i]:
                     continue
@@ -789,14 +821,12 @@ def _train_subgroup(
                     continue
                 record = {"step": first_step + steps_per_epoch, "epoch": epoch + 1}
                 record.update({f"train/{k}": float(np.mean(v)) for k, v in member_metrics.items()})
-                record["train/kl_weight"] = float(np.mean(member_metrics["kl_weight"]))
                 if evaluated:
                     record.update({k: float(v[i]) for k, v in results.items()})
                     histories[i].update_best(record)
-                member_state = _unstack(state, i) if (evaluated or save) else None
-                run.write_metrics(record, member_state)
+                run.write_metrics(record, member_states.get(i))
                 if save:
-                    run.save(member_state, histories[i])
+                    run.save(member_states[i], histories[i])
             bar.update(1)
             if interrupted and not last:
                 bar.close()
@@ -808,13 +838,15 @@ def _train_subgroup(
                         f"Pre-empted ({preemption.requested}) after epoch {epoch + 1}: "
                         "checkpoints saved. Run the same command to resume."
                     )
-                return diverged
+                return diverged, True
+            if not any(alive):
+                break
     bar.close()
     wall_time = time.perf_counter() - started
     for i, run in enumerate(runs):
         if alive[i]:
             run.finish(_unstack(state, i), histories[i], wall_time=wall_time, steps_done=steps_done)
-    return diverged
+    return diverged, False
 
 
 # The results table ------------------------------------------------------------------------

@@ -116,6 +116,27 @@ def test_results_table_lists_best_validation_first(trained):
     assert os.path.getsize(os.path.join(vectorized, "results.png")) > 0
 
 
+def _compare_priors(fixed, learnable):
+    """A jitted comparison of `fixed` and its traced form, one compile per prior."""
+
+    def traced(hyperparameters):
+        return sweep.TracedPrior(learnable, hyperparameters)
+
+    @jax.jit
+    def compare(w, hyperparameters):
+        return {
+            "log_prob": (fixed.log_prob({}, w), traced(hyperparameters).log_prob({}, w)),
+            "grad_w": (
+                jax.grad(lambda v: fixed.log_prob({}, v))(w)["a"],
+                jax.grad(lambda v: traced(hyperparameters).log_prob({}, v))(w)["a"],
+            ),
+            # Its hyperparameters get no gradient: fixed, as in the one-by-one run.
+            "grad_hyperparameters": jax.grad(lambda h: traced(h).log_prob({}, w))(hyperparameters),
+        }
+
+    return compare
+
+
 def test_traced_prior_is_the_fixed_prior_and_is_not_trained():
     """The vectorised program's prior: the fixed prior's log-density, KL and weight gradient."""
     rng = np.random.default_rng(0)
@@ -126,19 +147,18 @@ def test_traced_prior_is_the_fixed_prior_and_is_not_trained():
         {"name": "scale_mixture", "pi": 0.25, "sigma1": 1.0, "sigma2": math.exp(-7)},
     ):
         fixed = make_prior(fields)
-        hyperparameters = make_prior({**fields, "learnable": True}).init_params()
-        traced = sweep.TracedPrior(make_prior({**fields, "learnable": True}), hyperparameters)
-        assert float(traced.log_prob({}, w)) == pytest.approx(float(fixed.log_prob({}, w)), 1e-6)
-        grad = jax.grad(lambda tree, p=fixed: p.log_prob({}, tree))(w)
-        grad_traced = jax.grad(lambda tree, p=traced: p.log_prob({}, tree))(w)
-        np.testing.assert_allclose(grad_traced["a"], grad["a"], rtol=1e-5)
+        learnable = make_prior({**fields, "learnable": True})
+        hyperparameters = learnable.init_params()
+
+        result = _compare_priors(fixed, learnable)(w, hyperparameters)
+        np.testing.assert_allclose(*result["log_prob"], rtol=1e-6)
+        np.testing.assert_allclose(*result["grad_w"], rtol=1e-5)
+        assert all(
+            float(g) == 0.0 for g in jax.tree_util.tree_leaves(result["grad_hyperparameters"])
+        )
         if fixed.has_closed_form_kl:
+            traced = sweep.TracedPrior(learnable, hyperparameters)
             assert float(traced.kl({}, posterior)) == pytest.approx(float(fixed.kl({}, posterior)))
-        # Its hyperparameters get no gradient: they are fixed, as in the one-by-one run.
-        grad_hyper = jax.grad(
-            lambda h, t=traced: sweep.TracedPrior(t.learnable, h).log_prob({}, w)
-        )(hyperparameters)
-        assert all(float(g) == 0.0 for g in jax.tree_util.tree_leaves(grad_hyper))
 
 
 def test_member_experiment_scales_learning_rate_and_temperature():
