@@ -19,7 +19,9 @@ def get_config() -> ml_collections.ConfigDict:
     config.buffer_size = 4096  # The replay buffer keeps the last this many interactions.
     config.num_updates = 64  # Gradient steps per round of updates (the paper: 64).
     config.batch_size = 64  # Minibatch size of each step, drawn uniformly from the buffer.
-    config.update_every = 1  # Interactions per round of updates (the paper: 1, after each).
+    # Interactions per round of 64 updates (the paper: 1, after each). The paper's 3.2M steps per
+    # agent take hours on a 2-core CPU; --config.update_every=25 divides that by 25.
+    config.update_every = 1
     config.chunk_steps = 250  # Interactions per compiled chunk (the host logs between chunks).
     config.progress = True  # Show a progress bar with ETA and live cumulative regret.
 
@@ -47,14 +49,16 @@ def get_config() -> ml_collections.ConfigDict:
     config.posterior.noise = "hash"
 
     config.prior = ml_collections.ConfigDict()
-    config.prior.name = "gaussian"  # P(w) = N(0, σ²) on every weight (any bbb prior works).
-    # Its standard deviation, about 1/√fan-in: with σ = 1 a 100-wide layer's prior functions
-    # are hundreds of reward units wide, q stays near the prior and Thompson sampling acts at
-    # random for thousands of steps (measured); 0.1 keeps prior draws on the rewards' scale.
-    config.prior.sigma = 0.1
-    config.prior.pi = 0.5  # scale_mixture: weight of the wide component.
-    config.prior.sigma1 = 1.0  # scale_mixture: wide component.
-    config.prior.sigma2 = 0.0025  # scale_mixture: narrow component.
+    # The paper's scale mixture π N(0, σ1²) + (1 − π) N(0, σ2²) (Blundell et al. 2015, eq. 7),
+    # or "gaussian" (sigma), or any other bbb prior. Measured on 10,000-step runs: a Gaussian
+    # with σ = 1 keeps q near the prior and Thompson sampling near-random; σ = 0.1 explores
+    # too long (0.2 regret/step at 10,000 steps, twice greedy's); σ = 0.03 underfits; the
+    # mixture's narrow component keeps the unused weights quiet and learns fastest.
+    config.prior.name = "scale_mixture"
+    config.prior.pi = 0.5  # Weight of the wide component.
+    config.prior.sigma1 = 1.0  # Wide component, σ1 = e⁰.
+    config.prior.sigma2 = 0.0025  # Narrow component, σ2 ≈ e⁻⁶.
+    config.prior.sigma = 0.1  # The gaussian prior's standard deviation (if name="gaussian").
     config.prior.learnable = False  # Keep the prior fixed.
 
     config.likelihood = ml_collections.ConfigDict()
@@ -66,6 +70,9 @@ def get_config() -> ml_collections.ConfigDict:
     config.objective.num_samples = 2  # Posterior samples per gradient step (the paper's 2).
     config.objective.kl = "mc"  # "mc" (the paper's log q − log P) or "closed_form".
     config.objective.kl_temperature = 1.0  # T multiplying the KL.
+    # N in the KL weight 1/N of each minibatch: "buffer" (its size, ≤ 4096) or "interactions"
+    # (every interaction so far); see bbb/bandit.py.
+    config.objective.kl_data_size = "buffer"
 
     config.optim = ml_collections.ConfigDict()
     config.optim.learning_rate = 1e-3  # Adam's learning rate, for every agent.

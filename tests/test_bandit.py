@@ -238,6 +238,7 @@ def test_agents_of_one_seed_meet_the_same_mushrooms():
         ("likelihood.noise_std", 0.0),
         ("prior.name", "nonsense"),
         ("optim.learning_rate", -1.0),
+        ("objective.kl_data_size", "everything"),
     ],
 )
 def test_bad_config_names_the_field(field, value):
