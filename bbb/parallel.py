@@ -178,12 +178,13 @@ def replicate(tree: PyTree, mesh: Mesh | None) -> PyTree:
 def initialize_multihost() -> None:
     """Joins the processes of a multi-host job: `jax.distributed.initialize()`, as JAX documents.
 
-    Call once per process, before anything touches a device. On Cloud TPU, SLURM and Open MPI the
-    coordinator, process count and process id are detected; elsewhere set
-    `JAX_COORDINATOR_ADDRESS=host:port` and pass them as JAX documents.
+    Call once per process, before anything touches a device. JAX finds the coordinator, the
+    process count and this process's id in the job's environment: Cloud TPU, SLURM (`srun`),
+    Open MPI (`mpirun`) or Kubernetes; `JAX_COORDINATOR_ADDRESS=host:port` overrides the
+    coordinator.
 
     Raises:
-      ConfigError: the cluster could not be detected (names `--multihost` and what to set).
+      ConfigError: no such environment was found (names `--multihost` and what is needed).
     """
     try:
         jax.distributed.initialize()
@@ -191,9 +192,26 @@ def initialize_multihost() -> None:
         raise ConfigError(
             "--multihost",
             True,
-            "a cluster that jax.distributed.initialize() detects (Cloud TPU, SLURM, Open MPI) "
-            f"or JAX_COORDINATOR_ADDRESS with a detectable process count and id ({e})",
+            "a job that jax.distributed.initialize() detects: Cloud TPU, SLURM (srun), Open MPI "
+            f"(mpirun) or Kubernetes, optionally with JAX_COORDINATOR_ADDRESS ({e})",
         ) from e
+
+
+def any_process(flag: bool) -> bool:
+    """Whether `flag` is true in any process (a SIGTERM may reach one host only, and every
+    process must stop at the same epoch). On one process, no collective runs.
+
+    Args:
+      flag: this process's value.
+
+    Returns:
+      The logical or over the processes.
+    """
+    if jax.process_count() == 1:
+        return bool(flag)
+    from jax.experimental import multihost_utils
+
+    return bool(np.any(multihost_utils.process_allgather(np.int32(flag))))
 
 
 def is_main_process() -> bool:

@@ -582,7 +582,8 @@ def train_and_evaluate(
                 history.update_best(record)
             run.write_metrics(record, state)
             progress.update(record)
-            interrupted = preemption.requested or (
+            preempted = parallel.any_process(bool(preemption.requested))  # all hosts agree
+            interrupted = preempted or (
                 stop_after_epochs is not None and epoch + 1 - start_epoch >= stop_after_epochs
             )
             if (epoch + 1) % config.checkpoint_every_epochs == 0 or last or interrupted:
@@ -590,9 +591,10 @@ def train_and_evaluate(
             if interrupted and not last:
                 progress.close()
                 run.close()
-                if preemption.requested and parallel.is_main_process():
+                if preempted and parallel.is_main_process():
                     print(
-                        f"Pre-empted ({preemption.requested}) after epoch {epoch + 1}: checkpoint "
+                        f"Pre-empted ({preemption.requested or 'another host'}) after epoch "
+                        f"{epoch + 1}: checkpoint "
                         f"saved in {run.checkpoint_dir}. Run the same command to resume."
                     )
                 return None

@@ -209,7 +209,8 @@ def _plot_histograms(workdir: str, sigma: np.ndarray, snr: np.ndarray) -> None:
 
 
 def _posterior_arrays(params: PyTree) -> tuple[np.ndarray, np.ndarray] | None:
-    posterior = params["posterior"]
+    # On the host first: process 0 alone must not run a computation on arrays that span hosts.
+    posterior = jax.device_get(params["posterior"])
     if not hasattr(posterior, "signal_to_noise"):
         return None
     flat = lambda tree: np.concatenate(

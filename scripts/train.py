@@ -3,7 +3,7 @@
   python scripts/train.py --config=configs/mnist.py --workdir=runs/mnist
   python scripts/train.py --config=configs/mnist.py:1200 --config.prior.pi=0.5 --workdir=runs/x
   python scripts/train.py --config=configs/mnist.py --config.mesh.samples=2 --workdir=runs/x
-  python scripts/train.py --multihost --config=configs/mnist.py --workdir=gs://bucket/x  # each host
+  srun python scripts/train.py --multihost --config=configs/mnist.py --workdir=/shared/runs/x
 
 Bad configs and flags exit with code 2 and a message naming the field, before any compute.
 """

@@ -337,5 +337,21 @@ def test_multihost_without_a_cluster_is_a_clear_error(monkeypatch):
         raise ValueError("coordinator_address should be defined.")
 
     monkeypatch.setattr(jax.distributed, "initialize", no_cluster)
-    with pytest.raises(ConfigError, match=r"--multihost.*JAX_COORDINATOR_ADDRESS"):
+    with pytest.raises(ConfigError, match=r"--multihost.*SLURM \(srun\)"):
         parallel.initialize_multihost()
+
+
+def test_a_stop_on_any_process_stops_every_process(monkeypatch):
+    from jax.experimental import multihost_utils
+
+    assert parallel.any_process(True) and not parallel.any_process(False)
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    gathered = []
+
+    def allgather(flag):  # This process's flag, and another process's that got SIGTERM.
+        gathered.append(int(flag))
+        return np.array([int(flag), 1])
+
+    monkeypatch.setattr(multihost_utils, "process_allgather", allgather)
+    assert parallel.any_process(False)
+    assert gathered == [0]
