@@ -18,6 +18,7 @@ import dataclasses
 import json
 import math
 import os
+import tempfile
 from typing import Any
 
 import jax
@@ -58,8 +59,23 @@ def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
+def _can_create_files(folder: str) -> bool:
+    """Whether a file can be created (and is then removed) in `folder`.
+
+    `os.access` says yes to root on a read-only mount or a pseudo file system such as /proc;
+    creating a file is the test that cannot be fooled.
+    """
+    try:
+        handle, probe = tempfile.mkstemp(prefix=".bbb-write-probe-", dir=folder)
+    except OSError:
+        return False
+    os.close(handle)
+    os.remove(probe)
+    return True
+
+
 def check_workdir(workdir: str, config: ml_collections.ConfigDict) -> None:
-    """Checks, writing nothing, that `workdir` can take this run.
+    """Checks, leaving nothing behind, that `workdir` can take this run.
 
     Args:
       workdir: the output folder.
@@ -78,8 +94,11 @@ def check_workdir(workdir: str, config: ml_collections.ConfigDict) -> None:
     if not os.path.isdir(parent):
         raise WorkdirError(f"the parent folder of workdir {path} does not exist: create {parent}.")
     target = path if os.path.isdir(path) else parent
-    if not os.access(target, os.W_OK | os.X_OK):
-        raise WorkdirError(f"workdir {path} is not writable ({target} denies writing).")
+    if not os.access(target, os.W_OK | os.X_OK) or not _can_create_files(target):
+        raise WorkdirError(
+            f"workdir {path} is not writable ({target} denies writing): choose a --workdir "
+            "under a folder you can write to."
+        )
     saved = os.path.join(path, "config.json")
     if os.path.exists(saved):
         with open(saved) as f:
@@ -190,6 +209,18 @@ def _plot_training(workdir: str, records: list[dict[str, Any]]) -> None:
     plt.close(fig)
 
 
+def _histogram_range(values: np.ndarray) -> tuple[float, float]:
+    """A finite range for 100 bins: nearly equal values (all σ at ρ₀) get a unit-wide range.
+
+    matplotlib refuses 100 bins over a range of a few ulps ("Too many bins for data range").
+    """
+    finite = values[np.isfinite(values)]
+    lo, hi = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 0.0)
+    if hi - lo < 1e-3 * max(1.0, abs(lo), abs(hi)):
+        return lo - 0.5, hi + 0.5
+    return lo, hi
+
+
 def _plot_histograms(workdir: str, sigma: np.ndarray, snr: np.ndarray) -> None:
     import matplotlib
 
@@ -197,10 +228,12 @@ def _plot_histograms(workdir: str, sigma: np.ndarray, snr: np.ndarray) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    axes[0].hist(np.log10(np.maximum(sigma, 1e-30)), bins=100)
+    log_sigma = np.log10(np.maximum(sigma, 1e-30))
+    axes[0].hist(log_sigma, bins=100, range=_histogram_range(log_sigma))
     axes[0].set_xlabel("log10 σ")
     axes[0].set_title("posterior standard deviations")
-    axes[1].hist(10 * np.log10(np.maximum(snr, 1e-30)), bins=100, density=True)
+    snr_db = 10 * np.log10(np.maximum(snr, 1e-30))
+    axes[1].hist(snr_db, bins=100, range=_histogram_range(snr_db), density=True)
     axes[1].set_xlabel("signal-to-noise |μ|/σ (dB)")
     axes[1].set_title("signal-to-noise ratio (Blundell et al. 2015, Fig. 3)")
     fig.tight_layout()

@@ -267,6 +267,27 @@ def test_missing_workdir_parent_is_a_clear_error(tmp_path):
     assert not os.path.exists(tmp_path / "missing")
 
 
+@pytest.mark.parametrize("parent", ["/proc", "read-only"])
+def test_unwritable_workdir_parent_is_a_clear_error(tmp_path, parent):
+    # /proc refuses new files even to root; a 0o500 folder refuses them to everyone else.
+    if parent == "read-only":
+        if os.geteuid() == 0:
+            pytest.skip("root may write into a 0o500 folder; the /proc case covers root")
+        parent = tmp_path / "ro"
+        parent.mkdir()
+        parent.chmod(0o500)
+    workdir = os.path.join(str(parent), "bbb-run")
+    with pytest.raises(WorkdirError, match="not writable"):
+        train.train_and_evaluate(test_config.get_config(), workdir)
+    assert not os.path.exists(workdir)
+
+
+def test_cli_unwritable_workdir_exits_2():
+    result = _cli("--config=configs/test.py", "--workdir=/proc/bbb-run")
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "not writable" in result.stderr and "/proc/bbb-run" in result.stderr
+
+
 def _cli(*args, timeout=300):
     return subprocess.run(
         [sys.executable, os.path.join(REPO, "scripts", "train.py"), *args],
@@ -312,3 +333,16 @@ def test_cli_bad_value_exits_2(tmp_path):
     assert result.returncode == 2, result.stderr[-2000:]
     assert "prior.pi=1.5" in result.stderr and "between 0" in result.stderr
     assert not os.path.exists(tmp_path / "wd")
+
+
+def test_histograms_of_identical_sigmas_are_plotted(tmp_path):
+    # All σ equal (a constant ρ₀ that the optimiser has not moved): matplotlib alone refuses
+    # 100 bins over a range of a few ulps.
+    from bbb import workdir as workdir_lib
+
+    (tmp_path / "plots").mkdir()
+    sigma = np.full(1000, 0.0024726231566347743, np.float32) * (1 + np.float32(1e-7))
+    workdir_lib._plot_histograms(str(tmp_path), sigma, np.abs(np.linspace(-1, 1, 1000)) / sigma)
+    assert (tmp_path / "plots" / "posterior_histograms.png").stat().st_size > 0
+    lo, hi = workdir_lib._histogram_range(np.log10(sigma))
+    assert hi - lo == pytest.approx(1.0)
