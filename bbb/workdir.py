@@ -346,7 +346,9 @@ class Run:
                 sigma, snr = arrays
                 self.tensorboard.add_histogram("posterior/sigma", sigma, step)
                 self.tensorboard.add_histogram("posterior/log10_snr", np.log10(snr + 1e-30), step)
-        self.tensorboard.flush()
+            # Flushed (an fsync) at evaluations and checkpoints, not every epoch: a vectorised
+            # sweep logs many members per epoch. metrics.jsonl is written at once regardless.
+            self.tensorboard.flush()
 
     def save(self, state: PyTree, history: History) -> None:
         """Saves an Orbax checkpoint of the state and the best-validation record."""
@@ -360,6 +362,8 @@ class Run:
             ),
         )
         self.manager.wait_until_finished()
+        if self._tb is not None:
+            self._tb.flush()
 
     def close(self) -> None:
         """Waits for pending checkpoint writes and closes the writers."""
