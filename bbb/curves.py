@@ -7,12 +7,11 @@ that log the same metrics.
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Sequence
 from typing import Any
 
-from bbb.workdir import WorkdirError
+from bbb.workdir import WorkdirError, read_records
 
 # (metric, axis title): the panels of the figure, in order.
 PANELS = (
@@ -37,8 +36,7 @@ def read_metrics(workdir: str) -> list[dict[str, Any]]:
     path = os.path.join(workdir, "metrics.jsonl")
     if not os.path.exists(path):
         raise WorkdirError(f"{workdir} holds no run: {path} is missing.")
-    with open(path) as f:
-        records = [json.loads(line) for line in f if line.strip()]
+    records = read_records(path)
     if not records:
         raise WorkdirError(f"{path} holds no record yet.")
     return records

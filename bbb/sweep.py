@@ -49,8 +49,10 @@ import numpy as np
 import optax
 
 from bbb import train
+from bbb.curves import series
 from bbb.errors import ConfigError
 from bbb.priors import Gaussian, Prior, ScaleMixture, make_prior
+from bbb.workdir import read_records, write_text_atomically
 
 PyTree = Any
 # Fields that a vectorised sweep may vary between the members of one program.
@@ -931,7 +933,7 @@ def write_results(workdir: str, members: Sequence[Member]) -> str:
     rows, unfinished = results_table(members)
     os.makedirs(workdir, exist_ok=True)
     columns = list(rows[0]) if rows else ["member"]
-    _atomic_write(os.path.join(workdir, "results.csv"), _csv_text(rows, columns))
+    write_text_atomically(os.path.join(workdir, "results.csv"), _csv_text(rows, columns))
     classification = any(k.endswith("_error") for k in columns)
     headers = [
         f"{c} (%)" if classification and c.endswith(("_error", "_at_best_val")) else c
@@ -950,7 +952,7 @@ def write_results(workdir: str, members: Sequence[Member]) -> str:
         shown = ", ".join(f"{m.index} ({m.status})" for m in unfinished[:20])
         text += f"; not finished: {shown}{', ...' if len(unfinished) > 20 else ''}"
     text += ".\n"
-    _atomic_write(os.path.join(workdir, "results.md"), text)
+    write_text_atomically(os.path.join(workdir, "results.md"), text)
     if rows:
         _plot_results(workdir, rows, members)
     return text
@@ -965,13 +967,6 @@ def _csv_text(rows: list[dict[str, Any]], columns: list[str]) -> str:
     for row in rows:
         writer.writerow({k: _cell(v, False) if isinstance(v, tuple) else v for k, v in row.items()})
     return buffer.getvalue()
-
-
-def _atomic_write(path: str, text: str) -> None:
-    temporary = f"{path}.{os.getpid()}.tmp"  # Job-array tasks may write at the same time.
-    with open(temporary, "w") as f:
-        f.write(text)
-    os.replace(temporary, path)
 
 
 def _plot_results(workdir: str, rows: list[dict[str, Any]], members: Sequence[Member]) -> None:
@@ -1005,11 +1000,9 @@ def _plot_results(workdir: str, rows: list[dict[str, Any]], members: Sequence[Me
         path = os.path.join(by_index[row["member"]].workdir, "metrics.jsonl")
         if not os.path.exists(path):
             continue
-        with open(path) as f:
-            records = [json.loads(line) for line in f if line.strip()]
-        points = [(r["epoch"], scale * r[curve_key]) for r in records if curve_key in r]
-        if points:
-            axes[1].plot(*zip(*points, strict=True), marker=".", label=str(row["member"]))
+        epochs, values = series(read_records(path), curve_key)
+        if epochs:
+            axes[1].plot(epochs, [scale * v for v in values], marker=".", label=str(row["member"]))
     axes[1].set_xlabel("epoch")
     axes[1].set_ylabel(f"validation {metric}{unit}")
     axes[1].set_title("validation curves (best 10)")
@@ -1025,7 +1018,7 @@ def _plot_results(workdir: str, rows: list[dict[str, Any]], members: Sequence[Me
 def _write_sweep_file(workdir: str, members: Sequence[Member]) -> None:
     os.makedirs(workdir, exist_ok=True)
     entries = [{"member": m.index, "workdir": m.name, "overrides": m.overrides} for m in members]
-    _atomic_write(os.path.join(workdir, "sweep.json"), json.dumps(entries, indent=2) + "\n")
+    write_text_atomically(os.path.join(workdir, "sweep.json"), json.dumps(entries, indent=2) + "\n")
 
 
 def run_sweep(
@@ -1144,7 +1137,7 @@ def benchmark(
         "vectorized_median_s": statistics.median(times["vectorized"]),
     }
     result["speedup"] = result["sequential_median_s"] / result["vectorized_median_s"]
-    _atomic_write(os.path.join(root, "benchmark.json"), json.dumps(result, indent=2) + "\n")
+    write_text_atomically(os.path.join(root, "benchmark.json"), json.dumps(result, indent=2) + "\n")
     print(
         f"{len(sweep)} members: one after another {result['sequential_median_s']:.1f} s, "
         f"vectorised {result['vectorized_median_s']:.1f} s (median of {repeats}): "

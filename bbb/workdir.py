@@ -59,6 +59,24 @@ def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
+def read_records(path: str) -> list[dict[str, Any]]:
+    """The objects of a JSON-lines file such as metrics.jsonl, in order, blank lines skipped."""
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def write_text_atomically(path: str, text: str) -> None:
+    """Writes `text` to `path` through a temporary file and a rename: readers never see half.
+
+    The temporary name carries the process id, so that the tasks of a job array may write the
+    same file at once (the last rename wins).
+    """
+    temporary = f"{path}.{os.getpid()}.tmp"
+    with open(temporary, "w") as f:
+        f.write(text)
+    os.replace(temporary, path)
+
+
 def _can_create_files(folder: str) -> bool:
     """Whether a file can be created (and is then removed) in `folder`.
 
@@ -270,9 +288,9 @@ class Run:
         if self.is_writer:
             os.makedirs(os.path.join(self.workdir, "plots"), exist_ok=True)
             config_path = os.path.join(self.workdir, "config.json")
-            with open(config_path + ".tmp", "w") as f:
-                json.dump(_config_dict(config), f, indent=2, sort_keys=True)
-            os.replace(config_path + ".tmp", config_path)
+            write_text_atomically(
+                config_path, json.dumps(_config_dict(config), indent=2, sort_keys=True)
+            )
         self.checkpoint_dir = os.path.join(self.workdir, "checkpoints")
         self.manager = ocp.CheckpointManager(
             self.checkpoint_dir,
@@ -321,13 +339,12 @@ class Run:
         """Keeps the metrics lines up to `max_step` (a resumed run redoes the rest)."""
         if not (self.is_writer and os.path.exists(self.metrics_path)):
             return
-        with open(self.metrics_path) as f:
-            records = [json.loads(line) for line in f if line.strip()]
+        records = read_records(self.metrics_path)
         self.records = [r for r in records if r["step"] <= max_step]
         if len(self.records) != len(records):
-            with open(self.metrics_path + ".tmp", "w") as f:
-                f.writelines(json.dumps(r) + "\n" for r in self.records)
-            os.replace(self.metrics_path + ".tmp", self.metrics_path)
+            write_text_atomically(
+                self.metrics_path, "".join(json.dumps(r) + "\n" for r in self.records)
+            )
 
     def write_metrics(self, record: dict[str, Any], state: PyTree) -> None:
         """Appends one epoch's metrics to metrics.jsonl and TensorBoard."""
