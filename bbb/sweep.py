@@ -345,11 +345,16 @@ def make_members(
     names = member_names(overrides)
     workdir_lib.check_workdir(workdir, base)
     members = []
+    traced = set()  # Members that differ only in vectorisable numbers trace the same step.
     for index, (member_overrides, name) in enumerate(zip(overrides, names, strict=True)):
         config = member_config(base, member_overrides, index)
         if build:
             try:
-                train.build(config, *train.dataset_spec(config))
+                experiment = train.build(config, *train.dataset_spec(config), trace=False)
+                structure = _structure_key(config)
+                if structure not in traced:
+                    train.trace_step(experiment)
+                    traced.add(structure)
             except ConfigError as e:
                 raise ConfigError(f"sweep[{index}].{e.field}", e.value, e.allowed) from e
         member = Member(index, member_overrides, config, name, os.path.join(workdir, name))
@@ -564,10 +569,10 @@ def member_experiment(
     )
 
 
-def _structure_key(member: Member) -> str:
-    """What must be equal for two members to share a vectorised program."""
-    fields = _leaf_fields(member.config)
-    prior = make_prior(member.config.prior)
+def _structure_key(config: ml_collections.ConfigDict) -> str:
+    """What must be equal for two members' configs to share a vectorised program."""
+    fields = _leaf_fields(config)
+    prior = make_prior(config.prior)
     traceable = isinstance(prior, _TRACEABLE_PRIORS) and not prior.learnable
     if traceable or getattr(prior, "learnable", False):
         prior_key = type(prior).__name__
@@ -599,7 +604,7 @@ def group_members(members: Sequence[Member]) -> list[list[Member]]:
                 "'threefry2x32' with --vectorize (other key types may draw other numbers "
                 "under vmap than in a one-by-one run)",
             )
-        groups.setdefault(_structure_key(member), []).append(member)
+        groups.setdefault(_structure_key(member.config), []).append(member)
     return list(groups.values())
 
 
@@ -621,11 +626,24 @@ def _hyperparameters(members: Sequence[Member]) -> MemberHyperparameters:
 
 
 def _stack(trees: Sequence[PyTree]) -> PyTree:
-    return jax.tree_util.tree_map(lambda *leaves: jnp.stack(leaves), *trees)
+    """The trees stacked on a new leading member axis: one compiled program for all leaves."""
+    return jax.jit(lambda *ts: jax.tree_util.tree_map(lambda *leaves: jnp.stack(leaves), *ts))(
+        *trees
+    )
 
 
 def _unstack(tree: PyTree, index: int) -> PyTree:
-    return jax.tree_util.tree_map(lambda leaf: leaf[index], tree)
+    """Member `index` of a stacked tree, sliced on the host and put back on the device.
+
+    Slicing device arrays would compile one small program per leaf shape; the host copy is
+    made once per evaluation or checkpoint and sliced for free.
+    """
+    return jax.tree_util.tree_map(lambda leaf: jnp.asarray(np.asarray(leaf)[index]), tree)
+
+
+def _host_copy(tree: PyTree) -> PyTree:
+    """A numpy copy of a device tree (owned by the host: safe after the buffers are donated)."""
+    return jax.tree_util.tree_map(np.array, jax.device_get(tree))
 
 
 @dataclasses.dataclass
@@ -717,11 +735,12 @@ def _train_group(group: Sequence[Member], stop_after_epochs: int | None) -> tupl
         _stack([k["init"] for k in member_keys]), _stack(prior_init) if prior_init[0] else {}
     )
     runs, restored = [], []
+    host_states = _host_copy(states)
     for index, member in enumerate(group):
         os.makedirs(os.path.dirname(member.workdir), exist_ok=True)  # The sweep's folder.
         run = workdir_lib.Run(member.workdir, member.config)
         runs.append(run)
-        restored.append(run.restore(_unstack(states, index)))
+        restored.append(run.restore(_unstack(host_states, index)))
     device_data = {name: tuple(jnp.asarray(a) for a in arrays) for name, arrays in splits.items()}
     diverged = []
     by_step: dict[int, list[int]] = {}
@@ -803,8 +822,8 @@ def _train_subgroup(
             save = (epoch + 1) % config.checkpoint_every_epochs == 0 or last or interrupted
             member_states = {}
             if evaluated or save:  # Copies, made before the next epoch takes the buffers.
-                member_states = {i: _unstack(state, i) for i in range(len(members)) if alive[i]}
-                jax.block_until_ready(member_states)
+                host_state = _host_copy(state)
+                member_states = {i: _unstack(host_state, i) for i, a in enumerate(alive) if a}
             if not (last or interrupted):
                 pending = programs.epoch(
                     hyperparameters, state, device_data["train"], jnp.int32(epoch + 1), keys
@@ -845,9 +864,12 @@ def _train_subgroup(
                 break
     bar.close()
     wall_time = time.perf_counter() - started
+    host_state = _host_copy(state)
     for i, run in enumerate(runs):
         if alive[i]:
-            run.finish(_unstack(state, i), histories[i], wall_time=wall_time, steps_done=steps_done)
+            run.finish(
+                _unstack(host_state, i), histories[i], wall_time=wall_time, steps_done=steps_done
+            )
     return diverged, False
 
 

@@ -147,6 +147,7 @@ def build(
     input_shape: tuple[int, ...],
     *,
     devices: Sequence[Any] | None = None,
+    trace: bool = True,
 ):
     """Validates `config` and builds the model, objective and optimiser, before any compute.
 
@@ -156,6 +157,8 @@ def build(
       input_shape: the shape of one example.
       devices: the devices that `config.mesh` lays out; None takes `jax.devices()` (every
         process's).
+      trace: also trace one step abstractly (`trace_step`); a sweep does it once per program
+        structure rather than once per member.
 
     Returns:
       An `Experiment`.
@@ -216,10 +219,33 @@ def build(
     experiment = Experiment(
         config, model, free_energy, optimizer, num_train, steps_per_epoch, tuple(input_shape), mesh
     )
-    # Trace one step abstractly: an estimator/layer mismatch or a shape error surfaces here,
-    # as a ConfigError, before anything is computed or written.
-    jax.eval_shape(lambda: _abstract_step(experiment))
+    if trace:
+        trace_step(experiment)
     return experiment
+
+
+def trace_step(experiment: Experiment) -> None:
+    """Traces one training step abstractly (no compute).
+
+    An estimator/layer mismatch or a shape error surfaces here, as a ConfigError, before
+    anything is computed or written.
+
+    Raises:
+      ConfigError: the estimator does not support a layer, or the model cannot take the
+        data's examples (say, `lenet` on the 1-D regression inputs).
+    """
+    try:
+        jax.eval_shape(lambda: _abstract_step(experiment))
+    except ConfigError:
+        raise
+    except (ValueError, TypeError) as e:
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise ConfigError(
+            "model.name",
+            experiment.config.model.name,
+            f"a model that takes this data's examples of shape {experiment.input_shape} (one "
+            f"abstract training step failed with {type(e).__name__}: {reason})",
+        ) from e
 
 
 def _abstract_step(experiment: Experiment):

@@ -26,6 +26,7 @@ import ml_collections
 import numpy as np
 
 from bbb import parallel
+from bbb import posterior as posterior_lib
 from bbb.errors import ConfigError
 
 PyTree = Any
@@ -209,20 +210,25 @@ def _plot_training(workdir: str, records: list[dict[str, Any]]) -> None:
     axes[1].plot(epochs, [r["train/kl"] for r in records])
     axes[1].set_xlabel("epoch")
     axes[1].set_title("KL[q ‖ P] (nats)")
-    evals = [r for r in records if "eval/val_error" in r]
+    classification = any("eval/val_error" in r for r in records)
+    metric, unit, scale = ("error", "error (%)", 100) if classification else ("rmse", "RMSE", 1)
+    evals = [r for r in records if f"eval/val_{metric}" in r]
     if evals:
         ev_epochs = [r["epoch"] for r in evals]
         for key, label in (
-            ("eval/val_error", "validation"),
-            ("eval/test_error", "test"),
-            ("eval/test_error_mean_weights", "test, mean weights"),
+            (f"eval/val_{metric}", "validation"),
+            (f"eval/test_{metric}", "test"),
+            (f"eval/test_{metric}_mean_weights", "test, mean weights"),
         ):
-            axes[2].plot(ev_epochs, [100 * r[key] for r in evals], label=label)
-        axes[2].set_ylabel("error (%)")
+            if key in evals[-1]:
+                axes[2].plot(ev_epochs, [scale * r[key] for r in evals], label=label)
+        axes[2].set_ylabel(unit)
         axes[2].set_xlabel("epoch")
         axes[2].legend()
-        axes[2].set_title("error")
-    fig.tight_layout()
+        axes[2].set_title(unit.split(" ")[0])
+    # Fixed margins: tight_layout() would draw the figure an extra time (a third of the cost,
+    # paid once per member of a sweep).
+    fig.subplots_adjust(left=0.05, right=0.99, bottom=0.13, top=0.92, wspace=0.22)
     fig.savefig(os.path.join(workdir, "plots", "learning_curves.png"), dpi=100)
     plt.close(fig)
 
@@ -246,27 +252,40 @@ def _plot_histograms(workdir: str, sigma: np.ndarray, snr: np.ndarray) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    # np.histogram + stairs draws one path per panel where hist() draws 100 rectangles: the
+    # same figure in about half the time, which a vectorised sweep pays once per member.
     log_sigma = np.log10(np.maximum(sigma, 1e-30))
-    axes[0].hist(log_sigma, bins=100, range=_histogram_range(log_sigma))
+    counts, edges = np.histogram(log_sigma, bins=100, range=_histogram_range(log_sigma))
+    axes[0].stairs(counts, edges, fill=True)
     axes[0].set_xlabel("log10 σ")
     axes[0].set_title("posterior standard deviations")
     snr_db = 10 * np.log10(np.maximum(snr, 1e-30))
-    axes[1].hist(snr_db, bins=100, range=_histogram_range(snr_db), density=True)
+    density, edges = np.histogram(snr_db, bins=100, range=_histogram_range(snr_db), density=True)
+    axes[1].stairs(density, edges, fill=True)
     axes[1].set_xlabel("signal-to-noise |μ|/σ (dB)")
     axes[1].set_title("signal-to-noise ratio (Blundell et al. 2015, Fig. 3)")
-    fig.tight_layout()
+    fig.subplots_adjust(left=0.07, right=0.98, bottom=0.13, top=0.92, wspace=0.2)
     fig.savefig(os.path.join(workdir, "plots", "posterior_histograms.png"), dpi=100)
     plt.close(fig)
 
 
 def _posterior_arrays(params: PyTree) -> tuple[np.ndarray, np.ndarray] | None:
-    # On the host first: process 0 alone must not run a computation on arrays that span hosts.
+    """(σ, |μ|/σ) of every weight, flat, computed in numpy on the host.
+
+    On the host because process 0 alone must not run a computation on arrays that span hosts,
+    and because eager jax ops would compile one small program per leaf shape. σ is softplus(ρ)
+    computed as `bbb.posterior.softplus` does (logaddexp(ρ, 0)), in float32.
+    """
     posterior = jax.device_get(params["posterior"])
     if not hasattr(posterior, "signal_to_noise"):
         return None
     flat = lambda tree: np.concatenate(
         [np.ravel(np.asarray(x)) for x in jax.tree_util.tree_leaves(tree)]
     )
+    if isinstance(posterior, posterior_lib.MeanFieldGaussian):
+        mu = flat(posterior.mu)
+        sigma = np.logaddexp(flat(posterior.rho), np.float32(0.0))
+        return sigma, np.abs(mu) / sigma
     return flat(posterior.stddev()), flat(posterior.signal_to_noise())
 
 
@@ -297,6 +316,7 @@ class Run:
             options=ocp.CheckpointManagerOptions(max_to_keep=config.max_checkpoints, create=True),
         )
         self._tb = None
+        self._metrics_file = None
 
     @property
     def tensorboard(self):
@@ -351,8 +371,10 @@ class Run:
         if not self.is_writer:
             return
         self.records.append(record)
-        with open(self.metrics_path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        if self._metrics_file is None:  # Opened once: a sweep appends many lines per epoch.
+            self._metrics_file = open(self.metrics_path, "a")  # Closed in close().
+        self._metrics_file.write(json.dumps(record) + "\n")
+        self._metrics_file.flush()
         step = record["step"]
         for key, value in record.items():
             if key not in ("step",):
@@ -388,6 +410,9 @@ class Run:
         if self._tb is not None:
             self._tb.close()
             self._tb = None
+        if self._metrics_file is not None:
+            self._metrics_file.close()
+            self._metrics_file = None
         self.manager.close()
 
     def finish(

@@ -198,6 +198,23 @@ def test_members_that_differ_in_structure_are_grouped(tmp_path):
     assert [[m.index for m in group] for group in groups] == [[0, 2], [1], [3]]
 
 
+def test_one_abstract_trace_per_program_structure(tmp_path, monkeypatch):
+    # Members that differ only in vectorisable numbers share a trace; every other member is
+    # traced, so a layer/estimator mismatch in any structure is still caught before compute.
+    traced = []
+    real = train.trace_step
+    monkeypatch.setattr(train, "trace_step", lambda e: traced.append(e) or real(e))
+    entries = [{"seed": s, "prior.sigma": v} for s in (0, 1) for v in (0.5, 1.0)]
+    sweep.make_members(_tiny_config(), entries, str(tmp_path / "a"))
+    assert len(traced) == 1
+    entries.append({"model.hidden_sizes": (8, 8)})
+    sweep.make_members(_tiny_config(), entries, str(tmp_path / "b"))
+    assert len(traced) == 3
+    bad = [{"seed": 1}, {"model.name": "lenet"}]  # A CNN on 1-D inputs.
+    with pytest.raises(ConfigError, match=r"sweep\[1\]\.model\.name='lenet'.*shape \(1,\)"):
+        sweep.make_members(_tiny_config(), bad, str(tmp_path / "c"))
+
+
 # Names, listing, job arrays, skipping and collecting -------------------------------------
 
 

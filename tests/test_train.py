@@ -346,3 +346,20 @@ def test_histograms_of_identical_sigmas_are_plotted(tmp_path):
     assert (tmp_path / "plots" / "posterior_histograms.png").stat().st_size > 0
     lo, hi = workdir_lib._histogram_range(np.log10(sigma))
     assert hi - lo == pytest.approx(1.0)
+
+
+def test_posterior_arrays_on_the_host_equal_the_posterior_methods():
+    # The plots' and TensorBoard's σ and |μ|/σ are computed in numpy; they must be the
+    # posterior's own stddev() and signal_to_noise().
+    from bbb import posterior as posterior_lib
+    from bbb import workdir as workdir_lib
+
+    rng = np.random.default_rng(0)
+    mu = {"a": rng.normal(size=(3, 4)).astype(np.float32), "b": np.zeros(5, np.float32)}
+    rho = {"a": rng.uniform(-30, 5, (3, 4)).astype(np.float32), "b": np.full(5, -6, np.float32)}
+    posterior = posterior_lib.MeanFieldGaussian(mu=mu, rho=rho)
+    sigma, snr = workdir_lib._posterior_arrays({"posterior": posterior})
+    flat = lambda t: np.concatenate([np.ravel(x) for x in jax.tree_util.tree_leaves(t)])
+    np.testing.assert_allclose(sigma, flat(posterior.stddev()), rtol=1e-6)
+    np.testing.assert_allclose(snr, flat(posterior.signal_to_noise()), rtol=1e-6)
+    assert sigma.dtype == np.float32 and sigma.min() > 0
