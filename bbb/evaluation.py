@@ -824,28 +824,61 @@ def comparison_table(results: Mapping[str, Mapping[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _latest_checkpoint_step(workdir: str) -> int | None:
+    """The step of the newest checkpoint folder in workdir/checkpoints, or None."""
+    folder = os.path.join(workdir, "checkpoints")
+    steps = [int(n) for n in os.listdir(folder) if n.isdigit()] if os.path.isdir(folder) else []
+    return max(steps, default=None)
+
+
+def _stale_reason(stored: Mapping[str, Any], wanted: Mapping[str, Any], step: int | None) -> str:
+    """Why an eval.json does not answer the evaluation asked for; "" if it does."""
+    samples = 1 if stored.get("deterministic") else wanted["num_samples"]
+    if stored.get("num_samples") != samples:
+        return f"its eval.json used num_samples={stored.get('num_samples')}, not {samples}"
+    if stored.get("seed") != wanted["seed"]:
+        return f"its eval.json used seed={stored.get('seed')}, not {wanted['seed']}"
+    if step is not None and stored.get("step") != step:
+        return f"its eval.json is of step {stored.get('step')}; the latest checkpoint is {step}"
+    return ""
+
+
 def compare_runs(workdirs: Sequence[str], out: str | None = None, **evaluate_kwargs: Any) -> str:
-    """Reads each run's eval.json, evaluating the runs that have none, and tabulates them.
+    """Tabulates the runs, evaluating each one whose eval.json is missing or stale.
+
+    A run's eval.json is reused only if it was made with the same K (`num_samples`; a
+    deterministic run has K=1 whatever is asked) and seed, from the run's latest checkpoint.
+    Otherwise the run is evaluated again, and a line says why: a table asked for with K=100
+    never shows figures measured with K=20.
 
     Args:
       workdirs: the runs' workdirs, in the table's order.
       out: where to write the Markdown table; None writes nothing.
-      **evaluate_kwargs: passed to `evaluate_run` for runs without eval.json.
+      **evaluate_kwargs: passed to `evaluate_run` (num_samples, seed, ...).
 
     Returns:
       The table (see `comparison_table`).
 
     Raises:
-      WorkdirError: a run without eval.json cannot be evaluated (see `evaluate_run`).
+      WorkdirError: a run that needs evaluating cannot be evaluated (see `evaluate_run`).
     """
+    wanted = {
+        "num_samples": evaluate_kwargs.get("num_samples", 100),
+        "seed": evaluate_kwargs.get("seed", 0),
+    }
     results = {}
     for workdir in workdirs:
         path = os.path.join(workdir, EVAL_FILE)
+        stale = "it has no eval.json"
         if os.path.exists(path):
             with open(path) as f:
-                results[workdir] = json.load(f)
-        else:
+                stored = json.load(f)
+            stale = _stale_reason(stored, wanted, _latest_checkpoint_step(workdir))
+        if stale:
+            print(f"Evaluating {workdir}: {stale}.")
             results[workdir] = evaluate_run(workdir, **evaluate_kwargs)
+        else:
+            results[workdir] = stored
     table = comparison_table(results)
     if out:
         os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)

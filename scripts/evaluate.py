@@ -22,7 +22,12 @@ from bbb import cli
 _WORKDIR = flags.DEFINE_string("workdir", None, "A classification run's workdir to evaluate.")
 _NUM_SAMPLES = flags.DEFINE_integer("num_samples", 100, "MC samples K of the predictive.")
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of the weight samples.")
-_COMPARE = flags.DEFINE_list("compare", None, "Comma-separated workdirs to tabulate.")
+_COMPARE = flags.DEFINE_list(
+    "compare",
+    None,
+    "Comma-separated workdirs to tabulate (each evaluated unless its eval.json has the same "
+    "K, seed and checkpoint).",
+)
 _OUT = flags.DEFINE_string("out", None, "With --compare: where to write the Markdown table.")
 
 

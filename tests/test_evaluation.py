@@ -358,6 +358,7 @@ def _fake_result(method: str, error: float, nll: float, ece: float, auroc_h: flo
     return {
         "method": method,
         "num_samples": 100,
+        "seed": 0,
         "in_distribution": {"error": error, "nll": nll, "ece": ece},
         "out_of_distribution": {"auroc_entropy": auroc_h, "auroc_mutual_information": auroc_mi},
     }
@@ -422,3 +423,29 @@ def test_compare_evaluates_runs_without_eval_json(evaluated_run, tmp_path, monke
     _, row = _parse_table(table)
     assert row[0] == f"Bayes by Backprop, K=4 (`{copy}`)"
     assert row[1] == f"{100 * result['in_distribution']['error']:.2f}"
+
+
+def test_compare_reuses_eval_json_only_for_the_same_samples_and_checkpoint(
+    evaluated_run, tmp_path, monkeypatch, capsys
+):
+    # A table asked for with K samples never shows figures that were measured with another K.
+    copy = str(tmp_path / "copy")
+    shutil.copytree(evaluated_run[0], copy)
+    monkeypatch.setattr(evaluation, "load_evaluation_data", _fake_evaluation_data)
+    calls = []
+    real = evaluation.evaluate_run
+    monkeypatch.setattr(
+        evaluation, "evaluate_run", lambda *a, **k: calls.append(k) or real(*a, **k)
+    )
+    table = evaluation.compare_runs([copy], num_samples=4, progress=False)
+    assert calls == [] and "K=4" in table  # eval.json was made with K=4 at the last step.
+    table = evaluation.compare_runs([copy], num_samples=6, progress=False)
+    assert [c["num_samples"] for c in calls] == [6] and "K=6" in table
+    assert "num_samples=4, not 6" in capsys.readouterr().out
+    with open(os.path.join(copy, evaluation.EVAL_FILE)) as f:
+        stored = json.load(f)
+    stored["step"] -= 1  # As if the run had trained on after it was evaluated.
+    with open(os.path.join(copy, evaluation.EVAL_FILE), "w") as f:
+        json.dump(stored, f)
+    evaluation.compare_runs([copy], num_samples=6, progress=False)
+    assert len(calls) == 2 and "the latest checkpoint is" in capsys.readouterr().out
