@@ -53,9 +53,11 @@ def get_config(width: str | None = None) -> ml_collections.ConfigDict:
     # "gaussian" (sigma), "scale_mixture" (pi, sigma1, sigma2), "laplace" (scale),
     # "student_t" (df, scale), "flat", or "package.module:callable" returning a bbb Prior.
     config.prior.name = "scale_mixture"
-    config.prior.pi = 0.25  # Mixture weight of the wide component (grid: 1/4, 1/2, 3/4).
+    # π = ¾, σ2 = e⁻⁸ (a public reproduction's choice) gave a lower validation error than
+    # π = ¼, σ2 = e⁻⁷ in the 100-epoch runs that the README lists.
+    config.prior.pi = 0.75  # Mixture weight of the wide component (grid: 1/4, 1/2, 3/4).
     config.prior.sigma1 = math.exp(0.0)  # Wide component, −log σ1 ∈ {0, 1, 2}.
-    config.prior.sigma2 = math.exp(-7.0)  # Narrow component, −log σ2 ∈ {6, 7, 8}.
+    config.prior.sigma2 = math.exp(-8.0)  # Narrow component, −log σ2 ∈ {6, 7, 8}.
     config.prior.sigma = 1.0  # Standard deviation of the gaussian prior.
     config.prior.scale = 1.0  # Scale of the laplace and student_t priors.
     config.prior.df = 3.0  # Degrees of freedom of the student_t prior.
@@ -95,7 +97,9 @@ def get_config(width: str | None = None) -> ml_collections.ConfigDict:
     config.data.eval_subset = 0  # Evaluate on the first n validation/test examples; 0: all.
 
     config.eval = ml_collections.ConfigDict()
-    config.eval.num_samples = 10  # Posterior samples of the MC-averaged predictive.
+    # Posterior samples of the MC-averaged predictive. The error keeps falling up to K = 100
+    # (README, "Uncertainty evaluation"); validation and test at K = 100 take ~30 s on 2 cores.
+    config.eval.num_samples = 100
     config.eval.every_epochs = 10  # Evaluate on validation and test every this many epochs.
     config.eval.batch_size = 1000  # Examples per evaluation chunk (memory: K × this × width).
 
