@@ -26,6 +26,7 @@ data: setup
 	$(PY) scripts/prepare_data.py
 
 train: data
+	mkdir -p $(dir $(WORKDIR))
 	$(PY) scripts/train.py --config=$(CONFIG) --workdir=$(WORKDIR)
 
 lint: setup

@@ -1,6 +1,8 @@
 """Every config file builds (traced abstractly, no compute) and keeps its promises."""
 
 import importlib
+import os
+import subprocess
 
 import pytest
 
@@ -58,3 +60,26 @@ def test_paper_grid_sweep():
     for overrides in sweep:
         config.update_from_flattened_dict(overrides)
         train.build(config, *train.dataset_spec(config))
+
+
+def test_readme_workdirs_work_on_a_fresh_checkout(tmp_path):
+    # A missing workdir parent is an error (a typo in a path must not scatter runs), so the
+    # README's `--workdir=runs/...` needs runs/ in every clone, and `make train` creates the
+    # parent of whatever WORKDIR it is given.
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    tracked = subprocess.run(
+        ["git", "ls-files", "runs"], cwd=root, capture_output=True, text=True, check=False
+    )
+    if tracked.returncode == 0:  # A git checkout (CI's fresh clone is one).
+        assert "runs/.gitignore" in tracked.stdout.split()
+    workdir = tmp_path / "a" / "b" / "run"
+    dry = subprocess.run(
+        ["make", "-n", "train", f"WORKDIR={workdir}"],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.splitlines()
+    mkdir = next(i for i, line in enumerate(dry) if line.startswith("mkdir -p"))
+    train_line = next(i for i, line in enumerate(dry) if "scripts/train.py" in line)
+    assert mkdir < train_line and str(workdir.parent) in dry[mkdir]
