@@ -824,6 +824,64 @@ def comparison_table(results: Mapping[str, Mapping[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def evaluate_splits(workdir: str, *, num_samples: int = 100, seed: int = 0) -> dict[str, Any]:
+    """Re-scores a run's latest checkpoint on its own validation and test splits with K samples.
+
+    The quick question "what would this run's error be with more posterior samples?", without
+    the out-of-distribution sets, rotations and plots of `evaluate_run`. It writes nothing.
+
+    Args:
+      workdir: a run's workdir with a checkpoint.
+      num_samples: K, the posterior samples of the MC-averaged predictive.
+      seed: seeds the weight samples (validation uses fold_in(key, 0), test fold_in(key, 1)).
+
+    Returns:
+      {"workdir", "step", "num_samples", "seed", "validation": {...}, "test": {...}}, each split
+      with the metrics of `bbb.train.evaluate` (error, error_mean_weights and nll for a
+      classifier) as floats.
+
+    Raises:
+      WorkdirError: `workdir` holds no run or no checkpoint.
+      ConfigError: `num_samples` is not a positive integer.
+    """
+    import dataclasses
+
+    from bbb import train
+
+    check_positive("num_samples", num_samples, integer=True)
+    experiment, state = train.load_run(workdir)
+    config = experiment.config.copy_and_resolve_references()
+    config.eval.num_samples = num_samples
+    experiment = dataclasses.replace(experiment, config=config)
+    splits = train.load_data(config)
+    key = jax.random.key(seed, impl=config.prng_impl)
+    result: dict[str, Any] = dict(
+        workdir=workdir, step=int(state.step), num_samples=num_samples, seed=seed
+    )
+    for index, split in enumerate(("validation", "test")):
+        data = tuple(jnp.asarray(a) for a in splits[split])
+        out = train.evaluate(experiment, state.params, data, jax.random.fold_in(key, index))
+        result[split] = {k: float(v) for k, v in jax.device_get(out).items()}
+    return result
+
+
+def splits_line(result: Mapping[str, Any]) -> str:
+    """One line of `evaluate_splits`'s figures."""
+    parts = []
+    for split in ("validation", "test"):
+        figures = result[split]
+        if "error" in figures:
+            text = f"{split} error {100 * figures['error']:.2f}%"
+        else:
+            text = f"{split} RMSE {figures.get('rmse', math.nan):.4f}"
+        parts.append(f"{text}, NLL {figures['nll']:.4f}")
+    return (
+        f"{result['workdir']} (step {result['step']}), K={result['num_samples']}: "
+        + "; ".join(parts)
+        + "."
+    )
+
+
 def _latest_checkpoint_step(workdir: str) -> int | None:
     """The step of the newest checkpoint folder in workdir/checkpoints, or None."""
     folder = os.path.join(workdir, "checkpoints")

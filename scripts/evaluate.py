@@ -3,11 +3,13 @@
   python scripts/evaluate.py --workdir=runs/mnist [--num_samples=100]
   python scripts/evaluate.py --compare=runs/mnist,runs/mnist_sgd,runs/mnist_dropout \
       --out=runs/compare.md
+  python scripts/evaluate.py --workdir=runs/mnist --val_test --num_samples=100
 
 The first form writes `workdir/eval.json` and plots in `workdir/plots/` (see
 `bbb.evaluation.evaluate_run`). The second reads each run's eval.json (evaluating the runs that
-have none) and writes a Markdown table. A workdir without a checkpoint, or with a regression run,
-exits with code 2 and a message.
+have none) and writes a Markdown table. The third only re-scores the run's own validation and
+test splits with K samples, and writes nothing. A workdir without a checkpoint (or, for the
+first two, with a regression run) exits with code 2 and a message.
 """
 
 import os
@@ -29,6 +31,11 @@ _COMPARE = flags.DEFINE_list(
     "K, seed and checkpoint).",
 )
 _OUT = flags.DEFINE_string("out", None, "With --compare: where to write the Markdown table.")
+_VAL_TEST = flags.DEFINE_bool(
+    "val_test",
+    False,
+    "Only the run's validation and test error and NLL with K samples (no OOD, no plots).",
+)
 
 
 def main(argv):
@@ -47,6 +54,9 @@ def main(argv):
             return
         if not _WORKDIR.value:
             raise ConfigError("--workdir", _WORKDIR.value, "a run's workdir (or use --compare)")
+        if _VAL_TEST.value:
+            print(evaluation.splits_line(evaluation.evaluate_splits(_WORKDIR.value, **options)))
+            return
         summary = evaluation.evaluate_run(_WORKDIR.value, **options)
         print(evaluation.summary_line(summary))
 

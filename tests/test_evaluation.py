@@ -6,6 +6,7 @@ check the evaluation's plumbing and maths, not what a model learns.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -449,3 +450,30 @@ def test_compare_reuses_eval_json_only_for_the_same_samples_and_checkpoint(
         json.dump(stored, f)
     evaluation.compare_runs([copy], num_samples=6, progress=False)
     assert len(calls) == 2 and "the latest checkpoint is" in capsys.readouterr().out
+
+
+def test_evaluate_splits_rescores_validation_and_test_with_k_samples(evaluated_run, monkeypatch):
+    from tests.test_train import _digest
+
+    workdir = evaluated_run[0]
+    monkeypatch.setattr(train, "load_data", _fake_splits)
+    before = _digest(workdir)
+    one = evaluation.evaluate_splits(workdir, num_samples=1, seed=3)
+    many = evaluation.evaluate_splits(workdir, num_samples=8, seed=3)
+    assert _digest(workdir) == before  # Writes nothing.
+    assert many["num_samples"] == 8 and many["step"] == one["step"] > 0
+    # K reaches the predictive: the same call by hand, with K=8 and the test key, agrees...
+    experiment, state = train.load_run(workdir)
+    config = experiment.config.copy_and_resolve_references()
+    config.eval.num_samples = 8
+    test = tuple(jnp.asarray(a) for a in _fake_splits(config)["test"])
+    key = jax.random.fold_in(jax.random.key(3, impl=config.prng_impl), 1)
+    experiment = dataclasses.replace(experiment, config=config)
+    by_hand = train.evaluate(experiment, state.params, test, key)
+    assert many["test"]["nll"] == pytest.approx(float(by_hand["nll"]), rel=1e-6)
+    # ... the posterior-mean error does not depend on K, the predictive's NLL does.
+    for split in ("validation", "test"):
+        assert one[split]["error_mean_weights"] == many[split]["error_mean_weights"]
+        assert one[split]["nll"] != many[split]["nll"]
+    line = evaluation.splits_line(many)
+    assert "K=8" in line and f"test error {100 * many['test']['error']:.2f}%" in line
