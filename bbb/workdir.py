@@ -22,11 +22,11 @@ import tempfile
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
 from bbb import parallel
-from bbb import posterior as posterior_lib
 from bbb.errors import ConfigError
 
 PyTree = Any
@@ -269,24 +269,25 @@ def _plot_histograms(workdir: str, sigma: np.ndarray, snr: np.ndarray) -> None:
     plt.close(fig)
 
 
-def _posterior_arrays(params: PyTree) -> tuple[np.ndarray, np.ndarray] | None:
-    """(σ, |μ|/σ) of every weight, flat, computed in numpy on the host.
+@jax.jit
+def _flat_sigma_and_snr(posterior: Any) -> tuple[jax.Array, jax.Array]:
+    """The posterior's own stddev() and signal_to_noise(), flattened, as one compiled program."""
+    flat = lambda tree: jnp.concatenate([jnp.ravel(x) for x in jax.tree_util.tree_leaves(tree)])
+    return flat(posterior.stddev()), flat(posterior.signal_to_noise())
 
-    On the host because process 0 alone must not run a computation on arrays that span hosts,
-    and because eager jax ops would compile one small program per leaf shape. σ is softplus(ρ)
-    computed as `bbb.posterior.softplus` does (logaddexp(ρ, 0)), in float32.
+
+def _posterior_arrays(params: PyTree) -> tuple[np.ndarray, np.ndarray] | None:
+    """(σ, |μ|/σ) of every weight, flat, from the posterior's own methods.
+
+    The parameters are fetched to the host first: process 0 alone must not run a computation on
+    arrays that span hosts. One jitted program (compiled once per posterior structure) rather
+    than eager ops, which would compile one small program per leaf shape and operation.
     """
     posterior = jax.device_get(params["posterior"])
     if not hasattr(posterior, "signal_to_noise"):
         return None
-    flat = lambda tree: np.concatenate(
-        [np.ravel(np.asarray(x)) for x in jax.tree_util.tree_leaves(tree)]
-    )
-    if isinstance(posterior, posterior_lib.MeanFieldGaussian):
-        mu = flat(posterior.mu)
-        sigma = np.logaddexp(flat(posterior.rho), np.float32(0.0))
-        return sigma, np.abs(mu) / sigma
-    return flat(posterior.stddev()), flat(posterior.signal_to_noise())
+    sigma, snr = jax.device_get(_flat_sigma_and_snr(posterior))
+    return np.asarray(sigma), np.asarray(snr)
 
 
 class Run:

@@ -348,9 +348,9 @@ def test_histograms_of_identical_sigmas_are_plotted(tmp_path):
     assert hi - lo == pytest.approx(1.0)
 
 
-def test_posterior_arrays_on_the_host_equal_the_posterior_methods():
-    # The plots' and TensorBoard's σ and |μ|/σ are computed in numpy; they must be the
-    # posterior's own stddev() and signal_to_noise().
+def test_posterior_arrays_equal_the_posterior_methods_leaf_by_leaf():
+    # The plots' and TensorBoard's σ and |μ|/σ come from one jitted, flattened program; they
+    # must be the posterior's own stddev() and signal_to_noise(), in leaf order.
     from bbb import posterior as posterior_lib
     from bbb import workdir as workdir_lib
 
