@@ -883,10 +883,15 @@ def splits_line(result: Mapping[str, Any]) -> str:
 
 
 def _latest_checkpoint_step(workdir: str) -> int | None:
-    """The step of the newest checkpoint folder in workdir/checkpoints, or None."""
-    folder = os.path.join(workdir, "checkpoints")
-    steps = [int(n) for n in os.listdir(folder) if n.isdigit()] if os.path.isdir(folder) else []
-    return max(steps, default=None)
+    """The latest checkpoint's step, as Orbax sees it (read-only), or None if there is none."""
+    import orbax.checkpoint as ocp
+
+    folder = os.path.join(os.path.abspath(workdir), "checkpoints")
+    if not os.path.isdir(folder):
+        return None
+    options = ocp.CheckpointManagerOptions(create=False, read_only=True)
+    with ocp.CheckpointManager(folder, options=options) as manager:
+        return manager.latest_step()
 
 
 def _stale_reason(stored: Mapping[str, Any], wanted: Mapping[str, Any], step: int | None) -> str:
