@@ -49,10 +49,11 @@ import numpy as np
 import optax
 
 from bbb import train
+from bbb import workdir as workdir_lib
 from bbb.curves import series
 from bbb.errors import ConfigError
 from bbb.priors import Gaussian, Prior, ScaleMixture, make_prior
-from bbb.workdir import read_records, write_text_atomically
+from bbb.workdir import WorkdirError, read_records, write_text_atomically
 
 PyTree = Any
 # Fields that a vectorised sweep may vary between the members of one program.
@@ -339,8 +340,6 @@ def make_members(
       ConfigError: a bad sweep entry or member config (naming `sweep[i]` and the field).
       WorkdirError: a member's sub-workdir holds a run of a different config.
     """
-    from bbb import workdir as workdir_lib
-
     overrides = validate_sweep(base, sweep)
     names = member_names(overrides)
     workdir_lib.check_workdir(workdir, base)
@@ -720,8 +719,6 @@ def _on_one_device(obj: Any) -> Any:
 
 def _train_group(group: Sequence[Member], stop_after_epochs: int | None) -> tuple[list[int], bool]:
     """Trains one group; returns (diverged member indices, whether it stopped early)."""
-    from bbb import workdir as workdir_lib
-
     config = group[0].config
     experiment = train.build(config, *train.dataset_spec(config))
     free_energy = _on_one_device(dataclasses.replace(experiment.free_energy, temperature=1.0))
@@ -1073,8 +1070,6 @@ def run_sweep(
       ConfigError: a bad sweep, member or flag combination, before anything is computed.
       TrainingDivergedError: some member diverged (the others were trained).
     """
-    from bbb.workdir import WorkdirError
-
     if sum((list_only, collect, member is not None)) > 1:
         raise ConfigError("--list/--collect/--member", True, "at most one of them")
     members = make_members(base, sweep, workdir, build=not (list_only or collect))
