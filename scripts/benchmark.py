@@ -35,7 +35,9 @@ _PRIORS = flags.DEFINE_list(
     ["scale_mixture", "gaussian"],
     "Priors: scale_mixture (with the MC KL) and/or gaussian (with the closed-form KL).",
 )
-_NOISES = flags.DEFINE_list("noises", ["jax", "hash"], "Noise generators (hash: reparam only).")
+_NOISES = flags.DEFINE_list(
+    "noises", ["jax", "hash"], "Noise generators (hash: where weight noise is drawn)."
+)
 _REPEATS = flags.DEFINE_integer("repeats", 20, "Timed steps per configuration (the median).")
 _WARMUP = flags.DEFINE_integer("warmup", 3, "Untimed steps after compilation.")
 _EPOCH_REPEATS = flags.DEFINE_integer(
