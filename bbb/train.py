@@ -45,6 +45,7 @@ POSTERIORS = ("mean_field", "point")
 OPTIMIZERS = ("sgd", "momentum", "adam")
 LR_SCHEDULES = ("constant", "cosine", "step")
 PRNG_IMPLS = ("threefry2x32", "rbg", "unsafe_rbg")
+EPOCH_LOOPS = ("scan", "steps")  # One lax.scan per epoch, or one jitted call per step.
 
 
 class TrainingDivergedError(FloatingPointError):
@@ -171,6 +172,7 @@ def build(
     if config.batch_size > num_train:
         raise ConfigError("batch_size", config.batch_size, f"at most the {num_train} examples")
     check_choice("prng_impl", config.prng_impl, PRNG_IMPLS)
+    check_choice("epoch_loop", config.get("epoch_loop", "scan"), EPOCH_LOOPS)
     check_choice("posterior.name", config.posterior.name, POSTERIORS)
     check_choice("posterior.estimator", config.posterior.estimator, ESTIMATORS)
     check_choice("posterior.noise", config.posterior.noise, posterior_lib.NOISE_GENERATORS)
@@ -343,15 +345,75 @@ def train_epoch(
       (state, metrics), each metric stacked over the epoch's steps [M].
     """
     x, y = data
-    batch_size, steps = experiment.config.batch_size, experiment.steps_per_epoch
-    order = jax.random.permutation(jax.random.fold_in(keys["shuffle"], epoch), x.shape[0])
-    order = order[: steps * batch_size].reshape(steps, batch_size)  # [M, B]
-    order = parallel.constrain(order, experiment.mesh, None, "data")
+    order = epoch_order(experiment, x.shape[0], epoch, keys)
 
     def step(state, indices):
         return train_step(experiment, state, (x[indices], y[indices]), keys["train"])
 
     return jax.lax.scan(step, state, order)
+
+
+def epoch_order(
+    experiment: Experiment, num_examples: int, epoch: jax.Array, keys: dict[str, jax.Array]
+) -> jax.Array:
+    """The epoch's minibatches [M, B]: a permutation drawn from fold_in(shuffle key, epoch)."""
+    batch_size, steps = experiment.config.batch_size, experiment.steps_per_epoch
+    order = jax.random.permutation(jax.random.fold_in(keys["shuffle"], epoch), num_examples)
+    order = order[: steps * batch_size].reshape(steps, batch_size)  # [M, B]
+    return parallel.constrain(order, experiment.mesh, None, "data")
+
+
+class StepwiseEpoch:
+    """`train_epoch` as M calls of one jitted step instead of one `lax.scan`
+    (`config.epoch_loop = "steps"`).
+
+    XLA's CPU backend computes the kernel gradient of a convolution about ten times slower
+    inside a while loop, which is what `lax.scan` lowers to, than at the top level of a
+    program (jax-ml/jax#12868; on this project's 2-core CPU a LeNet-5 step takes ~60 ms called
+    alone and ~200 ms inside the epoch's scan). This runs the same steps, with the same
+    permutation, batches and keys, as top-level programs: the permutation, the batch gathers
+    and the update stay on the device, and the host dispatches the M calls asynchronously and
+    stacks their metrics in one more call. Each of the three programs compiles once.
+    """
+
+    def __init__(self, experiment: Experiment):
+        shardings = jit_shardings(experiment)
+        self.steps_per_epoch = experiment.steps_per_epoch
+
+        def step(state, data, order, index, keys):
+            indices = order[index]  # [B], sharded over "data" like the scan's
+            return train_step(
+                experiment, state, (data[0][indices], data[1][indices]), keys["train"]
+            )
+
+        self._order = jax.jit(
+            lambda data, epoch, keys: epoch_order(experiment, data[0].shape[0], epoch, keys),
+            **shardings,
+        )
+        self._step = jax.jit(step, donate_argnums=0, **shardings)
+        self._stack = jax.jit(
+            lambda metrics: jax.tree_util.tree_map(lambda *m: jnp.stack(m), *metrics),
+            **shardings,
+        )
+
+    def __call__(
+        self,
+        state: TrainState,
+        data: tuple[jax.Array, jax.Array],
+        epoch: jax.Array,
+        keys: dict[str, jax.Array],
+    ) -> tuple[TrainState, dict[str, jax.Array]]:
+        """As the jitted `train_epoch`: (state, metrics stacked over the epoch's steps [M])."""
+        order = self._order(data, epoch, keys)
+        metrics = []
+        for index in range(self.steps_per_epoch):
+            state, step_metrics = self._step(state, data, order, np.int32(index), keys)
+            metrics.append(step_metrics)
+        return state, self._stack(metrics)
+
+    def _cache_size(self) -> int:
+        """Compiled versions of the step (1 after any number of epochs of one shape)."""
+        return self._step._cache_size()
 
 
 def evaluate(
@@ -494,7 +556,12 @@ def jit_shardings(experiment: Experiment) -> dict[str, Any]:
 
 
 def compile_epoch(experiment: Experiment) -> Callable:
-    """`train_epoch` jitted once, with the state's buffers donated (and replicated on a mesh)."""
+    """`train_epoch` jitted once, with the state's buffers donated (and replicated on a mesh).
+
+    With `config.epoch_loop = "steps"`, a `StepwiseEpoch` with the same signature instead.
+    """
+    if experiment.config.get("epoch_loop", "scan") == "steps":
+        return StepwiseEpoch(experiment)
     return jax.jit(
         lambda s, d, e, k: train_epoch(experiment, s, d, e, k),
         donate_argnums=0,

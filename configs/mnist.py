@@ -24,6 +24,9 @@ def get_config(width: str | None = None) -> ml_collections.ConfigDict:
     # trained for 600 or more (--config.num_epochs=600).
     config.num_epochs = 100
     config.batch_size = 128  # Minibatch size B (the paper's).
+    # How an epoch runs: "scan" (one compiled lax.scan over its steps) or "steps" (one compiled
+    # call per step; for convolutions on a CPU, where XLA runs their gradient slowly in a loop).
+    config.epoch_loop = "scan"
 
     config.model = ml_collections.ConfigDict()
     config.model.name = "mlp"  # "mlp" (flattened input) or "lenet" (a LeNet-5-style CNN).

@@ -166,6 +166,40 @@ def test_epoch_is_compiled_once(tmp_path):
     assert eval_fn._cache_size() == 1
 
 
+def test_stepwise_epoch_runs_the_scans_steps_and_compiles_once():
+    """`epoch_loop="steps"` draws the same batches and keys as the scan: same trajectory."""
+    config = test_config.get_config()
+    x, y = train.load_data(config)["train"]
+    data = (jnp.asarray(x), jnp.asarray(y))
+    results = {}
+    for loop in ("scan", "steps"):
+        config.epoch_loop = loop
+        experiment = train.build(config, num_train=x.shape[0], input_shape=x.shape[1:])
+        keys = train.root_keys(config)
+        state = train.init_state(experiment, keys["init"])
+        epoch_fn = train.compile_epoch(experiment)
+        losses = []
+        for epoch in range(2):
+            state, metrics = epoch_fn(state, data, np.int32(epoch), keys)
+            losses.append(np.asarray(metrics["loss"]))
+        assert epoch_fn._cache_size() == 1
+        assert losses[0].shape == (experiment.steps_per_epoch,)
+        results[loop] = (np.concatenate(losses), state)
+    assert isinstance(train.compile_epoch(experiment), train.StepwiseEpoch)
+    np.testing.assert_allclose(results["steps"][0], results["scan"][0], rtol=1e-5)
+    assert int(results["steps"][1].step) == int(results["scan"][1].step)
+    leaves = [jax.tree_util.tree_leaves(results[k][1].params) for k in ("scan", "steps")]
+    for a, b in zip(*leaves, strict=True):
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-4, atol=1e-6)
+
+
+def test_unknown_epoch_loop_is_a_config_error():
+    config = test_config.get_config()
+    config.epoch_loop = "while"
+    with pytest.raises(ConfigError, match=r"epoch_loop.*'while'.*scan.*steps"):
+        train.build(config, num_train=1000, input_shape=(28, 28, 1))
+
+
 def test_no_compilation_after_the_first_epoch(tmp_path):
     """Counts XLA compilations in whole runs: 2 and 4 epochs compile the same number."""
     counts = []
