@@ -367,10 +367,10 @@ class StepwiseEpoch:
     """`train_epoch` as M calls of one jitted step instead of one `lax.scan`
     (`config.epoch_loop = "steps"`).
 
-    XLA's CPU backend computes the kernel gradient of a convolution about ten times slower
-    inside a while loop, which is what `lax.scan` lowers to, than at the top level of a
-    program (jax-ml/jax#12868; on this project's 2-core CPU a LeNet-5 step takes ~60 ms called
-    alone and ~200 ms inside the epoch's scan). This runs the same steps, with the same
+    XLA's CPU backend computes the kernel gradient of a convolution far slower inside a while
+    loop, which is what `lax.scan` lowers to, than at the top level of a program
+    (jax-ml/jax#12868; configs/mnist_cnn.py trains in less than half the time without the
+    scan on this project's 2-core CPU, README). This runs the same steps, with the same
     permutation, batches and keys, as top-level programs: the permutation, the batch gathers
     and the update stay on the device, and the host dispatches the M calls asynchronously and
     stacks their metrics in one more call. Each of the three programs compiles once.
