@@ -42,7 +42,9 @@ def get_config(width: str | None = None) -> ml_collections.ConfigDict:
     config.posterior.name = "mean_field"
     # How an MC sample is drawn: "reparam" (the paper: one weight sample per minibatch),
     # "local_reparam" (Kingma et al. 2015; Dense layers) or "flipout" (Wen et al. 2018).
-    config.posterior.estimator = "reparam"
+    # local_reparam reached the lowest free energy and test error of the three in the README's
+    # 100-epoch runs; "reparam" is the paper's (and the only one for a point posterior or Conv).
+    config.posterior.estimator = "local_reparam"
     # Initial ρ (σ₀ = softplus(ρ₀) ≈ e^ρ₀ when ρ₀ ≪ 0). Small σ₀ is what lets the posterior
     # reach the paper's errors (REFERENCE.md: reproductions need it very small).
     config.posterior.init_rho = -6.0
@@ -103,7 +105,9 @@ def get_config(width: str | None = None) -> ml_collections.ConfigDict:
     # Posterior samples of the MC-averaged predictive. The error keeps falling up to K = 100
     # (README, "Uncertainty evaluation"); validation and test at K = 100 take ~30 s on 2 cores.
     config.eval.num_samples = 100
-    config.eval.every_epochs = 10  # Evaluate on validation and test every this many epochs.
+    # Evaluate on validation and test every this many epochs (each K = 100 evaluation costs
+    # about 3 epochs on a 2-core CPU, so 20 keeps `make train` well inside 30 minutes).
+    config.eval.every_epochs = 20
     config.eval.batch_size = 1000  # Examples per evaluation chunk (memory: K × this × width).
 
     config.mesh = ml_collections.ConfigDict()

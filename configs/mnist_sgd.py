@@ -12,6 +12,7 @@ def get_config(width: str | None = None) -> ml_collections.ConfigDict:
     """A point estimate with a flat prior: maximum likelihood."""
     config = mnist.get_config(width)
     config.posterior.name = "point"  # A point estimate: no σ, no sampling.
+    config.posterior.estimator = "reparam"  # A point has no pre-activation noise to sample.
     config.prior.name = "flat"  # No regularisation.
     config.eval.num_samples = 1  # A point estimate has one prediction.
     return config

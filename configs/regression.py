@@ -27,6 +27,7 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
     config.model.hidden_sizes = (100, 100)  # Two hidden layers of 100 ReLU units.
     config.model.num_outputs = 1  # One regression output, the mean of y.
 
+    config.posterior.estimator = "reparam"  # The paper's; the README's figures used it.
     config.posterior.init_rho = -5.0  # σ₀ = softplus(−5) ≈ 0.0067.
     config.posterior.noise = "jax"  # Threefry: the figures in docs/experiments.md used it.
 

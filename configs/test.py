@@ -14,6 +14,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.num_epochs = 2  # Two short epochs.
     config.batch_size = 64  # Smaller minibatches.
     config.model.hidden_sizes = (32, 32)  # A small network.
+    config.posterior.estimator = "reparam"  # The paper's (tests of the others set them).
     config.data.train_subset = 2048  # The first 2,048 training images.
     config.data.eval_subset = 500  # The first 500 validation and test images.
     config.eval.num_samples = 4  # A cheap predictive.
