@@ -16,7 +16,9 @@ def get_config() -> ml_collections.ConfigDict:
     config.seed = 0  # Root of every random stream (initial weights, mushrooms, actions, noise).
     config.num_seeds = 2  # Independent repetitions, vmapped (mean ± std over them).
     config.num_steps = 50_000  # Interactions (the paper: 50,000).
-    config.buffer_size = 4096  # The replay buffer keeps the last this many interactions.
+    # The replay buffer keeps the last this many interactions (the paper: 4096). 50,000 keeps
+    # them all, which is what let Bayes by Backprop lead the greedy agent (README).
+    config.buffer_size = 4096
     config.num_updates = 64  # Gradient steps per round of updates (the paper: 64).
     config.batch_size = 64  # Minibatch size of each step, drawn uniformly from the buffer.
     # Interactions per round of 64 updates (the paper: 1, after each). The paper's 3.2M steps per
