@@ -43,7 +43,8 @@ def get_config(width: str | None = None) -> ml_collections.ConfigDict:
     # How an MC sample is drawn: "reparam" (the paper: one weight sample per minibatch),
     # "local_reparam" (Kingma et al. 2015; Dense layers) or "flipout" (Wen et al. 2018).
     # local_reparam reached the lowest free energy and test error of the three in the README's
-    # 100-epoch runs; "reparam" is the paper's (and the only one for a point posterior or Conv).
+    # 100-epoch runs; "reparam" is the paper's and the only one for a point posterior; Conv
+    # layers take reparam or flipout.
     config.posterior.estimator = "local_reparam"
     # Initial ρ (σ₀ = softplus(ρ₀) ≈ e^ρ₀ when ρ₀ ≪ 0). Small σ₀ is what lets the posterior
     # reach the paper's errors (REFERENCE.md: reproductions need it very small).
