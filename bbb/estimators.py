@@ -11,12 +11,14 @@
 - `"flipout"` (Wen et al. 2018, "Flipout: Efficient Pseudo-Independent Weight Perturbations on
   Mini-Batches"): one shared perturbation ΔW = σ ∘ ε, decorrelated across the minibatch by
   random signs, out = x μ + ((x ∘ s) ΔW) ∘ r, with s, r ∈ {±1} per example. For Dense and Conv
-  (for Conv, s and r are per input / output channel, constant over space).
+  (for Conv, s and r are per input / output channel, constant over space). With the MC KL, the
+  KL is taken at w = μ + ΔW: one weight-sized draw per sample serves both terms.
 
 The model stays a plain Flax module. The local estimators run it with μ as its `params` and σ
-in a second variable collection, `"sigma"`; a Flax method interceptor replaces the call of each
-`nn.Dense` / `nn.Conv` by its stochastic form. A layer with parameters that the chosen estimator
-has no form for raises `ConfigError` while tracing, before any compute.
+in a second variable collection, `"sigma"` (flipout's ΔW in a third, `"perturbation"`); a Flax
+method interceptor replaces the call of each `nn.Dense` / `nn.Conv` by its stochastic form. A
+layer with parameters that the chosen estimator has no form for raises `ConfigError` while
+tracing, before any compute.
 """
 
 from __future__ import annotations
@@ -72,22 +74,21 @@ def _safe_sqrt(variance: jax.Array) -> jax.Array:
 
 
 def _flipout(module: nn.Module, mean: jax.Array, x: jax.Array) -> jax.Array:
-    """Adds the sign-flipped shared perturbation ((x ∘ s) ΔW) ∘ r to the mean path."""
-    sigma = module.variables["sigma"]
-    k_w, k_b, k_in, k_out = jax.random.split(module.make_rng("noise"), 4)
-    kernel_sigma = sigma["kernel"]
-    delta_kernel = kernel_sigma * jax.random.normal(k_w, kernel_sigma.shape, kernel_sigma.dtype)
+    """Adds the sign-flipped shared perturbation ((x ∘ s) ΔW) ∘ r to the mean path.
+
+    ΔW = σ ∘ ε comes in the "perturbation" collection (see `apply_local`); the signs are
+    drawn here, per layer.
+    """
+    delta = module.variables["perturbation"]
+    k_in, k_out = jax.random.split(module.make_rng("noise"))
     # Signs per example and input channel (constant over spatial positions for a conv), and
     # per example and output channel.
     batch_shape = x.shape[:1] + (1,) * (x.ndim - 2)
     sign_in = _rademacher(k_in, (*batch_shape, x.shape[-1]), x.dtype)
     sign_out = _rademacher(k_out, (*batch_shape, mean.shape[-1]), mean.dtype)
-    perturbation = _without_bias(module, delta_kernel, x * sign_in)
-    if "bias" in sigma:
-        bias_sigma = sigma["bias"]
-        perturbation = perturbation + bias_sigma * jax.random.normal(
-            k_b, bias_sigma.shape, bias_sigma.dtype
-        )
+    perturbation = _without_bias(module, delta["kernel"], x * sign_in)
+    if "bias" in delta:
+        perturbation = perturbation + delta["bias"]
     return mean + perturbation * sign_out
 
 
@@ -126,9 +127,15 @@ def apply_local(
     key: jax.Array,
     estimator: str,
     rngs: dict[str, jax.Array] | None = None,
+    noise: PyTree | None = None,
     **kwargs: Any,
 ) -> jax.Array:
     """One MC sample of the model's output under `local_reparam` or `flipout`.
+
+    Flipout's shared perturbation is ΔW = σ ∘ ε for the whole network, with ε from the
+    posterior's own generator (`posterior.noise`) and `flipout_keys(key)[1]`, unless `noise`
+    gives ε: the free energy passes the ε of its MC KL sample, so that flipout, like the
+    paper's estimator, draws one weight-sized ε per sample for both terms.
 
     Args:
       model: a Flax module built from `nn.Dense` (and, for flipout, `nn.Conv`) layers.
@@ -137,6 +144,7 @@ def apply_local(
       key: the key for this sample's noise.
       estimator: "local_reparam" or "flipout".
       rngs: further rng streams for the model (e.g. "dropout").
+      noise: flipout only: ε like `posterior.mu`; None draws it.
       **kwargs: passed to the model's `__call__`.
 
     Returns:
@@ -147,9 +155,21 @@ def apply_local(
     """
     if estimator not in ("local_reparam", "flipout"):
         raise ConfigError("posterior.estimator", estimator, "'local_reparam' or 'flipout' here")
-    variables = {"params": posterior.mu, "sigma": posterior.stddev()}
+    sigma = posterior.stddev()
+    variables = {"params": posterior.mean(), "sigma": sigma}
+    if estimator == "flipout":
+        key, key_eps = flipout_keys(key)
+        if noise is None:
+            noise = posterior.sample_noise(key_eps)
+        variables["perturbation"] = jax.tree_util.tree_map(jnp.multiply, sigma, noise)
     with nn.intercept_methods(_make_interceptor(estimator)):
         return model.apply(variables, x, rngs={**(rngs or {}), "noise": key}, **kwargs)
+
+
+def flipout_keys(key: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(the key of flipout's random signs, the key of its ε) for one sample's `key`."""
+    key_signs, key_eps = jax.random.split(key)
+    return key_signs, key_eps
 
 
 def sample_output(

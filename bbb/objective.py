@@ -19,7 +19,9 @@ over keys; on a device mesh the K samples are split over its "samples" axis and 
 over its "data" axis (`bbb.parallel`), with the same keys, hence the same noise, as on one
 device. The KL is either the paper's Monte-Carlo estimate log q(w) − log P(w) at the sampled
 weights (`"mc"`, the only option for non-conjugate priors such as the scale mixture), or
-its closed form where one exists (`"closed_form"`, Gaussian prior).
+its closed form where one exists (`"closed_form"`, Gaussian prior). Under `reparam` and
+`flipout` the MC KL is taken at the weights of the likelihood's own sample (flipout's
+w = μ + ΔW); `local_reparam` samples no weights, so its MC KL draws a weight sample of its own.
 
 KL schedules (`objective.kl_schedule`), as π_i for step `step` of an epoch of M steps:
 - `"uniform"`: π_i = 1/M.
@@ -245,6 +247,22 @@ class FreeEnergy:
             if self.kl != "mc":
                 return outputs, jnp.zeros((), jnp.float32)
             # The MC KL keeps the parameters' dtype (a float32 cast rounds it under x64).
+            return outputs, log_q - self.prior.log_prob(params["prior"], w)
+        if self.estimator == "flipout" and self.kl == "mc":
+            # One ε for both terms, as `apply_local` would draw it: ΔW = σ ∘ ε perturbs the
+            # layers, and the KL is taken at w = μ + ΔW.
+            eps = posterior.sample_noise(estimators.flipout_keys(key_weights)[1])
+            w, log_q = posterior.reparameterize(eps)
+            outputs = estimators.apply_local(
+                self.model,
+                posterior,
+                x,
+                key_weights,
+                self.estimator,
+                rngs=rngs,
+                noise=eps,
+                **train_kwargs(self.model),
+            )
             return outputs, log_q - self.prior.log_prob(params["prior"], w)
         outputs = estimators.apply_local(
             self.model,

@@ -208,7 +208,21 @@ class MeanFieldGaussian:
         Returns:
           (w, log q(w)), w a pytree like `mu` and log q a float32 scalar.
         """
-        eps = self.sample_noise(key)
+        return self.reparameterize(self.sample_noise(key))
+
+    def reparameterize(self, eps: PyTree) -> tuple[PyTree, jax.Array]:
+        """(w = μ + σ ∘ ε, log q(w)) for given noise ε, as `sample_and_log_prob` draws it.
+
+        Flipout (`bbb.estimators`) perturbs its layers by σ ∘ ε and takes the MC KL at
+        w = μ + σ ∘ ε with the same ε, as the paper's estimator takes the likelihood and the
+        KL at one weight sample.
+
+        Args:
+          eps: standard normal noise like `mu` (from `sample_noise`).
+
+        Returns:
+          (w, log q(w)).
+        """
         sigma = self.stddev()
         w = jax.tree_util.tree_map(lambda m, s, e: m + s * e, self.mu, sigma, eps)
         log_q = _sum_leaves(

@@ -190,6 +190,43 @@ def test_kl_is_the_same_whichever_estimator(estimator, mlp_posterior):
     assert 3 * standard_error < 0.05 * expected  # the comparison has power
 
 
+@pytest.mark.parametrize("noise", ["jax", "hash"])
+def test_flipout_takes_the_mc_kl_at_its_own_perturbed_weights(noise):
+    """One weight, one example: the output μ + s r σ ε reveals ±ε, and the sample's MC KL must
+    be log q − log P at w = μ + σ ε for one of the two signs. With a separate ε for the KL it
+    would match neither (the two ε would be independent)."""
+    mu, sigma = 0.3, 0.5
+    posterior = MeanFieldGaussian(
+        mu={"kernel": jnp.full((1, 1), mu)},
+        rho={"kernel": jnp.full((1, 1), float(np.log(np.expm1(sigma))))},
+        noise=noise,
+    )
+    prior = priors.gaussian(1.0)
+    fe = objective.FreeEnergy(
+        nn.Dense(1, use_bias=False),
+        prior,
+        objective.Categorical(),
+        num_train=1,
+        num_batches=1,
+        estimator="flipout",
+        kl="mc",
+    )
+    params = fe.init_params(posterior)
+    keys = jax.random.split(jax.random.key(3), 200)
+    outputs, kls = jax.jit(jax.vmap(lambda k: fe._sample(params, jnp.ones((1, 1)), k)))(keys)
+    eps = (np.asarray(outputs, np.float64).reshape(-1) - mu) / sigma  # ±ε
+
+    def kl_at(e):
+        w = mu + sigma * e
+        log_q = -0.5 * e**2 - np.log(sigma) - 0.5 * np.log(2 * np.pi)
+        return log_q - (-0.5 * w**2 - 0.5 * np.log(2 * np.pi))
+
+    kls = np.asarray(kls, np.float64)
+    error = np.minimum(np.abs(kls - kl_at(eps)), np.abs(kls - kl_at(-eps)))
+    assert np.max(error) < 1e-4, np.max(error)
+    assert np.std(eps) > 0.5  # the samples differ
+
+
 # Layers an estimator cannot handle ---------------------------------------------------------
 
 
