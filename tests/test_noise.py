@@ -69,3 +69,35 @@ def test_posterior_samples_have_the_right_moments(generator):
     # Different leaves get different noise.
     eps = q.sample_noise(jax.random.key(1))
     assert not np.allclose(np.asarray(eps["a"]).ravel()[:5], np.asarray(eps["b"]))
+
+
+def test_materialize_returns_its_input_bit_for_bit():
+    # Not subnormals: XLA's CPU arithmetic flushes those to 0 anyway (noise never has any).
+    tiny = np.finfo(np.float32).tiny
+    x = np.array(
+        [1.0, -1.0, 0.0, -0.0, 0.5, 2.0, tiny, 3e38, -3e38, np.inf, -np.inf, np.nan], np.float32
+    )
+    x = np.concatenate([x, np.random.default_rng(0).normal(size=1000).astype(np.float32)])
+    out = np.asarray(jax.jit(posterior.materialize)(jnp.asarray(x)))
+    np.testing.assert_array_equal(out.view(np.uint32), x.view(np.uint32))
+
+
+@pytest.mark.parametrize("generator", ["hash", "jax"])
+def test_noise_is_computed_once_per_step_not_in_every_consumer(generator):
+    """The slow path `materialize` removes: XLA recomputed the noise's inverse CDF (and the
+    hash under it) inside each fusion that reads ε, five or six of them here. In the compiled
+    gradient of a free-energy-like loss, erfinv must be computed in one fusion."""
+    mu = {"a": jnp.zeros((30, 20)), "b": jnp.zeros((20,))}
+    q = posterior.MeanFieldGaussian(
+        mu=mu, rho=jax.tree_util.tree_map(lambda m: m - 5.0, mu), noise=generator
+    )
+
+    def loss(q, key):
+        w, log_q = q.sample_and_log_prob(key)
+        leaves = jax.tree_util.tree_leaves(w)
+        return log_q + sum(jnp.sum(jnp.tanh(v) + jnp.exp(-jnp.square(v))) for v in leaves)
+
+    hlo = jax.jit(jax.grad(loss)).lower(q, jax.random.key(0)).compile().as_text()
+    computations = hlo.split("\n\n")  # The fused computations, one block each.
+    with_erfinv = [c.split("\n")[0] for c in computations if "fused" in c[:40] and "erf_inv" in c]
+    assert len(with_erfinv) == 1, with_erfinv
