@@ -125,12 +125,10 @@ class Gaussian(Prior):
         inv_var_p = jnp.exp(-2.0 * log_sigma_p)
 
         def leaf_kl(mu: jax.Array, sigma: jax.Array) -> jax.Array:
-            return jnp.sum(
-                log_sigma_p
-                - jnp.log(sigma)
-                + 0.5 * (jnp.square(sigma) + jnp.square(mu)) * inv_var_p
-                - 0.5
-            )
+            # The per-weight constant log σ_p − ½ is added once, n times, outside the sum: inside
+            # it, XLA:CPU stored it broadcast to the leaf's shape (14 MB per step at H=1200).
+            per_weight = -jnp.log(sigma) + 0.5 * (jnp.square(sigma) + jnp.square(mu)) * inv_var_p
+            return jnp.sum(per_weight) + mu.size * (log_sigma_p - 0.5)
 
         leaves = jax.tree_util.tree_leaves(
             jax.tree_util.tree_map(leaf_kl, posterior.mu, posterior.stddev())
