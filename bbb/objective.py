@@ -248,22 +248,11 @@ class FreeEnergy:
                 return outputs, jnp.zeros((), jnp.float32)
             # The MC KL keeps the parameters' dtype (a float32 cast rounds it under x64).
             return outputs, log_q - self.prior.log_prob(params["prior"], w)
+        noise = None
         if self.estimator == "flipout" and self.kl == "mc":
             # One ε for both terms, as `apply_local` would draw it: ΔW = σ ∘ ε perturbs the
             # layers, and the KL is taken at w = μ + ΔW.
-            eps = posterior.sample_noise(estimators.flipout_keys(key_weights)[1])
-            w, log_q = posterior.reparameterize(eps)
-            outputs = estimators.apply_local(
-                self.model,
-                posterior,
-                x,
-                key_weights,
-                self.estimator,
-                rngs=rngs,
-                noise=eps,
-                **train_kwargs(self.model),
-            )
-            return outputs, log_q - self.prior.log_prob(params["prior"], w)
+            noise = posterior.sample_noise(estimators.flipout_keys(key_weights)[1])
         outputs = estimators.apply_local(
             self.model,
             posterior,
@@ -271,10 +260,14 @@ class FreeEnergy:
             key_weights,
             self.estimator,
             rngs=rngs,
+            noise=noise,
             **train_kwargs(self.model),
         )
         if self.kl != "mc":
             return outputs, jnp.zeros((), jnp.float32)
+        if noise is not None:
+            w, log_q = posterior.reparameterize(noise)
+            return outputs, log_q - self.prior.log_prob(params["prior"], w)
         return outputs, self.kl_divergence(params, key_kl)
 
     def __call__(
