@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
 import json
 import os
 import platform
@@ -518,15 +519,17 @@ def ablation_lines(hidden: int) -> list[AblationLine]:
     Returns:
       A list of `AblationLine`, "full" first.
     """
-    full = Case(hidden, 1, "reparam", "scale_mixture", "mc", "jax")
+    full = Case(hidden, 1, "reparam", "scale_mixture", "mc", "hash")
     flat = dataclasses.replace(full, prior="flat")
     floor = deterministic_case(hidden)
     return [
-        AblationLine("full", "train_step: scale-mixture prior, MC KL, threefry ε, Adam", full),
         AblationLine(
-            "hash_noise",
-            "the same with the counter-hash ε",
-            dataclasses.replace(full, noise="hash"),
+            "full", "train_step: scale-mixture prior, MC KL, counter-hash ε (as MNIST), Adam", full
+        ),
+        AblationLine(
+            "threefry_noise",
+            "the same with threefry ε (jax.random)",
+            dataclasses.replace(full, noise="jax"),
         ),
         AblationLine(
             "no_noise", "the same with ε = 0 (no RNG; w = μ + σ·0)", full, NoiselessPosterior
@@ -547,26 +550,22 @@ def ablation_lines(hidden: int) -> list[AblationLine]:
     ]
 
 
-def time_gradient(
+def compile_gradient(
     experiment: train_lib.Experiment,
     params: Any,
     batch: tuple[jax.Array, jax.Array],
     key: jax.Array,
-    repeats: int,
-    warmup: int,
-) -> dict[str, float]:
-    """Times jitted `value_and_grad` of the free energy alone, after timing its compilation.
+) -> tuple[float, Callable[[], None]]:
+    """Compiles jitted `value_and_grad` of the free energy alone (no optimiser).
 
     Args:
       experiment: from `bbb.train.build`.
-      params: the trained pytree.
+      params: the parameters.
       batch: the fixed minibatch.
       key: the step key.
-      repeats: timed calls.
-      warmup: untimed calls.
 
     Returns:
-      As `time_step`.
+      (compile seconds, a function that runs it once and blocks).
     """
     kl_weight = jnp.float32(1.0 / experiment.steps_per_epoch)
     grad_fn = jax.value_and_grad(experiment.free_energy, has_aux=True)
@@ -574,30 +573,22 @@ def time_gradient(
     start = time.perf_counter()
     compiled = gradient.lower(params, batch, key).compile()
     compile_s = time.perf_counter() - start
-    times = _time_calls(
-        lambda: jax.block_until_ready(compiled(params, batch, key)), repeats, warmup
-    )
-    return {"compile_s": compile_s, **_summary(times)}
+    return compile_s, lambda: jax.block_until_ready(compiled(params, batch, key))
 
 
-def time_ablation_line(
-    line: AblationLine,
-    base_config: ml_collections.ConfigDict,
-    batch: tuple[jax.Array, jax.Array],
-    repeats: int,
-    warmup: int,
-) -> dict[str, Any]:
-    """Builds and times one ablation line.
+def compile_ablation_line(
+    line: AblationLine, base_config: ml_collections.ConfigDict, batch: tuple[jax.Array, jax.Array]
+) -> tuple[dict[str, Any], Callable[[], None]]:
+    """Builds and compiles one ablation line.
 
     Args:
       line: the line.
       base_config: the MNIST config.
       batch: the fixed minibatch.
-      repeats: timed calls.
-      warmup: untimed calls.
 
     Returns:
-      The record: the case's fields, `ablation`, `measures`, and the timing.
+      (the record: the case's fields, `ablation`, `measures`, `compile_s`; a function that
+      runs the line's step once and blocks).
     """
     batch_size = batch[0].shape[0]
     config = line.case.config(base_config, batch_size)
@@ -610,16 +601,143 @@ def time_ablation_line(
         state = state.replace(params=params, opt_state=experiment.optimizer.init(params))
     if line.gradient_only:
         step_key = jax.random.fold_in(keys["train"], 0)
-        timing = time_gradient(experiment, state.params, batch, step_key, repeats, warmup)
+        compile_s, run_once = compile_gradient(experiment, state.params, batch, step_key)
     else:
-        timing, _ = time_step(experiment, state, batch, keys["train"], repeats, warmup)
-    return {
+        step = jax.jit(functools.partial(train_lib.train_step, experiment), donate_argnums=0)
+        start = time.perf_counter()
+        compiled = step.lower(state, batch, keys["train"]).compile()
+        compile_s = time.perf_counter() - start
+        box = [state]
+
+        def run_once():
+            box[0], metrics = compiled(box[0], batch, keys["train"])
+            jax.block_until_ready((box[0], metrics))
+
+    record = {
         "kind": "ablation",
         **line.case.record(batch_size),
         "ablation": line.name,
         "measures": line.measures,
-        **timing,
+        "compile_s": compile_s,
     }
+    return record, run_once
+
+
+def time_interleaved(
+    run_onces: Sequence[Callable[[], None]], repeats: int, warmup: int
+) -> list[list[float]]:
+    """Wall times in ms of each function, called in turn: round r times every function once.
+
+    On a shared machine whose speed drifts over seconds, timing the functions one after
+    another puts the drift into their differences; interleaved, every function sees the same
+    conditions, and differences of medians measure the functions.
+
+    Args:
+      run_onces: functions that run once and block.
+      repeats: timed rounds.
+      warmup: untimed rounds first.
+
+    Returns:
+      One list of `repeats` times per function.
+    """
+    times: list[list[float]] = [[] for _ in run_onces]
+    for round_index in range(warmup + repeats):
+        for run_once, own in zip(run_onces, times, strict=True):
+            start = time.perf_counter()
+            run_once()
+            if round_index >= warmup:
+                own.append((time.perf_counter() - start) * 1e3)
+    return times
+
+
+def mlp_weights(hidden: int) -> int:
+    """n: the weights and biases of the MLP 784-H-H-10 (each has a μ and a ρ)."""
+    sizes = [int(np.prod(INPUT_SHAPE)), hidden, hidden, NUM_CLASSES]
+    return sum(a * b + b for a, b in itertools.pairwise(sizes))
+
+
+def mlp_matmul_flops(hidden: int, batch_size: int) -> int:
+    """FLOPs of one forward and backward pass of the MLP's matmuls (2 per multiply-add).
+
+    Forward x·W for each layer, the weight gradients (same count), and the input gradients of
+    layers 2 and 3 (the first layer's input needs none).
+    """
+    sizes = [int(np.prod(INPUT_SHAPE)), hidden, hidden, NUM_CLASSES]
+    products = [a * b for a, b in itertools.pairwise(sizes)]
+    return 2 * batch_size * (2 * sum(products) + sum(products[1:]))
+
+
+# The fewest bytes each elementwise part of the ablation must move per weight (float32 reads
+# and writes, each array touched once): its floor on a memory-bound machine.
+BYTES_PER_WEIGHT = {
+    "rng": 4,  # Write ε.
+    "prior": 8,  # Read w; write ∂log P/∂w.
+    "entropy": 16,  # Read ε and ρ; write ∂log q/∂μ and ∂log q/∂ρ.
+    # Adam on 2n parameters: read θ, g, m, v and write θ, m, v (28 bytes each), and the
+    # gradient norm's read of g (4 bytes each).
+    "optimiser": 64,
+    # w = μ + σ ∘ ε: read μ, ρ, ε, write w; backward: read ∂w, ε, ρ, write ∂μ, ∂ρ.
+    "rest": 36,
+}
+
+
+def measure_rates(num_weights: int, repeats: int = 20) -> dict[str, float]:
+    """This machine's practical memory and matmul rates, measured now, for the floors.
+
+    - `gb_per_s`: a jitted loop of 32 passes of x ← a·x + b over `num_weights` float32 (one
+      read and one write each), so at the size, and in the caches, of the model's arrays.
+    - `gflop_per_s`: a jitted 1024 × 1024 by 1024 × 1024 float32 matmul.
+
+    Args:
+      num_weights: the array size of the memory test.
+      repeats: timed calls (the median).
+
+    Returns:
+      {"gb_per_s", "gflop_per_s"}.
+    """
+    passes = 32
+    x = jnp.ones((num_weights,), jnp.float32)
+    stream = jax.jit(lambda x: jax.lax.fori_loop(0, passes, lambda i, v: v * 0.999 + 0.001, x))
+    a = jnp.ones((1024, 1024), jnp.float32)
+    matmul = jax.jit(lambda a: a @ a)
+    stream_ms = statistics.median(_time_calls(lambda: jax.block_until_ready(stream(x)), repeats, 3))
+    matmul_ms = statistics.median(_time_calls(lambda: jax.block_until_ready(matmul(a)), repeats, 3))
+    return {
+        "gb_per_s": passes * 8 * num_weights / stream_ms / 1e6,
+        "gflop_per_s": 2 * 1024**3 / matmul_ms / 1e6,
+    }
+
+
+def add_floors(
+    parts: list[dict[str, Any]], hidden: int, batch_size: int, rates: dict[str, float]
+) -> list[dict[str, Any]]:
+    """Gives each part of `ablation_breakdown` its floor and how far above it it runs.
+
+    The matmuls' floor is their FLOPs at the measured matmul rate; every other part's is the
+    bytes it must move (`BYTES_PER_WEIGHT` × n) at the measured memory rate. `x_floor` =
+    measured ms / floor ms.
+
+    Args:
+      parts: from `ablation_breakdown`; updated in place.
+      hidden: H.
+      batch_size: B.
+      rates: from `measure_rates`.
+
+    Returns:
+      `parts`, each with "bound" ("FLOPs" or "memory"), "floor_ms" and "x_floor".
+    """
+    n = mlp_weights(hidden)
+    for part in parts:
+        key = part["key"]
+        if key == "matmuls":
+            bound = "FLOPs"
+            floor = mlp_matmul_flops(hidden, batch_size) / rates["gflop_per_s"] / 1e6
+        else:
+            bound = "memory"
+            floor = BYTES_PER_WEIGHT["rng" if key == "threefry_rng" else key] * n
+            floor = floor / rates["gb_per_s"] / 1e6
+        part.update(bound=bound, floor_ms=floor, x_floor=part["ms"] / floor)
+    return parts
 
 
 def ablation_breakdown(ms: dict[str, float]) -> list[dict[str, Any]]:
@@ -627,51 +745,61 @@ def ablation_breakdown(ms: dict[str, float]) -> list[dict[str, Any]]:
 
     The parts are not exactly additive (XLA fuses the elementwise work differently once a part
     is gone), and a difference of two noisy medians can come out negative: read them as
-    estimates. "rest" is the full step minus the sum of the others; the hash line is an
-    alternative to the threefry line, not a part of the sum.
+    estimates. "rest" is the full step minus the sum of the others; the threefry line is an
+    alternative to the hash line, not a part of the sum.
 
     Args:
       ms: ablation name → median ms/step at one H.
 
     Returns:
-      Records {"component", "formula", "ms", "pct_of_full"}.
+      Records {"key", "component", "formula", "ms", "pct_of_full"}.
     """
     parts = [
-        ("RNG: threefry ε for every weight", "full − no_noise", ms["full"] - ms["no_noise"]),
+        ("rng", "RNG: hash ε for every weight", "full − no_noise", ms["full"] - ms["no_noise"]),
         (
+            "prior",
             "prior: scale-mixture log P(w), fwd + bwd",
             "full − no_prior",
             ms["full"] - ms["no_prior"],
         ),
-        ("entropy: log q(w), fwd + bwd", "no_prior − no_kl", ms["no_prior"] - ms["no_kl"]),
         (
+            "entropy",
+            "entropy: log q(w), fwd + bwd",
+            "no_prior − no_kl",
+            ms["no_prior"] - ms["no_kl"],
+        ),
+        (
+            "optimiser",
             "optimiser: Adam on 2n parameters, and the grad norm",
             "full − grad_only",
             ms["full"] - ms["grad_only"],
         ),
         (
+            "matmuls",
             "matmuls: the plain MLP's fwd + bwd",
             "deterministic_grad_only",
             ms["deterministic_grad_only"],
         ),
     ]
-    rest = ms["full"] - sum(part[2] for part in parts)
-    parts.append(("rest: w = μ + σε, softplus, their gradients", "full − Σ above", rest))
+    rest = ms["full"] - sum(part[3] for part in parts)
+    parts.append(("rest", "rest: w = μ + σε, softplus, their gradients", "full − Σ above", rest))
     parts.append(
         (
-            "(instead of threefry) RNG: hash ε",
-            "hash_noise − no_noise",
-            ms["hash_noise"] - ms["no_noise"],
+            "threefry_rng",
+            "(instead of hash) RNG: threefry ε",
+            "threefry_noise − no_noise",
+            ms["threefry_noise"] - ms["no_noise"],
         )
     )
     return [
         {
+            "key": key,
             "component": name,
             "formula": formula,
             "ms": value,
             "pct_of_full": 100 * value / ms["full"],
         }
-        for name, formula, value in parts
+        for key, name, formula, value in parts
     ]
 
 
@@ -687,10 +815,13 @@ def run_ablation(
 ) -> list[dict[str, Any]]:
     """Times every ablation line at every H, and breaks the full step down.
 
+    The lines of one H are all compiled first and then timed interleaved (`time_interleaved`),
+    so that their differences are not the machine's drift.
+
     Args:
       base_config: the MNIST config.
       hidden: the widths H.
-      repeats: timed calls per line.
+      repeats: timed rounds (one call of every line each).
       warmup: untimed calls.
       batch_size: B.
       seed: for the random batch.
@@ -698,24 +829,32 @@ def run_ablation(
 
     Returns:
       The lines' records (kind "ablation", with `pct_of_full`), then the breakdown's records
-      (kind "breakdown", with `hidden`).
+      (kind "breakdown", with `hidden`, the machine's measured rates and each part's floor:
+      `add_floors`).
     """
     batch = random_batch(jax.random.key(seed), batch_size)
     records, breakdown = [], []
     for width in hidden:
-        lines = [
-            time_ablation_line(line, base_config, batch, repeats, warmup)
-            for line in ablation_lines(width)
+        compiled = [
+            compile_ablation_line(line, base_config, batch) for line in ablation_lines(width)
         ]
+        times = time_interleaved([run_once for _, run_once in compiled], repeats, warmup)
+        lines = [{**r, **_summary(t)} for (r, _), t in zip(compiled, times, strict=True)]
+        del compiled  # Frees the lines' states before the next width.
         ms = {r["ablation"]: r["ms_per_step"] for r in lines}
         for r in lines:
             r["pct_of_full"] = 100 * r["ms_per_step"] / ms["full"]
             if log:
                 log(f"ablation H={width} {r['ablation']}: {r['ms_per_step']:.2f} ms")
         records += lines
-        breakdown += [
-            {"kind": "breakdown", "hidden": width, **part} for part in ablation_breakdown(ms)
-        ]
+        rates = measure_rates(mlp_weights(width), repeats)
+        if log:
+            log(
+                f"ablation H={width}: memory {rates['gb_per_s']:.1f} GB/s, "
+                f"matmul {rates['gflop_per_s']:.1f} GFLOP/s"
+            )
+        parts = add_floors(ablation_breakdown(ms), width, batch_size, rates)
+        breakdown += [{"kind": "breakdown", "hidden": width, **rates, **part} for part in parts]
     return records + breakdown
 
 
@@ -741,7 +880,7 @@ class BayesMLP(torch.nn.Module):
         super().__init__()
         sizes = [784, h, h, 10]
         self.layers = torch.nn.ModuleList(
-            LinearReparameterization(a, b) for a, b in zip(sizes[:-1], sizes[1:])
+            LinearReparameterization(a, b) for a, b in itertools.pairwise(sizes)
         )
 
     def forward(self, x):
@@ -993,11 +1132,25 @@ def format_ablation(records: Sequence[dict[str, Any]]) -> str:
                     f"| {r['ablation']} | {r['measures']} | {r['ms_per_step']:.2f} | "
                     f"{r['pct_of_full']:.0f}% |"
                 )
-        out.append("\n| component | from | ms | % of full |")
-        out.append("|--|--|--|--|")
+        rates = next(r for r in records if r["kind"] == "breakdown" and r["hidden"] == width)
+        out.append(
+            f"\nFloors from this machine's rates, measured in the same run: memory "
+            f"{rates['gb_per_s']:.1f} GB/s (arrays of n = {mlp_weights(width):,} floats), "
+            f"matmul {rates['gflop_per_s']:.1f} GFLOP/s.\n"
+        )
+        out.append("| component | from | ms | % of full | bound | floor ms | × floor |")
+        out.append("|--|--|--|--|--|--|--|")
         for r in records:
             if r["kind"] == "breakdown" and r["hidden"] == width:
-                cells = (r["component"], r["formula"], f"{r['ms']:.2f}", f"{r['pct_of_full']:.0f}%")
+                cells = (
+                    r["component"],
+                    r["formula"],
+                    f"{r['ms']:.2f}",
+                    f"{r['pct_of_full']:.0f}%",
+                    r["bound"],
+                    f"{r['floor_ms']:.3f}",
+                    f"{r['x_floor']:.1f}",
+                )
                 out.append("| " + " | ".join(cells) + " |")
     return "\n".join(out)
 

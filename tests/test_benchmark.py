@@ -183,7 +183,7 @@ def test_smoke_run_returns_complete_records_and_writes_json(tmp_path, monkeypatc
 def test_breakdown_is_the_differences_of_the_lines():
     ms = {
         "full": 10.0,
-        "hash_noise": 8.0,
+        "threefry_noise": 8.0,
         "no_noise": 7.0,
         "no_prior": 9.0,
         "no_kl": 8.5,
@@ -193,13 +193,13 @@ def test_breakdown_is_the_differences_of_the_lines():
     }
     parts = {p["formula"]: p["ms"] for p in benchmark.ablation_breakdown(ms)}
     assert parts["full − no_noise"] == 3.0
-    assert parts["hash_noise − no_noise"] == 1.0
+    assert parts["threefry_noise − no_noise"] == 1.0
     assert parts["full − no_prior"] == 1.0
     assert parts["no_prior − no_kl"] == 0.5
     assert parts["full − grad_only"] == 0.5
     assert parts["deterministic_grad_only"] == 2.0
-    # The rest closes the sum (the hash line is an alternative, not a part).
-    additive = [p for p in benchmark.ablation_breakdown(ms) if not p["formula"].startswith("hash")]
+    # The rest closes the sum (the threefry line is an alternative, not a part).
+    additive = [p for p in benchmark.ablation_breakdown(ms) if p["key"] != "threefry_rng"]
     assert sum(p["ms"] for p in additive) == pytest.approx(ms["full"])
     assert {line.name for line in benchmark.ablation_lines(16)} == set(ms)
 
@@ -246,3 +246,75 @@ def test_peer_output_becomes_records(tmp_path):
     assert peer["ms_per_step"] == 12.0 and peer["ratio_to_deterministic"] == 6.0
     assert peer["ratio_to_own_floor"] == 2.0
     assert RECORD_KEYS <= set(peer)
+
+
+def test_floors_count_the_mlp_and_divide_by_the_measured_rates():
+    # 784·400 + 400 + 400·400 + 400 + 400·10 + 10 weights and biases.
+    assert benchmark.mlp_weights(400) == 478_410
+    # H = 2, B = 1: x·W costs 2·(1568 + 4 + 20) FLOPs forward, as many for the weight
+    # gradients, and 2·(4 + 20) for the input gradients of layers 2 and 3.
+    assert benchmark.mlp_matmul_flops(2, 1) == 2 * (2 * 1592 + 24)
+    assert benchmark.mlp_matmul_flops(2, 3) == 3 * benchmark.mlp_matmul_flops(2, 1)
+    ms = {
+        "full": 10.0,
+        "threefry_noise": 8.0,
+        "no_noise": 7.0,
+        "no_prior": 9.0,
+        "no_kl": 8.5,
+        "grad_only": 9.5,
+        "deterministic": 3.0,
+        "deterministic_grad_only": 2.0,
+    }
+    rates = {"gb_per_s": 10.0, "gflop_per_s": 100.0}
+    parts = {
+        p["key"]: p for p in benchmark.add_floors(benchmark.ablation_breakdown(ms), 2, 1, rates)
+    }
+    n = benchmark.mlp_weights(2)
+    # 100 GFLOP/s is 1e8 FLOPs per ms; 10 GB/s is 1e7 bytes per ms.
+    assert parts["matmuls"]["bound"] == "FLOPs"
+    assert parts["matmuls"]["floor_ms"] == pytest.approx(benchmark.mlp_matmul_flops(2, 1) / 1e8)
+    assert parts["optimiser"]["floor_ms"] == pytest.approx(64 * n / 1e7)
+    assert (
+        parts["threefry_rng"]["floor_ms"] == parts["rng"]["floor_ms"] == pytest.approx(4 * n / 1e7)
+    )
+    for part in parts.values():
+        assert part["x_floor"] == pytest.approx(part["ms"] / part["floor_ms"])
+    measured = benchmark.measure_rates(4096, repeats=2)
+    assert all(np.isfinite(v) and v > 0 for v in measured.values())
+
+
+def test_ablation_runs_every_line_interleaved_and_breaks_the_step_down(monkeypatch):
+    calls = []
+    real = benchmark.time_interleaved
+
+    def spy(run_onces, repeats, warmup):
+        calls.append((len(run_onces), repeats, warmup))
+        return real(run_onces, repeats, warmup)
+
+    monkeypatch.setattr(benchmark, "time_interleaved", spy)
+    records = benchmark.run_ablation(mnist.get_config(), (8,), repeats=2, warmup=0, batch_size=4)
+    lines = [r for r in records if r["kind"] == "ablation"]
+    parts = [r for r in records if r["kind"] == "breakdown"]
+    assert calls == [(len(benchmark.ablation_lines(8)), 2, 0)]
+    assert [r["ablation"] for r in lines] == [line.name for line in benchmark.ablation_lines(8)]
+    assert all(r["repeats"] == 2 and r["ms_per_step"] > 0 for r in lines)
+    assert {p["key"] for p in parts} == {
+        "rng",
+        "prior",
+        "entropy",
+        "optimiser",
+        "matmuls",
+        "rest",
+        "threefry_rng",
+    }
+    assert all(p["floor_ms"] > 0 and p["gb_per_s"] > 0 for p in parts)
+    assert "× floor" in benchmark.format_ablation(records)
+
+
+def test_interleaved_timing_calls_each_function_once_per_round():
+    order = []
+    times = benchmark.time_interleaved(
+        [lambda: order.append("a"), lambda: order.append("b")], repeats=3, warmup=1
+    )
+    assert order == ["a", "b"] * 4
+    assert [len(t) for t in times] == [3, 3]
