@@ -297,6 +297,27 @@ def init_state(experiment: Experiment, key: jax.Array) -> TrainState:
 # The step, the epoch, evaluation ----------------------------------------------------------
 
 
+def global_norm(tree: Any) -> jax.Array:
+    """√(Σ x²) over every leaf of `tree`: `optax.tree.norm`, computed as matrix-vector products.
+
+    Each leaf, as a matrix [rows, rest], contributes Σᵢ (x² · 1)ᵢ. XLA:CPU rewrites a plain
+    sum over a large array into a windowed reduction that runs at a few GB/s (3.8 ms of the
+    24 ms deterministic step at H = 1200); its matrix-vector kernel streams at memory speed.
+
+    Args:
+      tree: a pytree of float arrays.
+
+    Returns:
+      A float32 scalar.
+    """
+    total = jnp.float32(0.0)
+    for leaf in jax.tree_util.tree_leaves(tree):
+        matrix = leaf.reshape(leaf.shape[0] if leaf.ndim > 1 else 1, -1)
+        squares = jnp.square(matrix.astype(jnp.float32))
+        total = total + jnp.sum(squares @ jnp.ones((matrix.shape[1],), jnp.float32))
+    return jnp.sqrt(total)
+
+
 def train_step(
     experiment: Experiment, state: TrainState, batch: tuple[jax.Array, jax.Array], key: jax.Array
 ) -> tuple[TrainState, dict[str, jax.Array]]:
@@ -318,9 +339,13 @@ def train_step(
     step_key = jax.random.fold_in(key, state.step)
     grad_fn = jax.value_and_grad(experiment.free_energy, has_aux=True)
     (_, metrics), grads = grad_fn(state.params, batch, step_key, kl_weight)
+    # Stored once: XLA:CPU would otherwise fuse each gradient's elementwise chain (softplus',
+    # the KL's terms) into every reader (Adam's two moments, the norm) and recompute it there;
+    # 14-21% of the reparam step at H = 1200 (README "Performance").
+    grads = jax.tree_util.tree_map(posterior_lib.materialize, grads)
     updates, opt_state = experiment.optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    metrics["grad_norm"] = optax.global_norm(grads)
+    metrics["grad_norm"] = global_norm(grads)
     state = TrainState(step=state.step + 1, params=params, opt_state=opt_state)
     return parallel.constrain(state, experiment.mesh), metrics  # replicated on a mesh
 

@@ -13,6 +13,7 @@ import sys
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from bbb import train
@@ -397,3 +398,15 @@ def test_posterior_arrays_equal_the_posterior_methods_leaf_by_leaf():
     np.testing.assert_allclose(sigma, flat(posterior.stddev()), rtol=1e-6)
     np.testing.assert_allclose(snr, flat(posterior.signal_to_noise()), rtol=1e-6)
     assert sigma.dtype == np.float32 and sigma.min() > 0
+
+
+def test_global_norm_is_the_euclidean_norm_of_all_leaves():
+    rng = np.random.default_rng(0)
+    shapes = [(), (3,), (4, 5), (3, 3, 2, 6), (1, 7)]
+    leaves = [rng.normal(size=shape).astype(np.float32) for shape in shapes]
+    tree = {"a": jnp.asarray(leaves[0]), "b": [jnp.asarray(x) for x in leaves[1:]]}
+    expected = np.sqrt(sum(np.sum(x.astype(np.float64) ** 2) for x in leaves))
+    np.testing.assert_allclose(float(jax.jit(train.global_norm)(tree)), expected, rtol=1e-6)
+    np.testing.assert_allclose(
+        float(train.global_norm(tree)), float(optax.tree.norm(tree)), rtol=1e-6
+    )
