@@ -862,7 +862,7 @@ def run_ablation(
 
 # Runs in the peer's own Python (argv[1]: JSON arguments); prints one JSON object.
 PEER_SCRIPT = r"""
-import importlib.metadata, json, statistics, sys, time
+import importlib.metadata, json, sys, time
 import torch
 import torch.nn.functional as F
 from bayesian_torch.layers import LinearReparameterization
@@ -880,7 +880,7 @@ class BayesMLP(torch.nn.Module):
         super().__init__()
         sizes = [784, h, h, 10]
         self.layers = torch.nn.ModuleList(
-            LinearReparameterization(a, b) for a, b in itertools.pairwise(sizes)
+            LinearReparameterization(a, b) for a, b in zip(sizes[:-1], sizes[1:])
         )
 
     def forward(self, x):
