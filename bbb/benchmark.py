@@ -5,8 +5,10 @@ testable. What is measured, for the MLP 784-H-H-10 on MNIST-shaped inputs, batch
 
 - The step: the real `bbb.train.train_step` of an `Experiment` built from the MNIST config,
   jitted with its state donated, called on one fixed random batch. Compilation (`lower` +
-  `compile`) is timed on its own; then `warmup` calls, then `repeats` calls each timed alone
-  with `jax.block_until_ready`; the median is reported (min, 25% and 75% quantiles too).
+  `compile`) is timed on its own. All cases of one H and K are compiled first; then `warmup`
+  rounds, then `repeats` rounds, each calling every case's step once, timed alone with
+  `jax.block_until_ready` (interleaved, so that the machine's drift does not enter the
+  ratios); the median is reported (min, 25% and 75% quantiles too).
 - The grid (`benchmark_grid`): every H, every K, every estimator; the paper's scale-mixture
   prior with the Monte-Carlo KL and the Gaussian prior with the closed-form KL (what
   bayesian-torch computes); threefry ("jax") noise everywhere, and the counter hash ("hash")
@@ -254,27 +256,23 @@ def random_batch(key: jax.Array, batch_size: int) -> tuple[jax.Array, jax.Array]
     return jax.block_until_ready((x, y))
 
 
-def time_step(
+def compile_step(
     experiment: train_lib.Experiment,
     state: train_lib.TrainState,
     batch: tuple[jax.Array, jax.Array],
     key: jax.Array,
-    repeats: int,
-    warmup: int,
-) -> tuple[dict[str, float], train_lib.TrainState]:
-    """Times the jitted `train_step`, its state donated, after timing its compilation.
+) -> tuple[float, Callable[[], None], list[train_lib.TrainState]]:
+    """Compiles the jitted `train_step`, its state donated, timing the compilation.
 
     Args:
       experiment: from `bbb.train.build`.
       state: the initial state (donated: do not use it afterwards).
       batch: the fixed minibatch.
       key: the train key (the step folds in its own step number).
-      repeats: timed calls.
-      warmup: untimed calls after compilation.
 
     Returns:
-      ({"compile_s", "ms_per_step", "ms_per_step_min", "ms_per_step_q25", "ms_per_step_q75",
-      "repeats"}, the final state).
+      (compile seconds, a function that runs one step and blocks, a one-element list holding
+      the current state).
     """
     step = jax.jit(functools.partial(train_lib.train_step, experiment), donate_argnums=0)
     start = time.perf_counter()
@@ -286,8 +284,7 @@ def time_step(
         box[0], metrics = compiled(box[0], batch, key)
         jax.block_until_ready((box[0], metrics))
 
-    times = _time_calls(run_once, repeats, warmup)
-    return {"compile_s": compile_s, **_summary(times)}, box[0]
+    return compile_s, run_once, box
 
 
 def time_epoch(
@@ -331,47 +328,50 @@ def random_dataset(key: jax.Array, num_examples: int) -> tuple[jax.Array, jax.Ar
     return random_batch(key, num_examples)
 
 
-def time_case(
+@dataclasses.dataclass
+class PreparedCase:
+    """A grid case built and compiled, ready to be timed.
+
+    Attributes:
+      record: its identifying fields and `compile_s`.
+      experiment: from `bbb.train.build`.
+      keys: its root keys.
+      run_once: runs one step and blocks.
+      box: a one-element list holding the current state.
+    """
+
+    record: dict[str, Any]
+    experiment: train_lib.Experiment
+    keys: dict[str, jax.Array]
+    run_once: Callable[[], None]
+    box: list[Any]
+
+
+def prepare_case(
     case: Case,
     base_config: ml_collections.ConfigDict,
-    *,
     batch: tuple[jax.Array, jax.Array],
-    data: tuple[jax.Array, jax.Array] | None,
-    repeats: int,
-    warmup: int,
-    epoch_repeats: int,
     epoch_examples: int,
-) -> dict[str, Any]:
-    """Builds one case's experiment and times its step (and its epoch if `data` is given).
+) -> PreparedCase:
+    """Builds one case's experiment and compiles its step.
 
     Args:
       case: the configuration.
       base_config: the MNIST config.
       batch: the fixed minibatch (its size is the batch size).
-      data: the epoch's examples in device memory, or None to skip the epoch.
-      repeats: timed steps.
-      warmup: untimed steps.
-      epoch_repeats: timed epochs.
       epoch_examples: N, the examples of an epoch (sets the KL scaling and the step count).
 
     Returns:
-      The record: the case's fields, the step timing, `examples_per_s`, and the epoch timing
-      with `host_overhead_pct` (None where the epoch is skipped).
+      The prepared case.
     """
     batch_size = batch[0].shape[0]
     config = case.config(base_config, batch_size)
     experiment = train_lib.build(config, epoch_examples, INPUT_SHAPE)
     keys = train_lib.root_keys(config)
     state = jax.jit(lambda key: train_lib.init_state(experiment, key))(keys["init"])
-    timing, state = time_step(experiment, state, batch, keys["train"], repeats, warmup)
-    record = {"kind": "grid", **case.record(batch_size), **timing}
-    record["examples_per_s"] = batch_size / (record["ms_per_step"] / 1e3)
-    record.update(epoch_compile_s=None, epoch_s=None, epoch_steps=None, host_overhead_pct=None)
-    if data is not None and epoch_repeats > 0:
-        record.update(time_epoch(experiment, state, data, keys, epoch_repeats))
-        steps_time = record["epoch_steps"] * record["ms_per_step"] / 1e3
-        record["host_overhead_pct"] = 100.0 * (record["epoch_s"] / steps_time - 1.0)
-    return record
+    compile_s, run_once, box = compile_step(experiment, state, batch, keys["train"])
+    record = {"kind": "grid", **case.record(batch_size), "compile_s": compile_s}
+    return PreparedCase(record, experiment, keys, run_once, box)
 
 
 def add_ratios(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -413,7 +413,11 @@ def run_grid(
     seed: int = 0,
     log: Callable[[str], None] | None = None,
 ) -> list[dict[str, Any]]:
-    """Times every case, in order, on one fixed batch and one random dataset.
+    """Times every case on one fixed batch and one random dataset.
+
+    The cases of one width H and sample count K are all compiled first and their steps timed
+    in interleaved rounds (`time_interleaved`), so that the ratios between them are not the
+    machine's drift; then each one's epochs are timed.
 
     Args:
       cases: from `benchmark_grid`.
@@ -435,21 +439,31 @@ def run_grid(
     key_batch, key_data = jax.random.split(jax.random.key(seed))
     batch = random_batch(key_batch, batch_size)
     data = random_dataset(key_data, epoch_examples) if epoch_repeats > 0 else None
-    records = []
-    for i, case in enumerate(cases):
-        record = time_case(
-            case,
-            base_config,
-            batch=batch,
-            data=data,
-            repeats=repeats,
-            warmup=warmup,
-            epoch_repeats=epoch_repeats,
-            epoch_examples=epoch_examples,
-        )
-        records.append(record)
-        if log:
-            log(f"[{i + 1}/{len(cases)}] {_describe(record)}")
+    # Interleaved within a group of like-sized steps (one H and K): a K = 8 step between two
+    # K = 1 steps would leave them cold caches and bias their times upwards.
+    groups: dict[tuple[int, int], list[int]] = {}
+    for index, case in enumerate(cases):
+        groups.setdefault((case.hidden, case.num_samples), []).append(index)
+    records: list[dict[str, Any]] = [{} for _ in cases]
+    done = 0
+    for indices in groups.values():
+        prepared = [prepare_case(cases[i], base_config, batch, epoch_examples) for i in indices]
+        times = time_interleaved([p.run_once for p in prepared], repeats, warmup)
+        for index, p, own in zip(indices, prepared, times, strict=True):
+            record = {**p.record, **_summary(own)}
+            record["examples_per_s"] = batch_size / (record["ms_per_step"] / 1e3)
+            record.update(
+                epoch_compile_s=None, epoch_s=None, epoch_steps=None, host_overhead_pct=None
+            )
+            if data is not None:
+                record.update(time_epoch(p.experiment, p.box[0], data, p.keys, epoch_repeats))
+                steps_time = record["epoch_steps"] * record["ms_per_step"] / 1e3
+                record["host_overhead_pct"] = 100.0 * (record["epoch_s"] / steps_time - 1.0)
+            records[index] = record
+            done += 1
+            if log:
+                log(f"[{done}/{len(cases)}] {_describe(record)}")
+        del prepared  # Frees this group's states before the next.
     return records
 
 
@@ -603,15 +617,7 @@ def compile_ablation_line(
         step_key = jax.random.fold_in(keys["train"], 0)
         compile_s, run_once = compile_gradient(experiment, state.params, batch, step_key)
     else:
-        step = jax.jit(functools.partial(train_lib.train_step, experiment), donate_argnums=0)
-        start = time.perf_counter()
-        compiled = step.lower(state, batch, keys["train"]).compile()
-        compile_s = time.perf_counter() - start
-        box = [state]
-
-        def run_once():
-            box[0], metrics = compiled(box[0], batch, keys["train"])
-            jax.block_until_ready((box[0], metrics))
+        compile_s, run_once, _ = compile_step(experiment, state, batch, keys["train"])
 
     record = {
         "kind": "ablation",

@@ -143,10 +143,17 @@ def test_script_lists_the_grid_that_its_flags_ask_for():
 def test_smoke_run_returns_complete_records_and_writes_json(tmp_path, monkeypatch, fast_compile):
     monkeypatch.setattr(benchmark, "EPOCH_EXAMPLES", 256)  # 4 steps of 64.
     path = tmp_path / "bench.json"
-    lines = []
+    lines, rounds = [], []
+    real = benchmark.time_interleaved
+
+    def spy(run_onces, repeats, warmup):
+        rounds.append((len(run_onces), repeats, warmup))
+        return real(run_onces, repeats, warmup)
+
+    monkeypatch.setattr(benchmark, "time_interleaved", spy)
     records = benchmark.run(
         mnist.get_config(),
-        hidden=(16,),
+        hidden=(16, 8),
         num_samples=(1, 2),
         estimators=("reparam",),
         priors=("scale_mixture",),
@@ -159,19 +166,24 @@ def test_smoke_run_returns_complete_records_and_writes_json(tmp_path, monkeypatc
         out=lines.append,
     )
     assert [_key(r) for r in records] == [
-        (16, 1, "deterministic", "flat"),
-        (16, 1, "reparam", "scale_mixture"),
-        (16, 2, "reparam", "scale_mixture"),
+        (h, k, estimator, prior)
+        for h in (16, 8)
+        for k, estimator, prior in (
+            (1, "deterministic", "flat"),
+            (1, "reparam", "scale_mixture"),
+            (2, "reparam", "scale_mixture"),
+        )
     ]
+    # The steps of each (H, K) group are timed together, in interleaved rounds.
+    assert rounds == [(2, 3, 1), (1, 3, 1), (2, 3, 1), (1, 3, 1)]
     for r in records:
         assert RECORD_KEYS <= set(r)
         assert r["repeats"] == 3 and r["batch_size"] == 64 and r["epoch_steps"] == 4
         for field in ("ms_per_step", "examples_per_s", "compile_s", "epoch_s", "epoch_compile_s"):
             assert r[field] > 0, field
         assert np.isfinite(r["host_overhead_pct"])
-        assert r["ratio_to_deterministic"] == pytest.approx(
-            r["ms_per_step"] / records[0]["ms_per_step"]
-        )
+        floor = next(f for f in records if f["hidden"] == r["hidden"])
+        assert r["ratio_to_deterministic"] == pytest.approx(r["ms_per_step"] / floor["ms_per_step"])
         assert r["machine"]["backend"] == "cpu"
     assert records[0]["ratio_to_deterministic"] == 1.0
     written = json.loads(path.read_text())
