@@ -217,18 +217,6 @@ def benchmark_grid(
 # Timing -----------------------------------------------------------------------------------
 
 
-def _time_calls(run_once: Callable[[], Any], repeats: int, warmup: int) -> list[float]:
-    """Wall times in ms of `repeats` calls of `run_once` (which blocks), after `warmup` calls."""
-    for _ in range(warmup):
-        run_once()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        run_once()
-        times.append((time.perf_counter() - start) * 1e3)
-    return times
-
-
 def _summary(times_ms: list[float]) -> dict[str, float]:
     quartiles = np.percentile(times_ms, [25, 75])
     return {
@@ -618,7 +606,6 @@ def compile_ablation_line(
         compile_s, run_once = compile_gradient(experiment, state.params, batch, step_key)
     else:
         compile_s, run_once, _ = compile_step(experiment, state, batch, keys["train"])
-
     record = {
         "kind": "ablation",
         **line.case.record(batch_size),
@@ -706,8 +693,12 @@ def measure_rates(num_weights: int, repeats: int = 20) -> dict[str, float]:
     stream = jax.jit(lambda x: jax.lax.fori_loop(0, passes, lambda i, v: v * 0.999 + 0.001, x))
     a = jnp.ones((1024, 1024), jnp.float32)
     matmul = jax.jit(lambda a: a @ a)
-    stream_ms = statistics.median(_time_calls(lambda: jax.block_until_ready(stream(x)), repeats, 3))
-    matmul_ms = statistics.median(_time_calls(lambda: jax.block_until_ready(matmul(a)), repeats, 3))
+    stream_times, matmul_times = time_interleaved(
+        [lambda: jax.block_until_ready(stream(x)), lambda: jax.block_until_ready(matmul(a))],
+        repeats,
+        3,
+    )
+    stream_ms, matmul_ms = statistics.median(stream_times), statistics.median(matmul_times)
     return {
         "gb_per_s": passes * 8 * num_weights / stream_ms / 1e6,
         "gflop_per_s": 2 * 1024**3 / matmul_ms / 1e6,

@@ -192,17 +192,21 @@ def test_smoke_run_returns_complete_records_and_writes_json(tmp_path, monkeypatc
     assert "machine:" in report and "| bbb | 16 | 2 | reparam |" in report
 
 
+# Made-up medians (ms) of the ablation's lines, for the breakdown's arithmetic.
+LINE_MS = {
+    "full": 10.0,
+    "threefry_noise": 8.0,
+    "no_noise": 7.0,
+    "no_prior": 9.0,
+    "no_kl": 8.5,
+    "grad_only": 9.5,
+    "deterministic": 3.0,
+    "deterministic_grad_only": 2.0,
+}
+
+
 def test_breakdown_is_the_differences_of_the_lines():
-    ms = {
-        "full": 10.0,
-        "threefry_noise": 8.0,
-        "no_noise": 7.0,
-        "no_prior": 9.0,
-        "no_kl": 8.5,
-        "grad_only": 9.5,
-        "deterministic": 3.0,
-        "deterministic_grad_only": 2.0,
-    }
+    ms = LINE_MS
     parts = {p["formula"]: p["ms"] for p in benchmark.ablation_breakdown(ms)}
     assert parts["full − no_noise"] == 3.0
     assert parts["threefry_noise − no_noise"] == 1.0
@@ -267,16 +271,7 @@ def test_floors_count_the_mlp_and_divide_by_the_measured_rates():
     # gradients, and 2·(4 + 20) for the input gradients of layers 2 and 3.
     assert benchmark.mlp_matmul_flops(2, 1) == 2 * (2 * 1592 + 24)
     assert benchmark.mlp_matmul_flops(2, 3) == 3 * benchmark.mlp_matmul_flops(2, 1)
-    ms = {
-        "full": 10.0,
-        "threefry_noise": 8.0,
-        "no_noise": 7.0,
-        "no_prior": 9.0,
-        "no_kl": 8.5,
-        "grad_only": 9.5,
-        "deterministic": 3.0,
-        "deterministic_grad_only": 2.0,
-    }
+    ms = LINE_MS
     rates = {"gb_per_s": 10.0, "gflop_per_s": 100.0}
     parts = {
         p["key"]: p for p in benchmark.add_floors(benchmark.ablation_breakdown(ms), 2, 1, rates)
@@ -307,7 +302,8 @@ def test_ablation_runs_every_line_interleaved_and_breaks_the_step_down(monkeypat
     records = benchmark.run_ablation(mnist.get_config(), (8,), repeats=2, warmup=0, batch_size=4)
     lines = [r for r in records if r["kind"] == "ablation"]
     parts = [r for r in records if r["kind"] == "breakdown"]
-    assert calls == [(len(benchmark.ablation_lines(8)), 2, 0)]
+    # The lines in one set of rounds; then the two rate measurements (3 warm-up rounds).
+    assert calls == [(len(benchmark.ablation_lines(8)), 2, 0), (2, 2, 3)]
     assert [r["ablation"] for r in lines] == [line.name for line in benchmark.ablation_lines(8)]
     assert all(r["repeats"] == 2 and r["ms_per_step"] > 0 for r in lines)
     assert {p["key"] for p in parts} == {
