@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 
 from bbb.errors import ConfigError
-from bbb.posterior import MeanFieldGaussian
+from bbb.posterior import MeanFieldGaussian, shared
 
 PyTree = Any
 ESTIMATORS = ("reparam", "local_reparam", "flipout")
@@ -59,7 +59,8 @@ def _local_reparam(module: nn.Module, mean: jax.Array, x: jax.Array) -> jax.Arra
     if "bias" in sigma:
         variance = variance + jnp.square(sigma["bias"])
     noise = jax.random.normal(module.make_rng("noise"), mean.shape, mean.dtype)
-    return mean + _safe_sqrt(variance) * noise
+    # The first layer's mean and variance are computed once for all the MC samples (a vmap).
+    return shared(mean, noise) + shared(_safe_sqrt(variance), noise) * noise
 
 
 def _safe_sqrt(variance: jax.Array) -> jax.Array:
@@ -89,7 +90,7 @@ def _flipout(module: nn.Module, mean: jax.Array, x: jax.Array) -> jax.Array:
     perturbation = _without_bias(module, delta["kernel"], x * sign_in)
     if "bias" in delta:
         perturbation = perturbation + delta["bias"]
-    return mean + perturbation * sign_out
+    return shared(mean, perturbation) + perturbation * sign_out
 
 
 def _own_variables(module: nn.Module, collection: str) -> dict[str, Any]:
@@ -161,7 +162,9 @@ def apply_local(
         key, key_eps = flipout_keys(key)
         if noise is None:
             noise = posterior.sample_noise(key_eps)
-        variables["perturbation"] = jax.tree_util.tree_map(jnp.multiply, sigma, noise)
+        variables["perturbation"] = jax.tree_util.tree_map(
+            lambda s, e: shared(s, e) * e, sigma, noise
+        )
     with nn.intercept_methods(_make_interceptor(estimator)):
         return model.apply(variables, x, rngs={**(rngs or {}), "noise": key}, **kwargs)
 

@@ -43,7 +43,7 @@ import jax.numpy as jnp
 
 from bbb import estimators, parallel
 from bbb.errors import ConfigError, check_positive
-from bbb.posterior import MeanFieldGaussian, PointEstimate
+from bbb.posterior import MeanFieldGaussian, PointEstimate, sum_samples
 from bbb.priors import Prior, closed_form_unavailable
 
 PyTree = Any
@@ -317,7 +317,7 @@ class FreeEnergy:
             "sigma_mean": _tree_mean(params["posterior"].stddev()),
         }
         if self.likelihood.is_classification:
-            probs = jnp.mean(jax.nn.softmax(outputs, axis=-1), axis=0)  # [B, C]
+            probs = sum_samples(jax.nn.softmax(outputs, axis=-1)) / self.num_samples  # [B, C]
             metrics["accuracy"] = jnp.mean(jnp.argmax(probs, axis=-1) == y)
         return loss, metrics
 

@@ -19,6 +19,8 @@ from typing import Any
 import flax.struct
 import jax
 import jax.numpy as jnp
+from jax.extend.core import Primitive
+from jax.interpreters import ad, batching, mlir
 
 PyTree = Any
 
@@ -139,6 +141,115 @@ def materialize(x: jax.Array) -> jax.Array:
     return (x * d) / d
 
 
+# Longest sample axis summed by explicit adds rather than XLA's reduce (see `sum_samples`).
+_MAX_UNROLLED_SUM = 16
+
+
+def sum_samples(x: jax.Array) -> jax.Array:
+    """Σ over the leading (sample) axis of `x`.
+
+    On the CPU, for up to 16 samples, as x[0] + x[1] + … (one fused elementwise pass): XLA's
+    CPU backend reduces a short leading axis of a 3-D array at ~10 ns per element, 60–85×
+    slower than the adds ([8, 784, 400]: 26 ms against 0.3 ms; [2, 1200, 1200]: 29 ms
+    against 0.5 ms; README "Performance"). Elsewhere, and for more samples, `jnp.sum`.
+
+    Args:
+      x: an array [K, ...].
+
+    Returns:
+      The sum, shape x.shape[1:].
+    """
+    if x.shape[0] > _MAX_UNROLLED_SUM or jax.default_backend() != "cpu":
+        return jnp.sum(x, axis=0)
+    total = x[0]
+    for i in range(1, x.shape[0]):
+        total = total + x[i]
+    return total
+
+
+# Two primitives, each with its own vmap, JVP and transpose rules, so that `shared` works under
+# jit, vmap, grad and forward mode, and under nested vmaps (a sweep's members around the samples).
+_tile_p = Primitive("bbb_tile_samples")  # x ↦ K copies of x on a new leading axis.
+_shared_p = Primitive("bbb_shared")  # (x, like) ↦ x; a batched copy of x under a vmap of like.
+
+
+def _tile(x: jax.Array, size: int) -> jax.Array:
+    return _tile_p.bind(x, size=size)
+
+
+def _tile_abstract(x, *, size):
+    return jax.core.ShapedArray((size, *x.shape), x.dtype)
+
+
+def _tile_transpose(ct, x, *, size):
+    del size
+    return (ad.Zero(x.aval) if type(ct) is ad.Zero else sum_samples(ct),)
+
+
+def _tile_batch(args, dims, *, size):
+    (x,), (dim,) = args, dims
+    return _tile(jnp.moveaxis(x, dim, 0), size), 1  # [K, batch, ...]
+
+
+_tile_p.def_impl(lambda x, *, size: jnp.broadcast_to(x, (size, *x.shape)))
+_tile_p.def_abstract_eval(_tile_abstract)
+ad.deflinear2(_tile_p, _tile_transpose)
+batching.primitive_batchers[_tile_p] = _tile_batch
+mlir.register_lowering(
+    _tile_p,
+    mlir.lower_fun(lambda x, *, size: jnp.broadcast_to(x, (size, *x.shape)), False),
+)
+
+
+def shared(x: jax.Array, like: jax.Array) -> jax.Array:
+    """`x` itself; under `jax.vmap`, if `like` is batched and `x` is not, a batched copy.
+
+    The Monte-Carlo samples of the free energy are a `jax.vmap`. A value shared by all
+    samples (μ and σ of the weights, the first layer's pre-activation mean) meets per-sample
+    noise there, and reverse mode sums its cotangent over the samples with a reduction that
+    XLA:CPU runs slowly (`sum_samples`). Passing the value through `shared` where it meets the
+    noise (`like`) makes that sum `sum_samples`. Same values, same gradients; with 2 samples,
+    the reparameterisation step at H = 400 runs about 2.5 times as fast (README "Performance").
+
+    Args:
+      x: an array.
+      like: an array that is batched wherever the copy of `x` should be (only its batching
+        matters; no gradient flows to it).
+
+    Returns:
+      `x`.
+    """
+    return _shared_p.bind(x, like)
+
+
+def _shared_jvp(primals, tangents):
+    x, like = primals
+    tangent = tangents[0]
+    if type(tangent) is ad.Zero:
+        return shared(x, like), tangent
+    return shared(x, like), shared(tangent, like)
+
+
+def _shared_transpose(ct, x, like):
+    del x, like
+    return ct, None
+
+
+def _shared_batch(args, dims):
+    (x, like), (x_dim, like_dim) = args, dims
+    if x_dim is None:
+        return _tile(x, like.shape[like_dim]), 0
+    return x, x_dim  # Already per sample.
+
+
+_shared_p.def_impl(lambda x, like: x)
+_shared_p.def_abstract_eval(lambda x, like: x)
+ad.primitive_jvps[_shared_p] = _shared_jvp
+ad.primitive_transposes[_shared_p] = _shared_transpose
+batching.primitive_batchers[_shared_p] = _shared_batch
+mlir.register_lowering(_shared_p, mlir.lower_fun(lambda x, like: x, False))
+
+
 def normal_like(key: jax.Array, tree: PyTree, generator: str = "jax") -> PyTree:
     """Standard normal noise shaped like `tree`, drawn in one call for all of its leaves.
 
@@ -241,10 +352,15 @@ class MeanFieldGaussian:
           (w, log q(w)).
         """
         sigma = self.stddev()
-        w = jax.tree_util.tree_map(lambda m, s, e: m + s * e, self.mu, sigma, eps)
+        # μ, σ and log σ are computed once and `shared` by the Monte-Carlo samples (a vmap).
+        w = jax.tree_util.tree_map(
+            lambda m, s, e: shared(m, e) + shared(s, e) * e, self.mu, sigma, eps
+        )
         log_q = _sum_leaves(
             jax.tree_util.tree_map(
-                lambda s, e: -0.5 * jnp.square(e) - jnp.log(s) - _HALF_LOG_2PI, sigma, eps
+                lambda s, e: -0.5 * jnp.square(e) - shared(jnp.log(s), e) - _HALF_LOG_2PI,
+                sigma,
+                eps,
             )
         )
         return w, log_q

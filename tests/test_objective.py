@@ -419,3 +419,62 @@ def test_bad_config_values_name_the_field(kwargs, field):
     assert field in str(info.value)
     value = next(iter(kwargs.values()))
     assert info.value.value == value and repr(value) in str(info.value)
+
+
+# Shared values under the sample vmap -------------------------------------------------------
+
+
+def _plain_vmap(monkeypatch):
+    """Turns `bbb.posterior.shared` into the identity: JAX's own sum over the samples."""
+    from bbb import estimators, posterior
+
+    monkeypatch.setattr(posterior, "shared", lambda x, like: x)
+    monkeypatch.setattr(estimators, "shared", lambda x, like: x)
+
+
+@pytest.mark.parametrize("estimator", ["reparam", "local_reparam", "flipout"])
+@pytest.mark.parametrize("kl", ["mc", "closed_form"])
+def test_sample_gradients_equal_those_of_the_plain_vmap(estimator, kl, monkeypatch):
+    """The samples' sums of the shared μ, σ and first-layer cotangents (`posterior.shared`) are
+    JAX's own: same loss, same gradient (a missed sample or a mean would be off by 1/K)."""
+    energy = _free_energy(num_samples=3, estimator=estimator, kl=kl, prior=priors.gaussian(0.7))
+    params = energy.init_params(_posterior())
+    batch, key = (X[:6], Y[:6]), jax.random.key(3)
+
+    def grad(params):
+        return jax.value_and_grad(lambda p: energy(p, batch, key, 0.5)[0])(params)
+
+    loss, grads = grad(params)
+    _plain_vmap(monkeypatch)
+    plain_loss, plain_grads = grad(params)
+    np.testing.assert_allclose(loss, plain_loss, rtol=1e-6)
+    np.testing.assert_allclose(_flat(grads), _flat(plain_grads), rtol=2e-5, atol=1e-6)
+
+
+def _leading_sums(jaxpr) -> list[tuple[int, ...]]:
+    """Shapes of the operands of sums over axis 0 of rank ≥ 3 arrays, in a jaxpr and its
+    sub-jaxprs: the reduction XLA:CPU runs slowly."""
+    found = []
+    for eqn in jaxpr.eqns:
+        shape = getattr(eqn.invars[0].aval, "shape", ()) if eqn.invars else ()
+        if eqn.primitive.name == "reduce_sum" and eqn.params["axes"] == (0,) and len(shape) >= 3:
+            found.append(shape)
+        for sub in jax.core.jaxprs_in_params(eqn.params):
+            found += _leading_sums(sub)
+    return found
+
+
+@pytest.mark.parametrize("estimator", ["reparam", "local_reparam", "flipout"])
+def test_no_sum_over_a_leading_sample_axis_in_the_gradient(estimator, monkeypatch):
+    """The gradient's sums over the samples are adds, not XLA's slow leading-axis reduce; the
+    plain vmap has them (so this test can fail)."""
+    energy = _free_energy(num_samples=4, estimator=estimator, kl="mc", prior=priors.gaussian(1.0))
+    params = energy.init_params(_posterior())
+
+    def leading_sums():
+        loss = lambda p: energy(p, (X[:6], Y[:6]), jax.random.key(0), 0.5)[0]
+        return _leading_sums(jax.make_jaxpr(jax.grad(loss))(params).jaxpr)
+
+    assert leading_sums() == []
+    _plain_vmap(monkeypatch)
+    assert leading_sums() != []

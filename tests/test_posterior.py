@@ -17,7 +17,9 @@ from bbb.posterior import (
     count_params,
     init_posterior,
     inverse_softplus,
+    shared,
     softplus,
+    sum_samples,
 )
 from tests.conftest import numpy_params
 
@@ -292,3 +294,44 @@ def test_extreme_rho_is_finite(rho):
     assert np.all(np.isfinite(np.asarray(w["w"])))
     assert np.isfinite(float(log_q)) and np.isfinite(float(entropy))
     assert np.all(np.isfinite(_flat(grads.rho)))
+
+
+@pytest.mark.parametrize("num_samples", [1, 2, 16, 17, 40])
+def test_sum_samples_matches_numpy(num_samples):
+    """Unrolled adds up to 16 samples, XLA's reduce beyond: both the float64 sum."""
+    x = np.random.default_rng(num_samples).normal(size=(num_samples, 5, 3)).astype(np.float32)
+    np.testing.assert_allclose(sum_samples(jnp.asarray(x)), x.astype(np.float64).sum(0), rtol=1e-5)
+
+
+def test_shared_is_the_identity_with_summed_cotangents_under_nested_vmaps():
+    """Under a vmap over members of a vmap over samples, `shared(x, noise)` is x (copied per
+    sample), and x's gradient is the sum over the samples, as without it."""
+    rng = np.random.default_rng(0)
+    mu = jnp.asarray(rng.normal(size=(2, 4, 3)), jnp.float32)  # 2 members
+    noise = jnp.asarray(rng.normal(size=(2, 5, 4, 3)), jnp.float32)  # 5 samples each
+
+    def loss(share, mu, noise):
+        def per_sample(e):
+            w = share(mu, e) + share(softplus(mu), e) * e
+            return jnp.sum(jnp.sin(w) * e)
+
+        return jnp.sum(jax.vmap(per_sample)(noise))
+
+    def grads(share):
+        return jax.vmap(jax.grad(lambda m, n: loss(share, m, n)))(mu, noise)
+
+    np.testing.assert_allclose(grads(shared), grads(lambda x, like: x), rtol=1e-6, atol=1e-6)
+
+    def hessian_vector_products(share):  # forward over reverse: both ways through `shared`
+        hvp = lambda m, n: jax.jvp(jax.grad(lambda m: loss(share, m, n)), (m,), (n[0],))[1]
+        return jax.vmap(hvp)(mu, noise)
+
+    np.testing.assert_allclose(
+        hessian_vector_products(shared),
+        hessian_vector_products(lambda x, like: x),
+        rtol=1e-5,
+        atol=1e-6,
+    )
+    copies = jax.vmap(lambda e: shared(mu[0], e))(noise[0])
+    np.testing.assert_array_equal(copies, np.broadcast_to(mu[0], (5, 4, 3)))
+    np.testing.assert_array_equal(shared(mu, noise), mu)  # outside a vmap: the identity
