@@ -298,7 +298,7 @@ def test_extreme_rho_is_finite(rho):
 
 @pytest.mark.parametrize("num_samples", [1, 2, 16, 17, 40])
 def test_sum_samples_matches_numpy(num_samples):
-    """Unrolled adds up to 16 samples, XLA's reduce beyond: both the float64 sum."""
+    """Adds in order up to 16 samples, a product with ones beyond: both the float64 sum."""
     x = np.random.default_rng(num_samples).normal(size=(num_samples, 5, 3)).astype(np.float32)
     np.testing.assert_allclose(sum_samples(jnp.asarray(x)), x.astype(np.float64).sum(0), rtol=1e-5)
 
