@@ -6,6 +6,7 @@ import math
 from fractions import Fraction
 
 import jax
+import jax.extend.core
 import jax.flatten_util
 import jax.numpy as jnp
 import ml_collections
@@ -459,7 +460,7 @@ def _leading_sums(jaxpr) -> list[tuple[int, ...]]:
         shape = getattr(eqn.invars[0].aval, "shape", ()) if eqn.invars else ()
         if eqn.primitive.name == "reduce_sum" and eqn.params["axes"] == (0,) and len(shape) >= 3:
             found.append(shape)
-        for sub in jax.core.jaxprs_in_params(eqn.params):
+        for sub in jax.extend.core.jaxprs_in_params(eqn.params):
             found += _leading_sums(sub)
     return found
 
