@@ -241,8 +241,8 @@ def _shared_transpose(ct, x, like):
 
 def _shared_batch(args, dims):
     (x, like), (x_dim, like_dim) = args, dims
-    if x_dim is None:
-        return _tile(x, like.shape[like_dim]), 0
+    if x_dim is None:  # Shared here, and perhaps by an outer vmap too: mark it there as well.
+        return _tile(shared(x, like), like.shape[like_dim]), 0
     return x, x_dim  # Already per sample.
 
 

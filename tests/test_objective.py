@@ -479,3 +479,24 @@ def test_no_sum_over_a_leading_sample_axis_in_the_gradient(estimator, monkeypatc
     assert leading_sums() == []
     _plain_vmap(monkeypatch)
     assert leading_sums() != []
+
+
+def test_a_value_shared_by_two_nested_vmaps_is_summed_by_adds_at_both(monkeypatch):
+    """μ shared by the examples of an outer vmap and the samples of an inner one (the
+    per-example estimator of scripts/grad_variance.py): the same gradient as the plain vmaps,
+    and no leading-axis sum left at either level."""
+    from bbb import posterior
+
+    rng = np.random.default_rng(1)
+    mu = jnp.asarray(rng.normal(size=(4, 3)), jnp.float32)
+    noise = jnp.asarray(rng.normal(size=(6, 5, 4, 3)), jnp.float32)  # examples × samples
+
+    def loss(mu):
+        inner = lambda e: jnp.sum(jnp.sin(posterior.shared(mu, e) * e))
+        return jnp.sum(jax.vmap(lambda n: jnp.sum(jax.vmap(inner)(n)))(noise))
+
+    grad, sums = jax.grad(loss)(mu), _leading_sums(jax.make_jaxpr(jax.grad(loss))(mu).jaxpr)
+    monkeypatch.setattr(posterior, "shared", lambda x, like: x)
+    np.testing.assert_allclose(grad, jax.grad(loss)(mu), rtol=1e-5, atol=1e-6)
+    assert sums == []
+    assert _leading_sums(jax.make_jaxpr(jax.grad(loss))(mu).jaxpr) != []
