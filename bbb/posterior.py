@@ -213,7 +213,7 @@ def shared(x: jax.Array, like: jax.Array) -> jax.Array:
     noise there, and reverse mode sums its cotangent over the samples with a reduction that
     XLA:CPU runs slowly (`sum_samples`). Passing the value through `shared` where it meets the
     noise (`like`) makes that sum `sum_samples`. Same values, same gradients; with 2 samples,
-    the reparameterisation step at H = 400 runs about 2.5 times as fast (README "Performance").
+    the reparameterisation step at H = 400 runs about twice as fast (README "Performance").
 
     Args:
       x: an array.
