@@ -151,9 +151,10 @@ def sum_samples(x: jax.Array) -> jax.Array:
     XLA's CPU backend reduces a leading axis of a 3-D array at ~10 ns per element, 60–85×
     slower than the same sum as adds ([8, 784, 400]: 26 ms against 0.3 ms; [2, 1200, 1200]:
     29 ms against 0.5 ms; [128, 784, 400]: 954 ms against 14 ms as a product with a vector of
-    ones; README "Performance"). So on the CPU, up to 16 samples are added in order,
-    x[0] + x[1] + … (one fused elementwise pass), and more are contracted with ones (a
-    matrix-vector product). Other backends use `jnp.sum`.
+    ones, on this project's 2-core CPU; the effect on the step: README "Performance"). So on
+    the CPU, up to 16 samples are added in order, x[0] + x[1] + … (one fused elementwise
+    pass), and more are contracted with ones (a matrix-vector product). Other backends use
+    `jnp.sum`.
 
     Args:
       x: an array [K, ...].
@@ -195,14 +196,15 @@ def _tile_batch(args, dims, *, size):
     return _tile(jnp.moveaxis(x, dim, 0), size), 1  # [K, batch, ...]
 
 
-_tile_p.def_impl(lambda x, *, size: jnp.broadcast_to(x, (size, *x.shape)))
+def _tile_impl(x: jax.Array, *, size: int) -> jax.Array:
+    return jnp.broadcast_to(x, (size, *x.shape))
+
+
+_tile_p.def_impl(_tile_impl)
 _tile_p.def_abstract_eval(_tile_abstract)
 ad.deflinear2(_tile_p, _tile_transpose)
 batching.primitive_batchers[_tile_p] = _tile_batch
-mlir.register_lowering(
-    _tile_p,
-    mlir.lower_fun(lambda x, *, size: jnp.broadcast_to(x, (size, *x.shape)), False),
-)
+mlir.register_lowering(_tile_p, mlir.lower_fun(_tile_impl, False))
 
 
 def shared(x: jax.Array, like: jax.Array) -> jax.Array:
@@ -246,12 +248,16 @@ def _shared_batch(args, dims):
     return x, x_dim  # Already per sample.
 
 
-_shared_p.def_impl(lambda x, like: x)
-_shared_p.def_abstract_eval(lambda x, like: x)
+def _first(x, like):
+    return x
+
+
+_shared_p.def_impl(_first)
+_shared_p.def_abstract_eval(_first)  # The aval of x.
 ad.primitive_jvps[_shared_p] = _shared_jvp
 ad.primitive_transposes[_shared_p] = _shared_transpose
 batching.primitive_batchers[_shared_p] = _shared_batch
-mlir.register_lowering(_shared_p, mlir.lower_fun(lambda x, like: x, False))
+mlir.register_lowering(_shared_p, mlir.lower_fun(_first, False))
 
 
 def normal_like(key: jax.Array, tree: PyTree, generator: str = "jax") -> PyTree:
