@@ -12,6 +12,7 @@ from collections.abc import Callable
 from typing import Any
 
 from absl import flags
+from absl import logging as absl_logging
 
 EXIT_BAD_INPUT = 2
 EXIT_DIVERGED = 3
@@ -27,7 +28,7 @@ def parse_flags_or_exit(argv: list[str]) -> list[str]:
       The remaining arguments.
     """
     try:
-        return flags.FLAGS(argv)
+        remaining = flags.FLAGS(argv)
     except flags.Error as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(EXIT_BAD_INPUT)
@@ -35,6 +36,12 @@ def parse_flags_or_exit(argv: list[str]) -> list[str]:
         # ml_collections raises these for unknown fields and wrong types in --config.x=y.
         print(f"error: bad config override: {e}", file=sys.stderr)
         sys.exit(EXIT_BAD_INPUT)
+    # absl's INFO lines (Orbax's per-checkpoint reports, TFDS, JAX's platform probe: over a
+    # hundred per run) would bury the progress bar; warnings still show, `--verbosity=0`
+    # brings the rest back.
+    if "verbosity" in flags.FLAGS and not flags.FLAGS["verbosity"].present:
+        absl_logging.set_verbosity(absl_logging.WARNING)
+    return remaining
 
 
 def run_or_exit(fn: Callable[[], Any]) -> Any:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -84,6 +85,8 @@ def _finish(workdir):
         timeout=600,
     )
     assert result.returncode == 0, result.stderr[-3000:]
+    # Orbax's and TFDS's INFO lines stay hidden unless --verbosity=0 asks for them (bbb.cli).
+    assert not re.search(r"^I\d{4} ", result.stderr, re.MULTILINE), result.stderr[:2000]
     return result
 
 
