@@ -548,7 +548,7 @@ def build(config: ml_collections.ConfigDict) -> Experiment:
         raise ConfigError("seed", config.seed, "a non-negative integer")
     for field in ("num_steps", "num_seeds", "buffer_size", "num_updates", "batch_size"):
         check_positive(field, config[field], integer=True)
-    for field in ("chunk_steps", "update_every"):
+    for field in ("chunk_steps", "update_every", "checkpoint_every_chunks"):
         check_positive(field, config[field], integer=True)
     if config.num_steps % config.update_every or config.chunk_steps % config.update_every:
         raise ConfigError(
@@ -819,96 +819,214 @@ def results_table(summary: dict[str, dict[str, Any]], num_steps: int, num_seeds:
     return "\n".join(lines) + "\n"
 
 
+# Fields that may change when a run resumes: its length (a finished run can be extended) and
+# the logging and checkpoint cadence. Anything else would change the run's trajectory.
+RESUMABLE_FIELDS = ("num_steps", "progress", "checkpoint_every_chunks")
+_PER_STEP = {"regret": np.float32, "expected_regret": np.float32, "action": np.int8}
+
+
+def _checkpoint_target(families: list[_Family], num_agents: int, seeds: int, steps: int) -> dict:
+    """What a checkpoint holds: every family's agents and the per-step record [A, S, steps]."""
+    return {
+        "states": [family.states for family in families],
+        "per_step": {k: np.zeros((num_agents, seeds, steps), t) for k, t in _PER_STEP.items()},
+    }
+
+
+def _restore(manager: Any, step: int, target: dict) -> tuple[dict, dict[str, Any]]:
+    """Checkpoint `step`: (the tree of `_checkpoint_target`, the timing record)."""
+    import orbax.checkpoint as ocp
+
+    from bbb.workdir import WorkdirError
+
+    abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, target)
+    try:
+        restored = manager.restore(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(abstract), timing=ocp.args.JsonRestore()
+            ),
+        )
+    except Exception as e:  # Orbax raises several types for unreadable files.
+        path = os.path.join(str(manager.directory), str(step))
+        raise WorkdirError(
+            f"checkpoint {path} cannot be restored ({type(e).__name__}: {e}). It is left as it "
+            f"is. To resume from an earlier one, move {path} out of the workdir; to start "
+            "fresh, use a new --workdir."
+        ) from e
+    return restored["state"], restored["timing"]
+
+
 def bandit_experiment(
-    config: ml_collections.ConfigDict, workdir: str, problem: Problem | None = None
-) -> dict[str, Any]:
+    config: ml_collections.ConfigDict,
+    workdir: str,
+    problem: Problem | None = None,
+    *,
+    stop_after_chunks: int | None = None,
+) -> dict[str, Any] | None:
     """Runs every agent over every seed and writes the curves, table and config to `workdir`.
 
     Writes `config.json`, `metrics.jsonl` (one line per chunk: mean cumulative regret per agent
     and the last update's loss), `regret.npz` (per-step regret [agent, seed, step]),
-    `plots/regret.png`, `results.md` and `results.json`.
+    `plots/regret.png`, `results.md` and `results.json`, and Orbax checkpoints in
+    `checkpoints/` (every `checkpoint_every_chunks` chunks, at the end, and on SIGTERM).
+
+    Starting on a workdir that holds a checkpoint resumes from it, with the same results as an
+    uninterrupted run: every random stream is a function of the seed and the interaction number.
+    `num_steps` may be raised to extend a finished run.
 
     Args:
       config: configs/bandit_mushroom.py.
       workdir: the output folder.
       problem: a ready bandit (tests); None loads `config.data`.
+      stop_after_chunks: stop (with a checkpoint) after this many chunks of this session, as a
+        pre-empted job would; the next start resumes. None runs to `config.num_steps`.
 
     Returns:
-      The contents of results.json.
+      The contents of results.json (None if stopped early).
 
     Raises:
       ConfigError, DataError, WorkdirError: before anything is computed or written.
       TrainingDivergedError: a loss became NaN or Inf.
     """
+    import orbax.checkpoint as ocp
     from tqdm.auto import tqdm
 
-    from bbb.train import TrainingDivergedError
-    from bbb.workdir import check_workdir
+    from bbb.train import PreemptionWatcher, TrainingDivergedError
+    from bbb.workdir import WorkdirError, check_workdir, read_records, write_text_atomically
 
-    check_workdir(workdir, config)
+    check_workdir(workdir, config, resumable=RESUMABLE_FIELDS)
     experiment = build(config)
+    checkpoint_dir = os.path.join(os.path.abspath(workdir), "checkpoints")
+    if os.path.exists(os.path.join(workdir, "results.json")) and not os.path.isdir(checkpoint_dir):
+        raise WorkdirError(
+            f"workdir {workdir} holds a finished bandit run without checkpoints (made before "
+            "runs could resume); it is left as it is: choose a new --workdir."
+        )
+    seeds, steps, chunk = config.num_seeds, config.num_steps, config.chunk_steps
+    os.makedirs(os.path.join(workdir, "plots"), exist_ok=True)
+    manager = ocp.CheckpointManager(
+        checkpoint_dir, options=ocp.CheckpointManagerOptions(max_to_keep=2, create=True)
+    )
+    done = manager.latest_step() or 0
+    if done > steps:
+        manager.close()
+        raise ConfigError(
+            "num_steps", steps, f"at least {done}, the interactions done in {workdir}"
+        )
     if problem is None:
         problem = load_problem(config)
-    os.makedirs(os.path.join(workdir, "plots"), exist_ok=True)
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-        f.write(config.to_json_best_effort(indent=2, sort_keys=True))
-    metrics_path = os.path.join(workdir, "metrics.jsonl")
-    open(metrics_path, "w").close()
+    write_text_atomically(
+        os.path.join(workdir, "config.json"), config.to_json_best_effort(indent=2, sort_keys=True)
+    )
 
     started = time.time()
     families = _families(experiment, problem)
     names = [name for family in families for name in family.names]
-    seeds, steps = config.num_seeds, config.num_steps
-    per_step = {k: [] for k in ("regret", "expected_regret", "action")}
-    totals = np.zeros((len(names), seeds))
-    bar = tqdm(total=steps, unit="step", disable=not config.progress, dynamic_ncols=True)
-    first_chunk_s = None
-    for start in range(0, steps, config.chunk_steps):
-        length = config.chunk_steps
-        outputs = []
-        for family in families:  # Dispatched asynchronously; both run before we wait.
-            family.states, metrics = family.chunk(
-                family.states,
-                jnp.int32(start),
-                family.env_keys,
-                family.agent_keys,
-                family.epsilons,
-            )
-            outputs.append(metrics)
-        record = {"step": start + length}
-        rows = []
-        for family, metrics in zip(families, outputs, strict=True):
-            metrics = jax.device_get(metrics)
-            count = len(family.names)
-            for key in per_step:
-                # [L, count * S] -> [count, S, L]
-                rows.append((key, np.moveaxis(metrics[key], 0, -1).reshape(count, seeds, -1)))
-            loss = metrics["loss"]
-            if not np.all(np.isfinite(loss)):
-                raise TrainingDivergedError(
-                    f"the loss of {family.names} became NaN or Inf before step {start + length}."
-                )
-            for i, name in enumerate(family.names):
-                record[f"{name}/loss"] = float(loss[-1, i * seeds : (i + 1) * seeds].mean())
-                if family.learner.thompson:
-                    sigma = metrics["sigma_mean"][-1, i * seeds : (i + 1) * seeds]
-                    record[f"{name}/sigma_mean"] = float(sigma.mean())
-        for key in per_step:
-            per_step[key].append(np.concatenate([r for k, r in rows if k == key], axis=0))
-        totals += per_step["regret"][-1].sum(axis=-1)
-        for i, name in enumerate(names):
-            record[f"{name}/cumulative_regret"] = float(totals[i].mean())
-        with open(metrics_path, "a") as f:
-            f.write(json.dumps(record) + "\n")
-        if first_chunk_s is None:
-            first_chunk_s = time.time() - started
-        bar.set_postfix(
-            {name.split(" ")[-1]: f"{totals[i].mean():.0f}" for i, name in enumerate(names)},
-            refresh=False,
+    timing = {"wall_time_s": 0.0, "first_chunk_s": None, "timed_s": 0.0, "timed_updates": 0}
+    per_step = {k: [np.zeros((len(names), seeds, 0), t)] for k, t in _PER_STEP.items()}
+    if done:
+        restored, timing = _restore(
+            manager, done, _checkpoint_target(families, len(names), seeds, done)
         )
-        bar.update(length)
+        for family, states in zip(families, restored["states"], strict=True):
+            family.states = states
+        per_step = {k: [np.asarray(v)] for k, v in restored["per_step"].items()}
+    metrics_path = os.path.join(workdir, "metrics.jsonl")
+    kept = []
+    if done and os.path.exists(metrics_path):  # A resumed run redoes the lines after `done`.
+        kept = [r for r in read_records(metrics_path) if r["step"] <= done]
+    write_text_atomically(metrics_path, "".join(json.dumps(r) + "\n" for r in kept))
+
+    def save(step: int) -> None:
+        history = {k: np.concatenate(v, axis=-1) for k, v in per_step.items()}
+        per_step.update({k: [v] for k, v in history.items()})
+        tree = {"states": [family.states for family in families], "per_step": history}
+        manager.save(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardSave(tree), timing=ocp.args.JsonSave(timing)
+            ),
+        )
+        manager.wait_until_finished()
+
+    totals = per_step["regret"][0].sum(axis=-1).astype(np.float64)  # [A, S]
+    bar = tqdm(
+        total=steps, initial=done, unit="step", disable=not config.progress, dynamic_ncols=True
+    )
+    chunks_done, last_time = 0, time.time()
+    with PreemptionWatcher() as preemption:
+        for start in range(done, steps, chunk):
+            outputs = []
+            for family in families:  # Dispatched asynchronously; both run before we wait.
+                family.states, metrics = family.chunk(
+                    family.states,
+                    jnp.int32(start),
+                    family.env_keys,
+                    family.agent_keys,
+                    family.epsilons,
+                )
+                outputs.append(metrics)
+            record = {"step": start + chunk}
+            rows = []
+            for family, metrics in zip(families, outputs, strict=True):
+                metrics = jax.device_get(metrics)
+                count = len(family.names)
+                for key, dtype in _PER_STEP.items():
+                    # [L, count * S] -> [count, S, L]
+                    value = np.moveaxis(metrics[key], 0, -1).reshape(count, seeds, -1)
+                    rows.append((key, value.astype(dtype)))
+                loss = metrics["loss"]
+                if not np.all(np.isfinite(loss)):
+                    raise TrainingDivergedError(
+                        f"the loss of {family.names} became NaN or Inf before step {start + chunk}."
+                    )
+                for i, name in enumerate(family.names):
+                    record[f"{name}/loss"] = float(loss[-1, i * seeds : (i + 1) * seeds].mean())
+                    if family.learner.thompson:
+                        sigma = metrics["sigma_mean"][-1, i * seeds : (i + 1) * seeds]
+                        record[f"{name}/sigma_mean"] = float(sigma.mean())
+            for key in per_step:
+                per_step[key].append(np.concatenate([r for k, r in rows if k == key], axis=0))
+            totals += per_step["regret"][-1].sum(axis=-1)
+            for i, name in enumerate(names):
+                record[f"{name}/cumulative_regret"] = float(totals[i].mean())
+            with open(metrics_path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+            now = time.time()
+            if chunks_done == 0:  # This session's first chunk includes compilation.
+                timing["first_chunk_s"] = timing["first_chunk_s"] or now - started
+            else:
+                timing["timed_s"] += now - last_time
+                timing["timed_updates"] += chunk // config.update_every * config.num_updates
+            timing["wall_time_s"] += now - last_time if chunks_done else now - started
+            chunks_done, last_time = chunks_done + 1, now
+            bar.set_postfix(
+                {name.split(" ")[-1]: f"{totals[i].mean():.0f}" for i, name in enumerate(names)},
+                refresh=False,
+            )
+            bar.update(chunk)
+            last = start + chunk == steps
+            interrupted = bool(preemption.requested) or (
+                stop_after_chunks is not None and chunks_done >= stop_after_chunks
+            )
+            if (
+                (start + chunk) // chunk % config.checkpoint_every_chunks == 0
+                or last
+                or interrupted
+            ):
+                save(start + chunk)
+            if interrupted and not last:
+                bar.close()
+                manager.close()
+                if preemption.requested:
+                    print(
+                        f"Pre-empted ({preemption.requested}) after {start + chunk} interactions: "
+                        f"checkpoint saved in {checkpoint_dir}. Run the same command to resume."
+                    )
+                return None
     bar.close()
-    wall_time = time.time() - started
+    manager.close()  # A finished run started again only rewrites its outputs from the checkpoint.
 
     regret = np.concatenate(per_step["regret"], axis=-1)  # [A, S, T]
     expected = np.concatenate(per_step["expected_regret"], axis=-1)
@@ -918,29 +1036,27 @@ def bandit_experiment(
         names=np.asarray(names),
         regret=regret,
         expected_regret=expected,
-        action=actions.astype(np.int8),
+        action=actions,
     )
     summary = summarize(names, regret, expected)
     for i, name in enumerate(names):
         summary[name]["eat_fraction"] = float((actions[i] == EAT).mean())
     plot_regret(os.path.join(workdir, "plots", "regret.png"), names, regret, expected)
-    updates = steps // config.update_every * config.num_updates
     results = {
         "num_steps": steps,
         "num_seeds": seeds,
         "agents": summary,
-        "wall_time_s": wall_time,
-        "first_chunk_s": first_chunk_s,
-        "gradient_steps_per_agent": updates,
-        "seconds_per_gradient_step_all_agents": (wall_time - first_chunk_s)
-        / max(updates - updates * config.chunk_steps // steps, 1)
-        if steps > config.chunk_steps
+        "wall_time_s": timing["wall_time_s"],
+        "first_chunk_s": timing["first_chunk_s"],
+        "gradient_steps_per_agent": steps // config.update_every * config.num_updates,
+        "seconds_per_gradient_step_all_agents": timing["timed_s"] / timing["timed_updates"]
+        if timing["timed_updates"]
         else None,
     }
     with open(os.path.join(workdir, "results.json"), "w") as f:
         json.dump(results, f, indent=2)
     table = results_table(summary, steps, seeds)
-    table += f"\nWall time {wall_time:.0f} s ({len(names)} agents × {seeds} seeds).\n"
+    table += f"\nWall time {timing['wall_time_s']:.0f} s ({len(names)} agents × {seeds} seeds).\n"
     with open(os.path.join(workdir, "results.md"), "w") as f:
         f.write(table)
     if config.progress:

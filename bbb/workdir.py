@@ -93,12 +93,17 @@ def _can_create_files(folder: str) -> bool:
     return True
 
 
-def check_workdir(workdir: str, config: ml_collections.ConfigDict) -> None:
+def check_workdir(
+    workdir: str,
+    config: ml_collections.ConfigDict,
+    resumable: tuple[str, ...] = RESUMABLE_FIELDS,
+) -> None:
     """Checks, leaving nothing behind, that `workdir` can take this run.
 
     Args:
       workdir: the output folder.
       config: the run's config.
+      resumable: the fields that may differ from the config saved in the workdir.
 
     Raises:
       WorkdirError: the parent folder is missing or not writable, the workdir is a file, or it
@@ -124,14 +129,14 @@ def check_workdir(workdir: str, config: ml_collections.ConfigDict) -> None:
             old = _flatten(json.load(f))
         new = _flatten(_config_dict(config))
         changed = sorted(
-            k for k in set(old) | set(new) if old.get(k) != new.get(k) and k not in RESUMABLE_FIELDS
+            k for k in set(old) | set(new) if old.get(k) != new.get(k) and k not in resumable
         )
         if changed:
             diffs = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed[:5])
             raise WorkdirError(
                 f"workdir {path} holds a run with a different config ({diffs}). Resume it with "
-                "its own config (only num_epochs, logging fields and the mesh may change), or "
-                "choose a new --workdir."
+                f"its own config (only {', '.join(resumable)} may change), or choose a new "
+                "--workdir."
             )
 
 

@@ -25,6 +25,9 @@ def get_config() -> ml_collections.ConfigDict:
     # agent take hours on a 2-core CPU; --config.update_every=25 divides that by 25.
     config.update_every = 1
     config.chunk_steps = 250  # Interactions per compiled chunk (the host logs between chunks).
+    # An Orbax checkpoint (agents and regret so far) every this many chunks, at the end, and on
+    # SIGTERM; the same command on the same workdir resumes from the latest.
+    config.checkpoint_every_chunks = 4
     config.progress = True  # Show a progress bar with ETA and live cumulative regret.
 
     config.rewards = ml_collections.ConfigDict()

@@ -274,3 +274,107 @@ def test_script_exits_2_naming_the_problem(tmp_path, override, message):
     assert result.returncode == 2, result.stderr[-2000:]
     assert message in result.stderr
     assert not workdir.exists()
+
+
+# Checkpoints and resumption ---------------------------------------------------------------
+
+
+def _outputs(workdir):
+    data = np.load(os.path.join(workdir, "regret.npz"))
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        lines = f.read()
+    with open(os.path.join(workdir, "results.json")) as f:
+        agents = json.load(f)["agents"]
+    return {k: data[k] for k in data.files}, lines, agents
+
+
+def test_an_interrupted_run_resumes_to_the_same_results(tmp_path):
+    config = small_config(
+        **{"chunk_steps": 40, "checkpoint_every_chunks": 2, "agents.epsilons": (0.0, 0.5)}
+    )
+    problem = synthetic_problem()
+    straight = tmp_path / "straight"
+    bandit.bandit_experiment(config, str(straight), problem=problem)
+    resumed = tmp_path / "resumed"
+    assert (
+        bandit.bandit_experiment(config, str(resumed), problem=problem, stop_after_chunks=3) is None
+    )
+    assert sorted(os.listdir(resumed / "checkpoints")) == ["120", "80"]
+    assert not (resumed / "results.json").exists()
+    with open(resumed / "metrics.jsonl", "a") as f:  # A line written after the checkpoint.
+        f.write(json.dumps({"step": 160, "BBB (Thompson)/cumulative_regret": -1.0}) + "\n")
+    bandit.bandit_experiment(config, str(resumed), problem=problem)
+    (arrays_a, lines_a, agents_a), (arrays_b, lines_b, agents_b) = (
+        _outputs(straight),
+        _outputs(resumed),
+    )
+    assert arrays_a["regret"].shape == (3, 2, 240)
+    for key in arrays_a:
+        np.testing.assert_array_equal(arrays_a[key], arrays_b[key], err_msg=key)
+    assert lines_a == lines_b
+    assert agents_a == agents_b
+    # Started again when finished: nothing is recomputed, the outputs stay the same.
+    bandit.bandit_experiment(config, str(resumed), problem=problem)
+    assert _outputs(resumed)[0]["regret"].tolist() == arrays_a["regret"].tolist()
+
+
+def test_a_finished_run_extends_like_a_longer_one(tmp_path):
+    config = small_config(**{"chunk_steps": 60, "agents.epsilons": (0.0,)})
+    problem = synthetic_problem()
+    bandit.bandit_experiment(config, str(tmp_path / "a"), problem=problem)
+    longer = small_config(**{"chunk_steps": 60, "agents.epsilons": (0.0,), "num_steps": 360})
+    bandit.bandit_experiment(longer, str(tmp_path / "a"), problem=problem)
+    bandit.bandit_experiment(longer, str(tmp_path / "b"), problem=problem)
+    a, b = _outputs(tmp_path / "a"), _outputs(tmp_path / "b")
+    np.testing.assert_array_equal(a[0]["regret"], b[0]["regret"])
+    assert a[0]["regret"].shape == (2, 2, 360)
+    assert a[1] == b[1]
+    # Shortening it would drop interactions already made: refused, naming the field.
+    with pytest.raises(ConfigError, match="num_steps"):
+        bandit.bandit_experiment(config, str(tmp_path / "a"), problem=problem)
+
+
+def test_workdir_of_another_config_or_an_old_run_is_left_alone(tmp_path):
+    from bbb.workdir import WorkdirError
+
+    config = small_config(**{"agents.epsilons": (0.0,)})
+    problem = synthetic_problem()
+    bandit.bandit_experiment(config, str(tmp_path / "run"), problem=problem)
+    before = {p: (tmp_path / "run" / p).read_bytes() for p in ("metrics.jsonl", "regret.npz")}
+    with pytest.raises(WorkdirError, match=r"prior\.sigma1"):
+        other = small_config(**{"agents.epsilons": (0.0,), "prior.sigma1": 0.5})
+        bandit.bandit_experiment(other, str(tmp_path / "run"), problem=problem)
+    # A finished run from before checkpoints existed: results.json and no checkpoints/.
+    old = tmp_path / "old"
+    old.mkdir()
+    (old / "results.json").write_text("{}")
+    (old / "metrics.jsonl").write_text('{"step": 120}\n')
+    with pytest.raises(WorkdirError, match="without checkpoints"):
+        bandit.bandit_experiment(config, str(old), problem=problem)
+    assert (old / "metrics.jsonl").read_text() == '{"step": 120}\n'
+    assert sorted(os.listdir(old)) == ["metrics.jsonl", "results.json"]
+    after = {p: (tmp_path / "run" / p).read_bytes() for p in before}
+    assert after == before
+
+
+def test_sigterm_saves_a_checkpoint_and_stops(tmp_path, monkeypatch, capsys):
+    import signal
+
+    from bbb import train
+
+    class SignalledAtOnce(train.PreemptionWatcher):
+        def __enter__(self):
+            super().__enter__()
+            os.kill(os.getpid(), signal.SIGTERM)  # Handled by the watcher, as a scheduler's.
+            return self
+
+    monkeypatch.setattr(train, "PreemptionWatcher", SignalledAtOnce)
+    config = small_config(**{"chunk_steps": 60, "agents.epsilons": (0.0,)})
+    problem = synthetic_problem()
+    assert bandit.bandit_experiment(config, str(tmp_path), problem=problem) is None
+    assert os.listdir(tmp_path / "checkpoints") == ["60"]
+    assert "Pre-empted (SIGTERM) after 60 interactions" in capsys.readouterr().out
+    monkeypatch.undo()
+    results = bandit.bandit_experiment(config, str(tmp_path), problem=problem)
+    assert results["num_steps"] == 240
+    assert np.load(tmp_path / "regret.npz")["regret"].shape == (2, 2, 240)
