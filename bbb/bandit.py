@@ -34,8 +34,8 @@ Neither made Bayes by Backprop beat the greedy agent in our runs (README, "Conte
 The whole run lives on the device. A `lax.scan` runs a chunk of interactions; each interaction
 runs its 64 updates in a `lax.fori_loop`; the buffer is a fixed-size ring buffer with a counter;
 the agents of one kind (the three ε-greedy agents, or Bayes by Backprop, each over all seeds) are
-stacked on a leading axis and `vmap`ped. The host sees only chunk boundaries, to log and to
-advance the progress bar.
+stacked on a leading axis and `vmap`ped. The host sees only chunk boundaries, to log, to
+advance the progress bar and, every few chunks, to checkpoint (Orbax) what a resumed run needs.
 
 Cost. The paper's schedule is 64 × 50,000 = 3.2M gradient steps per agent. Measured on a
 2-core CPU shared with other jobs, one step on a minibatch of 64 costs ≈0.3 ms for the point

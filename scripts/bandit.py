@@ -4,7 +4,8 @@
       --config.data.path=/path/to/mushroom --workdir=runs/bandit
 
 Writes workdir/plots/regret.png, workdir/results.md, workdir/results.json and
-workdir/config.json (see bbb.bandit.bandit_experiment).
+workdir/config.json (see bbb.bandit.bandit_experiment), and Orbax checkpoints in
+workdir/checkpoints: the same command on the same workdir resumes an interrupted run.
 """
 
 import os
