@@ -11,10 +11,10 @@ testable. What is measured, for the MLP 784-H-H-10 on MNIST-shaped inputs, batch
   ratios); the median is reported (min, 25% and 75% quantiles too).
 - The grid (`benchmark_grid`): every H, every K, every estimator; the paper's scale-mixture
   prior with the Monte-Carlo KL and the Gaussian prior with the closed-form KL (what
-  bayesian-torch computes); threefry ("jax") noise everywhere, and the counter hash ("hash")
-  wherever it draws something: reparam's weight sample, and the MC KL's weight sample under
-  every estimator (local reparam and flipout draw their activation noise and flipout its ΔW
-  with `jax.random` whatever the setting), so that estimators are compared like with like.
+  bayesian-torch computes); each with threefry ("jax") noise and with the counter hash
+  ("hash"), which `posterior.noise` makes the source of all of an estimator's noise (the weight
+  sample, the MC KL's, local reparam's per-example noise, flipout's ΔW and signs), so that
+  estimators are compared like with like.
   And, per H, the floor: the project's plain MLP (`posterior.name="point"`, flat prior) of the
   same shape and optimiser. Each step's time is also given as a ratio to the floor of the same
   H measured in the same run: on a noisy machine absolute times drift by ±30%, ratios less.
@@ -170,8 +170,8 @@ def benchmark_grid(
 
     For every H: the deterministic floor; then for every K, estimator and prior (scale mixture
     with the MC KL, Gaussian with the closed-form KL), threefry noise; and the same with each
-    other generator in `noises` wherever it draws something: always for reparam, and with the
-    MC KL (whose weight sample it draws) for every estimator. Estimators compare like with like.
+    other generator in `noises` (the source of all of an estimator's noise). Estimators compare
+    like with like.
 
     Args:
       hidden: the widths H.
@@ -203,12 +203,9 @@ def benchmark_grid(
         for k in num_samples:
             for estimator in estimators:
                 for prior in priors:
-                    # The generator draws weight noise: every weight of reparam's sample, and
-                    # the weight sample of the MC KL under any estimator. With the closed-form
-                    # KL, local_reparam and flipout draw no weight noise from it.
-                    generators = ["jax"]
-                    if estimator == "reparam" or PRIOR_KL[prior] == "mc":
-                        generators += [n for n in noises if n != "jax"]
+                    # The generator draws all of an estimator's noise (weights, activations,
+                    # flipout's signs), so every estimator is timed with each.
+                    generators = ["jax"] + [n for n in noises if n != "jax"]
                     for noise in generators:
                         cases.append(Case(width, k, estimator, prior, PRIOR_KL[prior], noise))
     return cases

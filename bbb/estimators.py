@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 
 from bbb.errors import ConfigError
-from bbb.posterior import MeanFieldGaussian, shared
+from bbb.posterior import MeanFieldGaussian, rademacher, shared, standard_normal
 
 PyTree = Any
 ESTIMATORS = ("reparam", "local_reparam", "flipout")
@@ -42,23 +42,19 @@ SUPPORTED_LAYERS = {
 }
 
 
-def _rademacher(key: jax.Array, shape: tuple[int, ...], dtype: Any) -> jax.Array:
-    return jax.random.rademacher(key, shape, dtype=jnp.int8).astype(dtype)
-
-
 def _without_bias(module: nn.Module, kernel: jax.Array, x: jax.Array) -> jax.Array:
     """The layer's own linear map (dense or convolution) of `x` by `kernel`, without bias."""
     layer = module.clone(parent=None, use_bias=False)
     return layer.apply({"params": {"kernel": kernel}}, x)
 
 
-def _local_reparam(module: nn.Module, mean: jax.Array, x: jax.Array) -> jax.Array:
+def _local_reparam(module: nn.Module, mean: jax.Array, x: jax.Array, generator: str) -> jax.Array:
     """Samples the pre-activations b ~ N(mean, x² σ_W² + σ_b²), one draw per output."""
     sigma = module.variables["sigma"]
     variance = _without_bias(module, jnp.square(sigma["kernel"]), jnp.square(x))
     if "bias" in sigma:
         variance = variance + jnp.square(sigma["bias"])
-    noise = jax.random.normal(module.make_rng("noise"), mean.shape, mean.dtype)
+    noise = standard_normal(module.make_rng("noise"), mean.shape, generator, mean.dtype)
     # The first layer's mean and variance are computed once for all the MC samples (a vmap).
     return shared(mean, noise) + shared(_safe_sqrt(variance), noise) * noise
 
@@ -74,7 +70,7 @@ def _safe_sqrt(variance: jax.Array) -> jax.Array:
     return jnp.where(positive, jnp.sqrt(jnp.where(positive, variance, 1.0)), 0.0)
 
 
-def _flipout(module: nn.Module, mean: jax.Array, x: jax.Array) -> jax.Array:
+def _flipout(module: nn.Module, mean: jax.Array, x: jax.Array, generator: str) -> jax.Array:
     """Adds the sign-flipped shared perturbation ((x ∘ s) ΔW) ∘ r to the mean path.
 
     ΔW = σ ∘ ε comes in the "perturbation" collection (see `apply_local`); the signs are
@@ -85,8 +81,8 @@ def _flipout(module: nn.Module, mean: jax.Array, x: jax.Array) -> jax.Array:
     # Signs per example and input channel (constant over spatial positions for a conv), and
     # per example and output channel.
     batch_shape = x.shape[:1] + (1,) * (x.ndim - 2)
-    sign_in = _rademacher(k_in, (*batch_shape, x.shape[-1]), x.dtype)
-    sign_out = _rademacher(k_out, (*batch_shape, mean.shape[-1]), mean.dtype)
+    sign_in = rademacher(k_in, (*batch_shape, x.shape[-1]), generator).astype(x.dtype)
+    sign_out = rademacher(k_out, (*batch_shape, mean.shape[-1]), generator).astype(mean.dtype)
     perturbation = _without_bias(module, delta["kernel"], x * sign_in)
     if "bias" in delta:
         perturbation = perturbation + delta["bias"]
@@ -99,7 +95,7 @@ def _own_variables(module: nn.Module, collection: str) -> dict[str, Any]:
     return {k: v for k, v in variables.items() if not isinstance(v, Mapping)}
 
 
-def _make_interceptor(estimator: str):
+def _make_interceptor(estimator: str, generator: str):
     def interceptor(next_fun, args, kwargs, context):
         module = context.module
         if context.method_name != "__call__" or not _own_variables(module, "sigma"):
@@ -107,9 +103,9 @@ def _make_interceptor(estimator: str):
         is_dense = isinstance(module, nn.Dense)
         is_conv = isinstance(module, nn.Conv)
         if estimator == "local_reparam" and is_dense:
-            return _local_reparam(module, next_fun(*args, **kwargs), args[0])
+            return _local_reparam(module, next_fun(*args, **kwargs), args[0], generator)
         if estimator == "flipout" and (is_dense or is_conv):
-            return _flipout(module, next_fun(*args, **kwargs), args[0])
+            return _flipout(module, next_fun(*args, **kwargs), args[0], generator)
         path = "/".join(module.scope.path) if module.scope is not None else module.name
         raise ConfigError(
             "posterior.estimator",
@@ -165,7 +161,8 @@ def apply_local(
         variables["perturbation"] = jax.tree_util.tree_map(
             lambda s, e: shared(s, e) * e, sigma, noise
         )
-    with nn.intercept_methods(_make_interceptor(estimator)):
+    generator = getattr(posterior, "noise", "jax")  # A point estimate (σ = 0) has none.
+    with nn.intercept_methods(_make_interceptor(estimator, generator)):
         return model.apply(variables, x, rngs={**(rngs or {}), "noise": key}, **kwargs)
 
 

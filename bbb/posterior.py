@@ -103,9 +103,38 @@ def hash_normal(key: jax.Array, n: int) -> jax.Array:
     Returns:
       float32 [n].
     """
+    return bits_to_normal(hash_bits(key, n))
+
+
+def hash_bits(key: jax.Array, n: int) -> jax.Array:
+    """n uniform uint32 words, mix(mix(i·φ + s₀) ⊕ s₁), seeds s drawn from `key` (`hash_normal`)."""
     seed = jax.random.bits(key, (2,), jnp.uint32)
     counter = jax.lax.iota(jnp.uint32, n)
-    return bits_to_normal(_mix32(_mix32(counter * jnp.uint32(0x9E3779B9) + seed[0]) ^ seed[1]))
+    return _mix32(_mix32(counter * jnp.uint32(0x9E3779B9) + seed[0]) ^ seed[1])
+
+
+def standard_normal(
+    key: jax.Array, shape: tuple[int, ...], generator: str = "jax", dtype: Any = jnp.float32
+) -> jax.Array:
+    """N(0, 1) noise of `shape` from `generator`: "jax" (`jax.random.normal`) or "hash".
+
+    The per-example noise of the local reparameterisation comes from here, so that
+    `posterior.noise` chooses the generator of all of an estimator's noise.
+    """
+    if generator == "hash":
+        return hash_normal(key, math.prod(shape)).reshape(shape).astype(dtype)
+    return jax.random.normal(key, shape, dtype)
+
+
+def rademacher(key: jax.Array, shape: tuple[int, ...], generator: str = "jax") -> jax.Array:
+    """Random signs ±1 (float32) of `shape`, each with probability ½, from `generator`.
+
+    "hash" takes the top bit of `hash_bits` (flipout's sign vectors).
+    """
+    if generator == "hash":
+        top = (hash_bits(key, math.prod(shape)) >> 31).astype(jnp.float32)
+        return (1.0 - 2.0 * top).reshape(shape)
+    return jax.random.rademacher(key, shape, dtype=jnp.int8).astype(jnp.float32)
 
 
 def bits_to_normal(bits: jax.Array) -> jax.Array:

@@ -67,8 +67,12 @@ def dense_posterior():
     return _posterior(params, seed=2)
 
 
+@pytest.mark.parametrize("noise", ["jax", "hash"])
 @pytest.mark.parametrize("estimator", estimators.ESTIMATORS)
-def test_dense_pre_activations_have_the_analytic_mean_and_variance(estimator, dense_posterior):
+def test_dense_pre_activations_have_the_analytic_mean_and_variance(
+    estimator, noise, dense_posterior
+):
+    dense_posterior = dense_posterior.replace(noise=noise)
     samples = _output_samples(DENSE, dense_posterior, X_DENSE, estimator)  # [S, B, F]
     mu, sigma = _np(dense_posterior.mu), _np(dense_posterior.stddev())
     x = X_DENSE.astype(np.float64)
@@ -103,15 +107,16 @@ def _np_conv_same(x, kernel):
     return out
 
 
+@pytest.mark.parametrize("noise", ["jax", "hash"])
 @pytest.mark.parametrize("estimator", ["reparam", "flipout"])
-def test_conv_pre_activations_have_the_analytic_mean_and_variance(estimator):
+def test_conv_pre_activations_have_the_analytic_mean_and_variance(estimator, noise):
     rng = np.random.default_rng(3)
     x = rng.normal(size=(2, 4, 4, 2)).astype(np.float32)
     params = {
         "kernel": (rng.normal(size=(3, 3, 2, 3)) * 0.5).astype(np.float32),
         "bias": rng.normal(size=(3,)).astype(np.float32),
     }
-    posterior = _posterior(params, seed=4)
+    posterior = _posterior(params, seed=4).replace(noise=noise)
     samples = _output_samples(CONV, posterior, x, estimator)  # [S, B, H, W, F]
     mu, sigma = _np(posterior.mu), _np(posterior.stddev())
     x64 = x.astype(np.float64)
@@ -137,6 +142,39 @@ def test_conv_pre_activations_have_the_analytic_mean_and_variance(estimator):
     if estimator == "flipout":
         correlation = np.corrcoef(samples[:, 0, 1, 1, 0], samples[:, 1, 1, 1, 0])[0, 1]
         assert abs(correlation) < 5.0 / np.sqrt(NUM_SAMPLES)
+
+
+def _random_bits_sizes(fn, *args):
+    """The sizes of all `random_bits` draws (jax.random's generator) in fn's jaxpr."""
+    from jax.extend.core import jaxprs_in_params
+
+    sizes = []
+
+    def walk(jaxpr):
+        for eqn in jaxpr.eqns:
+            if eqn.primitive.name == "random_bits":
+                sizes.append(int(np.prod(eqn.params["shape"])))
+            for sub in jaxprs_in_params(eqn.params):
+                walk(sub)
+
+    walk(jax.make_jaxpr(fn)(*args).jaxpr)
+    return sizes
+
+
+@pytest.mark.parametrize("estimator", ["local_reparam", "flipout"])
+def test_posterior_noise_chooses_the_generator_of_the_per_example_noise(estimator, dense_posterior):
+    """With `posterior.noise="hash"` no per-example draw (noise or signs) is left to threefry:
+    jax.random only draws the hash's two seeds per call."""
+    x = jnp.asarray(X_DENSE)
+
+    def draw(posterior):
+        return _random_bits_sizes(
+            lambda k: estimators.sample_output(DENSE, posterior, x, k, estimator),
+            jax.random.key(0),
+        )
+
+    assert max(draw(dense_posterior.replace(noise="jax"))) >= X_DENSE.shape[0] * 3
+    assert max(draw(dense_posterior.replace(noise="hash"))) <= 2
 
 
 # The KL does not depend on the estimator ----------------------------------------------------

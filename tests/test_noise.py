@@ -1,4 +1,4 @@
-"""The weight-noise generators: jax.random.normal and the counter-based hash."""
+"""The noise generators: jax.random and the counter-based hash (normals and signs)."""
 
 import jax
 import jax.numpy as jnp
@@ -52,6 +52,33 @@ def test_hash_normal_streams_are_uncorrelated():
     np.testing.assert_array_equal(np.asarray(posterior.hash_normal(keys[0], n)), z)
     batched = jax.vmap(lambda k: posterior.hash_normal(k, 1000))(keys)
     np.testing.assert_array_equal(np.asarray(batched[:, :1000]), zs[:, :1000])
+
+
+def test_hash_signs_are_fair_and_independent():
+    n = 200_000
+    keys = jax.random.split(jax.random.key(3), 3)
+    signs = np.stack([np.asarray(posterior.rademacher(k, (n // 400, 400), "hash")) for k in keys])
+    assert set(np.unique(signs)) == {-1.0, 1.0}
+    flat = signs.reshape(3, n)
+    assert np.all(np.abs(flat.mean(axis=1)) < 5 / np.sqrt(n))
+    assert abs(np.mean(flat[0, :-1] * flat[0, 1:])) < 5 / np.sqrt(n)  # neighbours
+    corr = np.corrcoef(flat)[~np.eye(3, dtype=bool)]
+    assert np.all(np.abs(corr) < 5 / np.sqrt(n))  # streams of different keys
+
+
+def test_the_jax_generator_is_jax_random_and_the_hash_is_hash_normal():
+    key, shape = jax.random.key(11), (7, 5)
+    np.testing.assert_array_equal(
+        posterior.standard_normal(key, shape, "jax"), jax.random.normal(key, shape)
+    )
+    np.testing.assert_array_equal(
+        posterior.rademacher(key, shape, "jax"),
+        jax.random.rademacher(key, shape, dtype=jnp.int8).astype(jnp.float32),
+    )
+    np.testing.assert_array_equal(
+        posterior.standard_normal(key, shape, "hash"),
+        posterior.hash_normal(key, 35).reshape(shape),
+    )
 
 
 @pytest.mark.parametrize("generator", posterior.NOISE_GENERATORS)
