@@ -325,7 +325,9 @@ class MeanFieldGaussian:
     Attributes:
       mu: the means, a pytree with the structure of the model's parameters.
       rho: the unconstrained scales, same structure; σ = softplus(ρ).
-      noise: how ε is drawn, "jax" or "hash" (see `normal_like`); static, not a leaf.
+      noise: how ε is drawn, "jax" or "hash" (see `normal_like`); static, not a leaf. The
+        estimators draw their per-example noise and signs with it too (`standard_normal`,
+        `rademacher`).
     """
 
     mu: PyTree

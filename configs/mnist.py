@@ -51,8 +51,9 @@ def get_config(width: str | None = None) -> ml_collections.ConfigDict:
     config.posterior.init_rho = -6.0
     config.posterior.init_rho_spread = 0.0  # ρ₀ ~ U(init_rho ± spread/2); 0 gives a constant.
     config.posterior.mu_scale = 1.0  # μ₀ = mu_scale × the model's own initial weights.
-    # Weight noise ε: "jax" (jax.random.normal with the key's implementation, threefry) or
-    # "hash" (a counter-based hash, cheaper on a CPU; see bbb.posterior.hash_normal).
+    # The estimator's noise (weights ε, local_reparam's per-example noise, flipout's signs):
+    # "jax" (jax.random with the key's implementation, threefry) or "hash" (a counter-based
+    # hash, cheaper on a CPU; see bbb.posterior.hash_normal).
     config.posterior.noise = "hash"
 
     config.prior = ml_collections.ConfigDict()
