@@ -903,6 +903,8 @@ def bandit_experiment(
             f"workdir {workdir} holds a finished bandit run without checkpoints (made before "
             "runs could resume); it is left as it is: choose a new --workdir."
         )
+    if problem is None:
+        problem = load_problem(config)  # A bad data path fails before the workdir is touched.
     seeds, steps, chunk = config.num_seeds, config.num_steps, config.chunk_steps
     os.makedirs(os.path.join(workdir, "plots"), exist_ok=True)
     manager = ocp.CheckpointManager(
@@ -914,8 +916,6 @@ def bandit_experiment(
         raise ConfigError(
             "num_steps", steps, f"at least {done}, the interactions done in {workdir}"
         )
-    if problem is None:
-        problem = load_problem(config)
     write_text_atomically(
         os.path.join(workdir, "config.json"), config.to_json_best_effort(indent=2, sort_keys=True)
     )
