@@ -833,30 +833,6 @@ def _checkpoint_target(families: list[_Family], num_agents: int, seeds: int, ste
     }
 
 
-def _restore(manager: Any, step: int, target: dict) -> tuple[dict, dict[str, Any]]:
-    """Checkpoint `step`: (the tree of `_checkpoint_target`, the timing record)."""
-    import orbax.checkpoint as ocp
-
-    from bbb.workdir import WorkdirError
-
-    abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, target)
-    try:
-        restored = manager.restore(
-            step,
-            args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(abstract), timing=ocp.args.JsonRestore()
-            ),
-        )
-    except Exception as e:  # Orbax raises several types for unreadable files.
-        path = os.path.join(str(manager.directory), str(step))
-        raise WorkdirError(
-            f"checkpoint {path} cannot be restored ({type(e).__name__}: {e}). It is left as it "
-            f"is. To resume from an earlier one, move {path} out of the workdir; to start "
-            "fresh, use a new --workdir."
-        ) from e
-    return restored["state"], restored["timing"]
-
-
 def bandit_experiment(
     config: ml_collections.ConfigDict,
     workdir: str,
@@ -893,7 +869,13 @@ def bandit_experiment(
     from tqdm.auto import tqdm
 
     from bbb.train import PreemptionWatcher, TrainingDivergedError
-    from bbb.workdir import WorkdirError, check_workdir, read_records, write_text_atomically
+    from bbb.workdir import (
+        WorkdirError,
+        check_workdir,
+        read_records,
+        restore_state_and_json,
+        write_text_atomically,
+    )
 
     check_workdir(workdir, config, resumable=RESUMABLE_FIELDS)
     experiment = build(config)
@@ -926,9 +908,9 @@ def bandit_experiment(
     timing = {"wall_time_s": 0.0, "first_chunk_s": None, "timed_s": 0.0, "timed_updates": 0}
     per_step = {k: [np.zeros((len(names), seeds, 0), t)] for k, t in _PER_STEP.items()}
     if done:
-        restored, timing = _restore(
-            manager, done, _checkpoint_target(families, len(names), seeds, done)
-        )
+        target = _checkpoint_target(families, len(names), seeds, done)
+        abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, target)
+        restored, timing = restore_state_and_json(manager, done, abstract, "timing")
         for family, states in zip(families, restored["states"], strict=True):
             family.states = states
         per_step = {k: [np.asarray(v)] for k, v in restored["per_step"].items()}
@@ -954,7 +936,7 @@ def bandit_experiment(
     bar = tqdm(
         total=steps, initial=done, unit="step", disable=not config.progress, dynamic_ncols=True
     )
-    chunks_done, last_time = 0, time.time()
+    chunks_done, last_time = 0, started  # The first chunk's time includes the set-up.
     with PreemptionWatcher() as preemption:
         for start in range(done, steps, chunk):
             outputs = []
@@ -999,7 +981,7 @@ def bandit_experiment(
             else:
                 timing["timed_s"] += now - last_time
                 timing["timed_updates"] += chunk // config.update_every * config.num_updates
-            timing["wall_time_s"] += now - last_time if chunks_done else now - started
+            timing["wall_time_s"] += now - last_time
             chunks_done, last_time = chunks_done + 1, now
             bar.set_postfix(
                 {name.split(" ")[-1]: f"{totals[i].mean():.0f}" for i, name in enumerate(names)},

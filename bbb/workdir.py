@@ -179,13 +179,37 @@ def restore_checkpoint(manager: Any, step: int, abstract_state: PyTree) -> tuple
     Raises:
       WorkdirError: the checkpoint cannot be read; says which and what to do.
     """
+    state, history = restore_state_and_json(manager, step, abstract_state, "history")
+    return state, History(**history)
+
+
+def restore_state_and_json(
+    manager: Any, step: int, abstract_state: PyTree, json_item: str
+) -> tuple[PyTree, dict[str, Any]]:
+    """Restores checkpoint `step` saved as a Composite of `state` (a pytree) and one JSON item.
+
+    Args:
+      manager: an `orbax.checkpoint.CheckpointManager`.
+      step: the checkpoint's step.
+      abstract_state: the structure, shapes and dtypes to restore `state` into.
+      json_item: the name of the JSON item ("history" for training, "timing" for the bandit).
+
+    Returns:
+      (state, the JSON item).
+
+    Raises:
+      WorkdirError: the checkpoint cannot be read; says which and what to do.
+    """
     import orbax.checkpoint as ocp
 
     try:
         restored = manager.restore(
             step,
             args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(abstract_state), history=ocp.args.JsonRestore()
+                **{
+                    "state": ocp.args.StandardRestore(abstract_state),
+                    json_item: ocp.args.JsonRestore(),
+                }
             ),
         )
     except Exception as e:  # Orbax raises several types for unreadable files.
@@ -195,7 +219,7 @@ def restore_checkpoint(manager: Any, step: int, abstract_state: PyTree) -> tuple
             f"is. To resume from an earlier checkpoint, move {path} out of the workdir; to "
             "start fresh, use a new --workdir."
         ) from e
-    return restored["state"], History(**restored["history"])
+    return restored["state"], restored[json_item]
 
 
 def _plot_training(workdir: str, records: list[dict[str, Any]]) -> None:
