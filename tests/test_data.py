@@ -450,3 +450,19 @@ def test_real_mnist_label_counts_are_the_official_ones(real_mnist):
     assert np.bincount(test_labels, minlength=10).tolist() == MNIST_TEST_COUNTS
     train_labels = np.concatenate([real_mnist["train"][1], real_mnist["validation"][1]])
     assert np.bincount(train_labels, minlength=10).tolist() == MNIST_TRAIN_COUNTS
+
+
+def test_tensorflow_import_drops_native_info_lines_and_keeps_the_rest(capfd):
+    # TensorFlow's C++ code prints absl INFO lines on import (on AVX-512 CPUs, "oneDNN custom
+    # operations are on") that TF_CPP_MIN_LOG_LEVEL does not reach; they are written to the
+    # file descriptor, not to sys.stderr.
+    with tfds_local._without_native_info_lines():
+        os.write(2, b"WARNING: All log messages before absl::InitializeLog() is called\n")
+        os.write(2, b"I0000 00:00:1795925340.178514    6413 port.cc:153] oneDNN ... on.\n")
+        os.write(2, b"E0000 00:00:1795925340.178514    6413 a.cc:1] a real error\n")
+        print("a Python warning", file=sys.stderr)
+    lines = sorted(capfd.readouterr().err.splitlines())
+    assert lines == [
+        "E0000 00:00:1795925340.178514    6413 a.cc:1] a real error",
+        "a Python warning",
+    ]

@@ -18,9 +18,12 @@ import contextlib
 import functools
 import inspect
 import os
+import re
 import socket
 import sys
+import tempfile
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -36,13 +39,41 @@ def import_tensorflow() -> Any:
       The `tensorflow` module.
     """
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # Keep TF's C++ info lines quiet.
-    import tensorflow as tf
+    with _without_native_info_lines():
+        import tensorflow as tf
 
     try:
         tf.config.set_visible_devices([], "GPU")
     except RuntimeError:  # TF's devices were already initialised (by the caller): leave them.
         pass
     return tf
+
+
+# What TensorFlow's C++ code prints on import before its logging is set up, which
+# TF_CPP_MIN_LOG_LEVEL does not reach (e.g. "I0000 ... oneDNN custom operations are on" on a
+# CPU with AVX-512): absl INFO lines and absl's preamble.
+_NATIVE_INFO_LINE = re.compile(
+    r"^(I\d{4} \d\d:\d\d:\d\d|WARNING: All log messages before absl::InitializeLog\(\))"
+)
+
+
+@contextlib.contextmanager
+def _without_native_info_lines() -> Iterator[None]:
+    """Captures file descriptor 2 while the body runs, then passes on all but INFO lines."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as capture:
+        os.dup2(capture.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            capture.seek(0)
+            text = capture.read().decode(errors="replace")
+            kept = [s for s in text.splitlines(True) if not _NATIVE_INFO_LINE.match(s)]
+            sys.stderr.write("".join(kept))
 
 
 def import_tfds() -> Any:
