@@ -59,9 +59,16 @@ _NATIVE_INFO_LINE = re.compile(
 
 @contextlib.contextmanager
 def _without_native_info_lines() -> Iterator[None]:
-    """Captures file descriptor 2 while the body runs, then passes on all but INFO lines."""
+    """Captures file descriptor 2 while the body runs, then passes on all but INFO lines.
+
+    (A Python exception in the body is raised after the captured lines are passed on.)
+    """
     sys.stderr.flush()
-    saved = os.dup(2)
+    try:
+        saved = os.dup(2)
+    except OSError:  # No stderr to capture.
+        yield
+        return
     with tempfile.TemporaryFile() as capture:
         os.dup2(capture.fileno(), 2)
         try:
