@@ -37,12 +37,13 @@ the agents of one kind (the three ε-greedy agents, or Bayes by Backprop, each o
 stacked on a leading axis and `vmap`ped. The host sees only chunk boundaries, to log, to
 advance the progress bar and, every few chunks, to checkpoint (Orbax) what a resumed run needs.
 
-Cost. The paper's schedule is 64 × 50,000 = 3.2M gradient steps per agent. Measured on a
-2-core CPU shared with other jobs, one step on a minibatch of 64 costs ≈0.3 ms for the point
-estimate and ≈2–3 ms for Bayes by Backprop with 2 samples (drawing 2 × 22k weight-noise values
-dominates it: ≈0.5 ms with the noise set to zero), so the four agents need hours per seed there.
-`update_every` = k runs the same 64-step rounds after every k interactions instead of after each,
-dividing the cost by k and keeping everything else as in the paper.
+Cost. The paper's schedule is 64 × 50,000 = 3.2M gradient steps per agent. On a quiet 2-core
+CPU one step of all eight agents (Bayes by Backprop and three ε-greedy agents, 2 seeds, vmapped
+per kind) takes ≈1.0 ms, so the whole run takes about an hour (README, "Contextual bandit").
+Bayes by Backprop is most of it: its 2 weight samples, their log-densities under q and the
+scale-mixture prior and the gradients of all three; the rest is small batched matmuls and
+Adam. `update_every` = k runs the same 64-step rounds after every k interactions instead of after
+each, dividing the cost by k and keeping everything else as in the paper.
 
 The setup follows Blundell et al. (2015), §5.3; the ε-greedy baselines and the uniform minibatch
 updates from a buffer are those of Riquelme et al. (2018), "Deep Bayesian Bandits Showdown".
