@@ -468,18 +468,9 @@ def _describe(record: dict[str, Any]) -> str:
 # The ablation -----------------------------------------------------------------------------
 
 
-# JAX compares the treedefs of two dataclass pytrees by their fields and static values, not
-# by their class, so a subclass with the same fields has a treedef equal to MeanFieldGaussian's
-# but a different hash. A jit cache whose hash buckets collide then takes one for the other
-# (seen as a rare "pytree structure error" when the ablation compiled its steps). Each
-# ablation posterior has a static field of its own, so that its treedef differs.
-
-
 @flax.struct.dataclass
 class NoiselessPosterior(posterior_lib.MeanFieldGaussian):
     """The mean-field posterior with ε = 0: the sampling arithmetic without any RNG."""
-
-    ablation: str = flax.struct.field(pytree_node=False, default="no_noise")
 
     def sample_noise(self, key: jax.Array) -> Any:
         """Zeros like `mu` (the key is unused)."""
@@ -490,8 +481,6 @@ class NoiselessPosterior(posterior_lib.MeanFieldGaussian):
 @flax.struct.dataclass
 class NoLogQPosterior(posterior_lib.MeanFieldGaussian):
     """The mean-field posterior whose samples come with log q = 0: no entropy term."""
-
-    ablation: str = flax.struct.field(pytree_node=False, default="no_log_q")
 
     def sample_and_log_prob(self, key: jax.Array) -> tuple[Any, jax.Array]:
         """(w = μ + σ ∘ ε, 0)."""

@@ -328,11 +328,21 @@ class MeanFieldGaussian:
       noise: how ε is drawn, "jax" or "hash" (see `normal_like`); static, not a leaf. The
         estimators draw their per-example noise and signs with it too (`standard_normal`,
         `rademacher`).
+      pytree_class: the module-qualified name of the instance's class, set on construction;
+        static. JAX compares the treedefs of two dataclass pytrees by their fields and static
+        values, not by their class, so without it a subclass with the same fields (an ablation,
+        or a user's own posterior) would have a treedef equal to this class's but hashing
+        differently, and a jit cache whose buckets collide could hand one the other's trace.
     """
 
     mu: PyTree
     rho: PyTree
     noise: str = flax.struct.field(pytree_node=False, default="jax")
+    pytree_class: str = flax.struct.field(pytree_node=False, default="", repr=False, kw_only=True)
+
+    def __post_init__(self):
+        cls = type(self)
+        object.__setattr__(self, "pytree_class", f"{cls.__module__}.{cls.__qualname__}")
 
     def mean(self) -> PyTree:
         """The posterior mean weights μ (also the mode)."""

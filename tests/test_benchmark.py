@@ -341,7 +341,8 @@ def test_peer_script_names_nothing_it_does_not_define(tmp_path):
 def test_ablation_posteriors_have_treedefs_of_their_own():
     # JAX's treedef equality ignores a dataclass's class; equal treedefs with different hashes
     # let a colliding jit cache mistake one posterior for another (a rare, hash-seed-dependent
-    # pytree structure error in the ablation test above, seen once in a `make test` run).
+    # pytree structure error in the ablation test above, seen once in a `make test` run). The
+    # general guard is MeanFieldGaussian.pytree_class (tests/test_posterior.py).
     mu = {"w": jnp.ones(3)}
     classes = (
         posterior_lib.MeanFieldGaussian,

@@ -1,6 +1,7 @@
 """Tests for bbb.posterior against closed forms, scipy, and sample statistics."""
 
 import chex
+import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -251,6 +252,32 @@ def test_posterior_is_a_pytree_through_jit_vmap_and_optax():
     assert isinstance(new, MeanFieldGaussian)
     assert np.all(_flat(new.rho) > _flat(first.rho))
     chex.assert_trees_all_close(new.mu, first.mu)
+
+
+@flax.struct.dataclass
+class _UsersPosterior(MeanFieldGaussian):
+    """A user's posterior: the same fields as MeanFieldGaussian, other methods."""
+
+    def stddev(self):
+        return jax.tree_util.tree_map(lambda r: 2.0 * softplus(r), self.rho)
+
+
+def test_a_subclass_with_the_same_fields_has_a_treedef_of_its_own():
+    # JAX compares dataclass treedefs by fields and static values, not class: without the
+    # static `pytree_class` these two treedefs are equal but hash differently, and a jit cache
+    # whose buckets collide hands one the other's trace (a wrong σ here, silently).
+    base, users = _posterior(0), _UsersPosterior(_posterior(0).mu, _posterior(0).rho)
+    a, b = jax.tree_util.tree_structure(base), jax.tree_util.tree_structure(users)
+    assert a != b
+    assert base.pytree_class == "bbb.posterior.MeanFieldGaussian"
+    assert users.pytree_class.endswith("._UsersPosterior")
+    # It survives flattening, replace() and jit, and stays out of the leaves and the repr.
+    assert len(jax.tree_util.tree_leaves(users)) == len(jax.tree_util.tree_leaves(base))
+    again = jax.jit(lambda p: p.replace(mu=p.mu))(users)
+    assert type(again) is _UsersPosterior and again.pytree_class == users.pytree_class
+    assert "pytree_class" not in repr(base)
+    sigma = jax.jit(lambda p: p.stddev())
+    np.testing.assert_allclose(_flat(sigma(users)), 2.0 * _flat(sigma(base)), rtol=1e-6)
 
 
 _jit_sample_and_log_prob = jax.jit(lambda p, k: (p.sample_and_log_prob(k), p.sample_noise(k)))
