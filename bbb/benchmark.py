@@ -65,6 +65,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from bbb import hostmem
 from bbb import posterior as posterior_lib
 from bbb import train as train_lib
 from bbb.errors import ConfigError
@@ -74,6 +75,8 @@ INPUT_SHAPE = (28, 28, 1)  # MNIST-shaped examples.
 NUM_CLASSES = 10
 EPOCH_EXAMPLES = 50_000  # The paper's training set: 390 steps of 128.
 DETERMINISTIC = "deterministic"  # The `estimator` of the floor (a point posterior).
+# The peer's malloc policies: glibc's default, or the one bbb's processes run under (hostmem).
+HOST_MEMORY = ("kept", "default")
 # The prior of each benchmarked pair (prior, KL): what the paper does, and what bayesian-torch
 # does.
 PRIOR_KL = {"scale_mixture": "mc", "gaussian": "closed_form"}
@@ -373,14 +376,14 @@ def add_ratios(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
       `records`.
     """
     floors = {
-        (r["system"], r["hidden"]): r["ms_per_step"]
+        (r["system"], r["hidden"], r.get("host_memory")): r["ms_per_step"]
         for r in records
         if r["estimator"] == DETERMINISTIC and r.get("kind") != "ablation"
     }
     own = {"bbb": "bbb", "torch": "torch", "bayesian-torch": "torch"}
     for r in records:
-        floor = floors.get(("bbb", r["hidden"]))
-        own_floor = floors.get((own.get(r["system"]), r["hidden"]))
+        floor = next((v for (s, h, _), v in floors.items() if (s, h) == ("bbb", r["hidden"])), None)
+        own_floor = floors.get((own.get(r["system"]), r["hidden"], r.get("host_memory")))
         r["ratio_to_deterministic"] = r["ms_per_step"] / floor if floor else None
         r["ratio_to_own_floor"] = r["ms_per_step"] / own_floor if own_floor else None
     return records
@@ -946,6 +949,7 @@ def run_peer(
     batch_size: int = 128,
     threads: int = 2,
     num_train: int | None = None,
+    host_memory: str = "default",
     timeout_s: float = 3600.0,
 ) -> list[dict[str, Any]]:
     """Times bayesian-torch's LinearReparameterization MLP and a plain torch MLP, in a subprocess.
@@ -964,6 +968,9 @@ def run_peer(
       batch_size: B.
       threads: `torch.set_num_threads`.
       num_train: N for the KL scaling; None takes `EPOCH_EXAMPLES`.
+      host_memory: "default" runs the peer with glibc's default malloc; "kept" with the policy
+        bbb's own processes run under (`bbb.hostmem`, through the environment), so that like is
+        compared with like. Recorded in each record's `host_memory`.
       timeout_s: the subprocess's time limit.
 
     Returns:
@@ -987,7 +994,12 @@ def run_peer(
         "threads": threads,
         "num_train": EPOCH_EXAMPLES if num_train is None else num_train,
     }
+    if host_memory not in HOST_MEMORY:
+        raise ConfigError("peer_host_memory", host_memory, f"one of {', '.join(HOST_MEMORY)}")
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    env = {k: v for k, v in env.items() if k not in hostmem.PEER_ENV}
+    if host_memory == "kept":
+        env.update(hostmem.PEER_ENV)
     try:
         result = subprocess.run(
             [peer_python, "-c", PEER_SCRIPT, json.dumps(arguments)],
@@ -1023,6 +1035,7 @@ def run_peer(
             "compile_s": None,
             **_summary(raw["times_ms"]),
             "threads": threads,
+            "host_memory": host_memory,
             "versions": output["versions"],
         }
         record["examples_per_s"] = batch_size / (record["ms_per_step"] / 1e3)
@@ -1061,6 +1074,7 @@ def machine_info() -> dict[str, Any]:
         "jaxlib": jaxlib.__version__,
         "backend": jax.default_backend(),
         "devices": [str(d) for d in jax.devices()],
+        "host_memory": "kept" if hostmem.is_kept() else "default",  # bbb.hostmem's policy
     }
 
 
@@ -1095,8 +1109,9 @@ def format_table(records: Sequence[dict[str, Any]]) -> str:
     for r in records:
         spread = f"[{r['ms_per_step_q25']:.2f}, {r['ms_per_step_q75']:.2f}]"
         overhead = r.get("host_overhead_pct")
+        system = r["system"] + (" (malloc kept)" if r.get("host_memory") == "kept" else "")
         lines.append(
-            f"| {r['system']} | {r['hidden']} | {r['num_samples']} | {r['estimator']} | "
+            f"| {system} | {r['hidden']} | {r['num_samples']} | {r['estimator']} | "
             f"{r['prior']} / {r['kl']} | {r['noise']} | {_cell(r.get('compile_s'), '.1f')} | "
             f"{r['ms_per_step']:.2f} | {spread} | {r['examples_per_s']:,.0f} | "
             f"{_cell(r.get('ratio_to_deterministic'), '.2f')} | "
@@ -1165,6 +1180,7 @@ def run(
     ablation: bool = False,
     peer_python: str | None = None,
     peer_threads: int = 2,
+    peer_host_memory: Sequence[str] = HOST_MEMORY,
     json_path: str | None = None,
     list_only: bool = False,
     out: Callable[[str], None] = print,
@@ -1187,6 +1203,8 @@ def run(
       ablation: run the ablation instead of the grid.
       peer_python: the python of the peer's environment; None or "" skips the peer.
       peer_threads: torch threads in the peer.
+      peer_host_memory: the peer's malloc policies (`run_peer`'s `host_memory`), one peer run
+        each.
       json_path: where to write the records as a JSON list, or None.
       list_only: list the configurations (records without timings) instead of timing them.
       out: prints the report.
@@ -1196,6 +1214,11 @@ def run(
       The records (each with a `kind`: "grid", "peer", "ablation" or "breakdown"; the machine
       is in every record's `machine`).
     """
+    for host_memory in peer_host_memory:
+        if host_memory not in HOST_MEMORY:
+            raise ConfigError(
+                "peer_host_memory", ",".join(peer_host_memory), f"a subset of {HOST_MEMORY}"
+            )
     if list_only:
         if ablation:
             records = [
@@ -1228,7 +1251,7 @@ def run(
             batch_size=batch_size,
             log=log,
         )
-        if peer_python:
+        for host_memory in peer_host_memory if peer_python else ():
             records += run_peer(
                 peer_python,
                 hidden,
@@ -1238,6 +1261,7 @@ def run(
                 batch_size=batch_size,
                 threads=peer_threads,
                 num_train=epoch_examples,
+                host_memory=host_memory,
             )
         add_ratios(records)
         out(format_table(records))

@@ -41,6 +41,11 @@ def parse_flags_or_exit(argv: list[str]) -> list[str]:
     # brings the rest back.
     if "verbosity" in flags.FLAGS and not flags.FLAGS["verbosity"].present:
         absl_logging.set_verbosity(absl_logging.WARNING)
+    # Before any large allocation: every top-level XLA:CPU call then reuses the memory of the
+    # last instead of page-faulting fresh pages (bbb.hostmem).
+    from bbb import hostmem
+
+    hostmem.keep_freed_memory()
     return remaining
 
 

@@ -58,6 +58,11 @@ _PEER_PYTHON = flags.DEFINE_string(
     "peer_python", ".venv-peer/bin/python", "Python of an environment with bayesian-torch."
 )
 _PEER_THREADS = flags.DEFINE_integer("peer_threads", 2, "Torch threads of the peer.")
+_PEER_HOST_MEMORY = flags.DEFINE_list(
+    "peer_host_memory",
+    ["kept", "default"],
+    "The peer's malloc: 'kept' (bbb's own policy, bbb.hostmem) and/or glibc's 'default'.",
+)
 _JSON = flags.DEFINE_string("json", None, "Write the records to this JSON file.")
 _LIST = flags.DEFINE_boolean("list", False, "Print the configurations as JSON lines; time nothing.")
 
@@ -100,6 +105,7 @@ def main(argv):
             ablation=_ABLATION.value,
             peer_python=_PEER_PYTHON.value if _PEER.value else None,
             peer_threads=_PEER_THREADS.value,
+            peer_host_memory=_PEER_HOST_MEMORY.value,
             json_path=_JSON.value,
             list_only=_LIST.value,
             log=log,

@@ -259,6 +259,43 @@ def test_peer_output_becomes_records(tmp_path):
     assert peer["ms_per_step"] == 12.0 and peer["ratio_to_deterministic"] == 6.0
     assert peer["ratio_to_own_floor"] == 2.0
     assert RECORD_KEYS <= set(peer)
+    assert peer["host_memory"] == "default"
+
+
+def test_peer_runs_under_the_malloc_policy_asked_for(tmp_path, monkeypatch):
+    # "kept" hands the peer bbb's own malloc policy through its environment; "default" removes
+    # it even when this process's environment has it. The ratios pair each peer with the torch
+    # floor of its own policy.
+    canned = {
+        "versions": {},
+        "records": [
+            {"system": "torch", "hidden": 8, "num_samples": 1, "times_ms": [4.0]},
+            {"system": "bayesian-torch", "hidden": 8, "num_samples": 1, "times_ms": [12.0]},
+        ],
+    }
+    seen = tmp_path / "seen"
+    fake = tmp_path / "python"
+    fake.write_text(
+        f'#!/bin/sh\necho "$MALLOC_MMAP_MAX_:$MALLOC_TRIM_THRESHOLD_" >> {seen}\n'
+        f"echo '{json.dumps(canned)}'\n"
+    )
+    fake.chmod(0o755)
+    monkeypatch.setenv("MALLOC_MMAP_MAX_", "0")
+    default = benchmark.run_peer(str(fake), (8,), (1,), repeats=1, host_memory="default")
+    monkeypatch.delenv("MALLOC_MMAP_MAX_")
+    kept = benchmark.run_peer(str(fake), (8,), (1,), repeats=1, host_memory="kept")
+    assert seen.read_text().splitlines() == [":", "0:2147483647"]
+    assert {r["host_memory"] for r in default} == {"default"}
+    assert {r["host_memory"] for r in kept} == {"kept"}
+    kept[0]["ms_per_step"] = 3.0  # the kept torch floor: bayesian-torch (kept) is 4x it
+    benchmark.add_ratios(default + kept)
+    assert [r["ratio_to_own_floor"] for r in default + kept] == [1.0, 3.0, 1.0, 4.0]
+    assert "bayesian-torch (malloc kept)" in benchmark.format_table(default + kept)
+
+
+def test_a_bad_peer_malloc_policy_fails_before_any_timing():
+    with pytest.raises(ConfigError, match="peer_host_memory"):
+        benchmark.run(mnist.get_config(), hidden=(8,), peer_host_memory=("kept", "bogus"))
 
 
 def test_floors_count_the_mlp_and_divide_by_the_measured_rates():
