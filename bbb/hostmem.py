@@ -7,9 +7,9 @@ and frees it at the end. glibc serves a block above its mmap threshold (adaptive
 32 MiB) with a fresh `mmap` and returns it to the kernel on `free`, so the next call
 touches new pages and takes a page fault, and the kernel's zeroing, for every one of them: at
 H = 1200 that made one top-level training step ~1.5× slower than the same step inside a
-`lax.scan`, whose loop reuses one allocation (README, "Performance"). The epoch loop (`lax.scan`) pays
-it once per epoch; one compiled call per step (`epoch_loop = "steps"`, the CNN), evaluation
-and the benchmark's isolated steps paid it every call.
+`lax.scan`, whose loop reuses one allocation (README, "Performance"). The epoch loop
+(`lax.scan`) pays it once per epoch; one compiled call per step (`epoch_loop = "steps"`, the
+CNN), evaluation and the benchmark's isolated steps paid it every call.
 
 `keep_freed_memory` tells glibc never to use `mmap` for allocations (`M_MMAP_MAX = 0`) and not
 to give the top of the heap back (`M_TRIM_THRESHOLD`), so freed blocks are reused. The cost:
