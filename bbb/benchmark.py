@@ -68,7 +68,7 @@ import numpy as np
 from bbb import hostmem
 from bbb import posterior as posterior_lib
 from bbb import train as train_lib
-from bbb.errors import ConfigError
+from bbb.errors import ConfigError, check_choice
 from bbb.estimators import ESTIMATORS
 
 INPUT_SHAPE = (28, 28, 1)  # MNIST-shaped examples.
@@ -382,7 +382,7 @@ def add_ratios(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     }
     own = {"bbb": "bbb", "torch": "torch", "bayesian-torch": "torch"}
     for r in records:
-        floor = next((v for (s, h, _), v in floors.items() if (s, h) == ("bbb", r["hidden"])), None)
+        floor = floors.get(("bbb", r["hidden"], None))  # bbb's records have no host_memory
         own_floor = floors.get((own.get(r["system"]), r["hidden"], r.get("host_memory")))
         r["ratio_to_deterministic"] = r["ms_per_step"] / floor if floor else None
         r["ratio_to_own_floor"] = r["ms_per_step"] / own_floor if own_floor else None
@@ -994,8 +994,7 @@ def run_peer(
         "threads": threads,
         "num_train": EPOCH_EXAMPLES if num_train is None else num_train,
     }
-    if host_memory not in HOST_MEMORY:
-        raise ConfigError("peer_host_memory", host_memory, f"one of {', '.join(HOST_MEMORY)}")
+    check_choice("peer_host_memory", host_memory, HOST_MEMORY)
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
     env = {k: v for k, v in env.items() if k not in hostmem.PEER_ENV}
     if host_memory == "kept":
@@ -1214,11 +1213,8 @@ def run(
       The records (each with a `kind`: "grid", "peer", "ablation" or "breakdown"; the machine
       is in every record's `machine`).
     """
-    for host_memory in peer_host_memory:
-        if host_memory not in HOST_MEMORY:
-            raise ConfigError(
-                "peer_host_memory", ",".join(peer_host_memory), f"a subset of {HOST_MEMORY}"
-            )
+    for host_memory in peer_host_memory:  # before any timing
+        check_choice("peer_host_memory", host_memory, HOST_MEMORY)
     if list_only:
         if ablation:
             records = [

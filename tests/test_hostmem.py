@@ -1,6 +1,7 @@
 """bbb.hostmem: freed host memory is kept and reused, so reallocating it takes no page faults."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -41,8 +42,6 @@ print(json.dumps({{"kept": kept, "is_kept": hostmem.is_kept(), "faults": faults,
 
 
 def _probe(keep: bool, env: dict | None = None) -> dict:
-    import os
-
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     out = subprocess.run(
         [sys.executable, "-c", _PROBE.format(root=root, keep=keep)],
