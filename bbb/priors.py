@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from bbb import special
 from bbb.errors import ConfigError, check_open_interval, check_positive
 from bbb.posterior import MeanFieldGaussian
 
@@ -168,7 +169,7 @@ class ScaleMixture(Prior):
         square = jnp.square(w)
         log_n1 = log_pi - log_sigma1 - 0.5 * square * jnp.exp(-2.0 * log_sigma1)
         log_n2 = log_1m_pi - log_sigma2 - 0.5 * square * jnp.exp(-2.0 * log_sigma2)
-        return jnp.logaddexp(log_n1, log_n2) - _HALF_LOG_2PI
+        return special.logaddexp(log_n1, log_n2) - _HALF_LOG_2PI
 
 
 @dataclasses.dataclass(frozen=True)

@@ -62,6 +62,43 @@ class SoftplusTest(chex.TestCase):
         np.testing.assert_allclose(np.asarray(grad), expected, rtol=2e-6)
 
     @chex.variants(with_jit=True, without_jit=True)
+    def test_softplus_is_within_3_ulp_of_float64_from_minus_90_to_90(self):
+        """The polynomial log1p (`_LOG1P_OVER_T`) against numpy's float64 logaddexp."""
+        rho = np.concatenate(
+            [
+                np.linspace(-90.0, 90.0, 400_001),
+                -np.geomspace(1e-8, 90, 5000),
+                np.geomspace(1e-8, 90, 5000),
+            ]
+        ).astype(np.float32)
+        sigma = np.asarray(self.variant(softplus)(jnp.asarray(rho)), np.float64)
+        expected = np.logaddexp(rho.astype(np.float64), 0.0)
+        normal = expected > np.finfo(np.float32).tiny  # Below it, XLA:CPU flushes to 0.
+        ulp = np.spacing(expected[normal].astype(np.float32)).astype(np.float64)
+        assert np.max(np.abs(sigma[normal] - expected[normal]) / ulp) <= 3.0
+
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_softplus_second_derivative_and_forward_mode(self):
+        """The custom JVP is itself differentiable: softplus'' = s(1 − s), s = sigmoid(ρ),
+        by reverse-over-reverse and by forward mode."""
+        rho = jnp.linspace(-30.0, 30.0, 601)
+        r = np.asarray(rho, np.float64)
+        s = 1.0 / (1.0 + np.exp(-r))
+        t = np.exp(-np.abs(r))  # s(1 − s) = t / (1 + t)², without 1 − s's cancellation.
+        second = self.variant(jax.vmap(jax.grad(jax.grad(softplus))))(rho)
+        np.testing.assert_allclose(np.asarray(second), t / (1 + t) ** 2, rtol=1e-5, atol=1e-30)
+        forward = self.variant(jax.vmap(jax.jacfwd(softplus)))(rho)
+        np.testing.assert_allclose(np.asarray(forward), s, rtol=2e-6)
+
+    def test_softplus_at_infinities_nan_and_integers(self):
+        out = np.asarray(softplus(jnp.array([np.inf, -np.inf, np.nan, 0.0], jnp.float32)))
+        assert out[0] == np.inf and out[1] == 0.0 and np.isnan(out[2])
+        assert out[3] == np.float32(np.log(2.0))
+        grads = np.asarray(jax.vmap(jax.grad(softplus))(jnp.array([np.inf, -np.inf], jnp.float32)))
+        np.testing.assert_array_equal(grads, [1.0, 0.0])
+        assert softplus(jnp.int32(0)).dtype == jnp.float32
+
+    @chex.variants(with_jit=True, without_jit=True)
     def test_inverse_softplus_round_trips(self):
         sigma = np.geomspace(1e-12, 30.0, 500).astype(np.float32)
         rho = self.variant(inverse_softplus)(jnp.asarray(sigma))
