@@ -968,9 +968,10 @@ def run_peer(
       batch_size: B.
       threads: `torch.set_num_threads`.
       num_train: N for the KL scaling; None takes `EPOCH_EXAMPLES`.
-      host_memory: "default" runs the peer with glibc's default malloc; "kept" with the policy
-        bbb's own processes run under (`bbb.hostmem`, through the environment), so that like is
-        compared with like. Recorded in each record's `host_memory`.
+      host_memory: "default" runs the peer with glibc's default malloc; "kept" with the policies
+        bbb's own processes run under (`bbb.hostmem`, through the environment: freed memory
+        kept, the heap on transparent huge pages), so that like is compared with like.
+        Recorded in each record's `host_memory`.
       timeout_s: the subprocess's time limit.
 
     Returns:
@@ -1074,6 +1075,7 @@ def machine_info() -> dict[str, Any]:
         "backend": jax.default_backend(),
         "devices": [str(d) for d in jax.devices()],
         "host_memory": "kept" if hostmem.is_kept() else "default",  # bbb.hostmem's policy
+        "huge_pages": hostmem.huge_pages_in_effect(),  # glibc's heap on transparent huge pages
     }
 
 
@@ -1083,7 +1085,8 @@ def format_machine(info: dict[str, Any]) -> str:
         f"machine: {info['cpu']}, {info['logical_cores']} logical cores "
         f"({info['usable_cores']} usable), load average {info['load_average']}\n"
         f"software: Python {info['python']}, jax {info['jax']} / jaxlib {info['jaxlib']}, "
-        f"backend {info['backend']} {info['devices']}"
+        f"backend {info['backend']} {info['devices']}; host memory "
+        f"{info.get('host_memory')}, huge pages {info.get('huge_pages')}"
     )
 
 

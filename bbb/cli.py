@@ -41,10 +41,12 @@ def parse_flags_or_exit(argv: list[str]) -> list[str]:
     # brings the rest back.
     if "verbosity" in flags.FLAGS and not flags.FLAGS["verbosity"].present:
         absl_logging.set_verbosity(absl_logging.WARNING)
-    # Before any large allocation: every top-level XLA:CPU call then reuses the memory of the
-    # last instead of page-faulting fresh pages (bbb.hostmem).
+    # Before any compute: the process re-executes itself once so that glibc backs its heap with
+    # huge pages, and every top-level XLA:CPU call reuses the memory of the last instead of
+    # page-faulting fresh pages (bbb.hostmem). Bad flags have exited above, before it.
     from bbb import hostmem
 
+    hostmem.restart_with_huge_pages()
     hostmem.keep_freed_memory()
     return remaining
 

@@ -61,7 +61,8 @@ _PEER_THREADS = flags.DEFINE_integer("peer_threads", 2, "Torch threads of the pe
 _PEER_HOST_MEMORY = flags.DEFINE_list(
     "peer_host_memory",
     ["kept", "default"],
-    "The peer's malloc: 'kept' (bbb's own policy, bbb.hostmem) and/or glibc's 'default'.",
+    "The peer's malloc: 'kept' (bbb's own policies, bbb.hostmem: freed memory kept, huge pages) "
+    "and/or glibc's 'default'.",
 )
 _JSON = flags.DEFINE_string("json", None, "Write the records to this JSON file.")
 _LIST = flags.DEFINE_boolean("list", False, "Print the configurations as JSON lines; time nothing.")

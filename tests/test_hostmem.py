@@ -73,3 +73,108 @@ def test_kept_memory_is_reused_without_page_faults():
 
 def test_switched_off_by_the_environment():
     assert not _probe(keep=True, env={hostmem.ENV_SWITCH: "0"})["kept"]
+
+
+@pytest.mark.parametrize(
+    "environ, mode, glibc, restarts",
+    [
+        ({}, "madvise", (2, 36), True),
+        ({"GLIBC_TUNABLES": "glibc.malloc.tcache_count=0"}, "madvise", (2, 36), True),
+        ({"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"}, "madvise", (2, 36), False),  # The user's.
+        ({hostmem.HUGE_PAGES_SWITCH: "0"}, "madvise", (2, 36), False),
+        ({"BBB_HUGE_PAGES_RESTARTED": "1"}, "madvise", (2, 36), False),  # Never twice.
+        ({}, "always", (2, 36), False),  # The kernel gives huge pages already.
+        ({}, "never", (2, 36), False),
+        ({}, None, (2, 36), False),
+        ({}, "madvise", (2, 34), False),  # No such tunable before glibc 2.35.
+        ({}, "madvise", None, False),  # Not glibc.
+    ],
+)
+def test_huge_pages_environment_only_where_it_changes_something(environ, mode, glibc, restarts):
+    env = hostmem.huge_pages_environment({"PATH": "/bin", **environ}, mode, glibc)
+    if not restarts:
+        assert env is None
+        return
+    assert env["PATH"] == "/bin" and env["BBB_HUGE_PAGES_RESTARTED"] == "1"
+    tunables = env["GLIBC_TUNABLES"].split(":")
+    assert tunables[-1] == "glibc.malloc.hugetlb=1"
+    assert tunables[:-1] == [t for t in [environ.get("GLIBC_TUNABLES")] if t]
+
+
+def test_thp_mode_reads_the_bracketed_choice(tmp_path):
+    path = tmp_path / "enabled"
+    path.write_text("always [madvise] never\n")
+    assert hostmem.thp_mode(str(path)) == "madvise"
+    assert hostmem.thp_mode(str(tmp_path / "missing")) is None
+
+
+# Runs its top half twice (before and after the re-execution), then allocates 64 MiB on the
+# heap (the kept policy: no mmap), touches it, and reports how much of it the kernel backed
+# with transparent huge pages.
+_RESTART_PROBE = """
+import ctypes, json, os, sys
+sys.path.insert(0, {root!r})
+from bbb import hostmem
+print("start", os.getpid(), flush=True)
+hostmem.restart_with_huge_pages()
+hostmem.keep_freed_memory()
+def huge():
+    with open("/proc/self/smaps_rollup") as f:
+        return next(int(l.split()[1]) for l in f if l.startswith("AnonHugePages")) * 1024
+libc = ctypes.CDLL("libc.so.6")
+libc.malloc.restype = ctypes.c_void_p
+before = huge()
+block = libc.malloc(64 * 2**20)
+ctypes.memset(block, 1, 64 * 2**20)
+print(json.dumps({{"pid": os.getpid(), "huge": huge() - before,
+                  "in_effect": hostmem.huge_pages_in_effect(),
+                  "tunables": os.environ.get("GLIBC_TUNABLES", "")}}))
+"""
+
+
+@pytest.mark.skipif(
+    hostmem.thp_mode() != "madvise" or (hostmem.glibc_version() or (0, 0)) < (2, 35),
+    reason="needs transparent huge pages in madvise mode and glibc >= 2.35",
+)
+@pytest.mark.parametrize("switch", ["1", "0"])
+def test_restart_gives_the_heap_huge_pages_once(switch):
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("GLIBC_TUNABLES", "BBB_HUGE_PAGES_RESTARTED")
+    }
+    out = subprocess.run(
+        [sys.executable, "-c", _RESTART_PROBE.format(root=root)],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={**env, hostmem.HUGE_PAGES_SWITCH: switch},
+    ).stdout.splitlines()
+    starts = [line for line in out if line.startswith("start")]
+    result = json.loads(out[-1])
+    assert {int(line.split()[1]) for line in starts} == {result["pid"]}  # exec: the same process
+    if switch == "1":
+        assert len(starts) == 2  # The top half ran again after the re-execution, once.
+        assert result["tunables"] == "glibc.malloc.hugetlb=1" and result["in_effect"]
+        assert result["huge"] >= 32 * 2**20
+    else:
+        assert len(starts) == 1 and not result["in_effect"]
+        assert result["huge"] < 8 * 2**20
+
+
+def test_scripts_restart_after_parsing_their_flags(monkeypatch):
+    """cli.parse_flags_or_exit, every script's flag parser, asks for the restart (and a bad
+    flag exits with code 2 before it: nothing is re-executed to report an error)."""
+    from absl import flags
+
+    from bbb import cli
+
+    calls = []
+    monkeypatch.setattr(hostmem, "restart_with_huge_pages", lambda: calls.append("restart"))
+    cli.parse_flags_or_exit(["prog"])
+    assert calls == ["restart"]
+    with pytest.raises(SystemExit) as exit_info:
+        cli.parse_flags_or_exit(["prog", "--no_such_flag_anywhere=1"])
+    assert exit_info.value.code == 2 and calls == ["restart"]
+    flags.FLAGS.unparse_flags()
