@@ -152,6 +152,8 @@ def restart_with_huge_pages() -> None:
     env = huge_pages_environment(dict(os.environ), thp_mode(), glibc_version())
     if env is None or not sys.executable or not getattr(sys, "orig_argv", None):
         return
+    if sys.argv[:1] in ([""], ["-"]):  # Interactive, or a program read from stdin: no rerun.
+        return
     sys.stdout.flush()
     sys.stderr.flush()
     os.execve(sys.executable, sys.orig_argv, env)

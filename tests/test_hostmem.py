@@ -178,3 +178,23 @@ def test_scripts_restart_after_parsing_their_flags(monkeypatch):
         cli.parse_flags_or_exit(["prog", "--no_such_flag_anywhere=1"])
     assert exit_info.value.code == 2 and calls == ["restart"]
     flags.FLAGS.unparse_flags()
+
+
+@pytest.mark.skipif(
+    hostmem.thp_mode() != "madvise" or (hostmem.glibc_version() or (0, 0)) < (2, 35),
+    reason="needs transparent huge pages in madvise mode and glibc >= 2.35",
+)
+def test_a_program_read_from_stdin_is_not_rerun():
+    """Its text is gone once read: a re-execution would run nothing."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", "BBB_HUGE_PAGES")}
+    out = subprocess.run(
+        [sys.executable, "-"],
+        input=_RESTART_PROBE.format(root=root),
+        capture_output=True,
+        text=True,
+        check=True,
+        env={k: v for k, v in env.items() if k != "BBB_HUGE_PAGES_RESTARTED"},
+    ).stdout.splitlines()
+    assert len([line for line in out if line.startswith("start")]) == 1
+    assert not json.loads(out[-1])["in_effect"]
