@@ -61,7 +61,11 @@ def horner(coefficients: Sequence[float], s: jax.Array) -> jax.Array:
 
 
 def _softplus_parts(rho: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """(t, softplus(ρ)), t = e^−|ρ| ∈ (0, 1]: softplus(ρ) = max(ρ, 0) + log1p(t)."""
+    """(t, softplus(ρ)), t = e^−|ρ| ∈ (0, 1]: softplus(ρ) = max(ρ, 0) + log1p(t).
+
+    σ is stored once (`materialize`): XLA would otherwise fuse the polynomial into several of
+    σ's readers (the sample, log q, the gradients) and evaluate it in each.
+    """
     t = jnp.exp(-jnp.abs(rho))
     return t, materialize(jnp.maximum(rho, 0.0) + t * horner(_LOG1P_OVER_T, 2.0 * t - 1.0))
 
