@@ -150,7 +150,9 @@ def logaddexp(a: jax.Array, b: jax.Array) -> jax.Array:
       log(e^a + e^b).
     """
     a, b = jnp.asarray(a), jnp.asarray(b)
-    dtype = jnp.result_type(a, b, jnp.float32)
+    dtype = jnp.result_type(a, b)
+    if not jnp.issubdtype(dtype, jnp.floating):
+        dtype = jnp.float32
     if dtype == jnp.float64:
         return jnp.logaddexp(a, b)
     a, b = jnp.broadcast_arrays(a.astype(dtype), b.astype(dtype))

@@ -67,6 +67,8 @@ class LogaddexpTest(chex.TestCase):
         np.testing.assert_array_equal(
             np.asarray(special.logaddexp(a, b)), np.asarray(jnp.logaddexp(a, b))
         )
+        assert special.logaddexp(jnp.bfloat16(1.0), jnp.bfloat16(2.0)).dtype == jnp.bfloat16
+        assert special.logaddexp(1, 2).dtype == jnp.float32  # as jnp: integers become floats
         out = special.logaddexp(jnp.zeros((3, 1)), jnp.arange(4.0))
         assert out.shape == (3, 4) and out.dtype == jnp.float32
         np.testing.assert_allclose(
