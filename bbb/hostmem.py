@@ -1,4 +1,4 @@
-"""Keep freed host memory in the process, so that each XLA:CPU call does not page-fault afresh.
+"""Host memory for XLA:CPU: freed memory kept (no page faults afresh), the heap on huge pages.
 
 XLA's CPU runtime allocates a program's temporaries (the intermediates of a training step: the
 noise, the sampled weights, their gradients; one 35 MiB block for the MLP step at H = 1200,
@@ -23,7 +23,8 @@ kernel gives them only to memory that asks (`/sys/kernel/mm/transparent_hugepage
 `GLIBC_TUNABLES=glibc.malloc.hugetlb=1` (glibc ≥ 2.35), read once at start-up, so the scripts
 re-execute themselves once with it (the same command line and process id), before any compute.
 With 4 KiB pages, a step that streams ~70 MiB of temporaries (the paper's step at H = 1200,
-scale-mixture prior and MC KL) misses the CPU's address-translation cache on most pages: with
+scale-mixture prior and MC KL) spends much of its time translating addresses (its time
+jumped between ~25 and ~45 ms from one process to the next with the pages it was given); with
 huge pages it ran 1.6–1.7× faster, for every estimator; the closed-form Gaussian step, which
 streams less, ran as fast as before, and so did everything at H = 400 (README "Performance").
 `BBB_HUGE_PAGES=0` turns it off.
