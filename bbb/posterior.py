@@ -125,7 +125,7 @@ def rademacher(key: jax.Array, shape: tuple[int, ...], generator: str = "jax") -
 
 # √2 · erfinv(u) / u as a polynomial in s = w / 7.625 − 1, w = −log(1 − u²) ∈ [0, 15.25]: the
 # monomial form of a degree-16 Chebyshev least-squares fit in float64 to scipy's erfinv at
-# 270,000 of the 2²³ values of u that `bits_to_normal` takes (every 31st, and all of the 2¹⁶
+# 397,000 of the 2²³ values of u that `bits_to_normal` takes (every 31st, and all of the 2¹⁶
 # nearest each end).
 _NORMAL_QUANTILE_OVER_U = (
     3.6692911162912853,
