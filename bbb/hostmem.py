@@ -165,4 +165,4 @@ def huge_pages_in_effect() -> bool:
     mode = thp_mode()
     if mode == "always":
         return True
-    return mode == "madvise" and "glibc.malloc.hugetlb=1" in os.environ.get("GLIBC_TUNABLES", "")
+    return mode == "madvise" and HUGE_PAGES_TUNABLE in os.environ.get("GLIBC_TUNABLES", "")

@@ -60,6 +60,16 @@ def horner(coefficients: Sequence[float], s: jax.Array) -> jax.Array:
     return acc
 
 
+def _log1p_unit(t: jax.Array) -> jax.Array:
+    """log1p(t) for t ∈ [0, 1], as t times the polynomial `_LOG1P_OVER_T`."""
+    return t * horner(_LOG1P_OVER_T, 2.0 * t - 1.0)
+
+
+def _sigmoid_pair(t: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(sigmoid(|x|), sigmoid(−|x|)) = (1 / (1 + t), t / (1 + t)) from t = e^−|x|."""
+    return jnp.ones_like(t) / (1.0 + t), t / (1.0 + t)
+
+
 def _softplus_parts(rho: jax.Array) -> tuple[jax.Array, jax.Array]:
     """(t, softplus(ρ)), t = e^−|ρ| ∈ (0, 1]: softplus(ρ) = max(ρ, 0) + log1p(t).
 
@@ -67,7 +77,13 @@ def _softplus_parts(rho: jax.Array) -> tuple[jax.Array, jax.Array]:
     σ's readers (the sample, log q, the gradients) and evaluate it in each.
     """
     t = jnp.exp(-jnp.abs(rho))
-    return t, materialize(jnp.maximum(rho, 0.0) + t * horner(_LOG1P_OVER_T, 2.0 * t - 1.0))
+    return t, materialize(jnp.maximum(rho, 0.0) + _log1p_unit(t))
+
+
+def _float_dtype(*arrays: jax.Array) -> jnp.dtype:
+    """The arrays' common dtype as `jnp` would compute in it: integers and bools as float32."""
+    dtype = jnp.result_type(*arrays)
+    return dtype if jnp.issubdtype(dtype, jnp.floating) else jnp.dtype(jnp.float32)
 
 
 @jax.custom_jvp
@@ -79,9 +95,8 @@ def _softplus32(rho: jax.Array) -> jax.Array:
 def _softplus32_jvp(primals, tangents):
     (rho,), (rho_dot,) = primals, tangents
     t, sigma = _softplus_parts(rho)
-    # sigmoid(ρ) from the same t: 1 / (1 + e^−ρ) for ρ ≥ 0, e^ρ / (1 + e^ρ) below.
-    slope = jnp.where(rho >= 0.0, jnp.ones_like(t), t) / (1.0 + t)
-    return sigma, slope * rho_dot
+    larger, smaller = _sigmoid_pair(t)  # sigmoid(ρ) from the same t
+    return sigma, jnp.where(rho >= 0.0, larger, smaller) * rho_dot
 
 
 def softplus(rho: jax.Array) -> jax.Array:
@@ -103,11 +118,10 @@ def softplus(rho: jax.Array) -> jax.Array:
       σ, with the shape of `rho`.
     """
     rho = jnp.asarray(rho)
-    if rho.dtype == jnp.float64:
+    dtype = _float_dtype(rho)
+    if dtype == jnp.float64:
         return jnp.logaddexp(rho, 0.0)
-    if not jnp.issubdtype(rho.dtype, jnp.floating):
-        rho = rho.astype(jnp.float32)
-    return _softplus32(rho)
+    return _softplus32(rho.astype(dtype))
 
 
 @jax.custom_jvp
@@ -119,7 +133,7 @@ def _logaddexp_parts(a: jax.Array, b: jax.Array) -> tuple[jax.Array, jax.Array]:
     """(t, log(e^a + e^b)), t = e^−|a − b|; equal infinities give a + b, as in `jnp`."""
     delta = a - b
     t = jnp.exp(-jnp.abs(delta))
-    out = jnp.maximum(a, b) + t * horner(_LOG1P_OVER_T, 2.0 * t - 1.0)
+    out = jnp.maximum(a, b) + _log1p_unit(t)
     return t, jnp.where(jnp.isnan(delta), a + b, out)
 
 
@@ -128,8 +142,7 @@ def _logaddexp32_jvp(primals, tangents):
     (a, b), (a_dot, b_dot) = primals, tangents
     t, out = _logaddexp_parts(a, b)
     # The weights sigmoid(a − b) and sigmoid(b − a), both from the same t.
-    larger = jnp.ones_like(t) / (1.0 + t)
-    smaller = t / (1.0 + t)
+    larger, smaller = _sigmoid_pair(t)
     a_wins = a >= b
     return out, jnp.where(a_wins, larger, smaller) * a_dot + jnp.where(
         a_wins, smaller, larger
@@ -150,9 +163,7 @@ def logaddexp(a: jax.Array, b: jax.Array) -> jax.Array:
       log(e^a + e^b).
     """
     a, b = jnp.asarray(a), jnp.asarray(b)
-    dtype = jnp.result_type(a, b)
-    if not jnp.issubdtype(dtype, jnp.floating):
-        dtype = jnp.float32
+    dtype = _float_dtype(a, b)
     if dtype == jnp.float64:
         return jnp.logaddexp(a, b)
     a, b = jnp.broadcast_arrays(a.astype(dtype), b.astype(dtype))
