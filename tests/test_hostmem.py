@@ -9,6 +9,7 @@ import pytest
 
 from bbb import hostmem
 
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Allocates a 64 MiB block with the C library's malloc (as XLA:CPU does), touches every page,
 # reads where malloc took it from (mallinfo2: bytes in mmapped blocks) and frees it, three
 # times, counting the minor page faults of each round. With glibc's defaults the block is
@@ -42,9 +43,8 @@ print(json.dumps({{"kept": kept, "is_kept": hostmem.is_kept(), "faults": faults,
 
 
 def _probe(keep: bool, env: dict | None = None) -> dict:
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     out = subprocess.run(
-        [sys.executable, "-c", _PROBE.format(root=root, keep=keep)],
+        [sys.executable, "-c", _PROBE.format(root=_ROOT, keep=keep)],
         capture_output=True,
         text=True,
         check=True,
@@ -132,25 +132,31 @@ print(json.dumps({{"pid": os.getpid(), "huge": huge() - before,
 """
 
 
-@pytest.mark.skipif(
+_needs_huge_pages = pytest.mark.skipif(
     hostmem.thp_mode() != "madvise" or (hostmem.glibc_version() or (0, 0)) < (2, 35),
     reason="needs transparent huge pages in madvise mode and glibc >= 2.35",
 )
-@pytest.mark.parametrize("switch", ["1", "0"])
-def test_restart_gives_the_heap_huge_pages_once(switch):
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if k not in ("GLIBC_TUNABLES", "BBB_HUGE_PAGES_RESTARTED")
-    }
-    out = subprocess.run(
-        [sys.executable, "-c", _RESTART_PROBE.format(root=root)],
+
+
+def _restart_probe(program_on_stdin: bool, env: dict | None = None) -> list[str]:
+    """The probe's output lines, run by `python -c` or from stdin, in this environment minus
+    any huge-page setting of its own (plus `env`)."""
+    mine = ("GLIBC_TUNABLES", hostmem.HUGE_PAGES_SWITCH, "BBB_HUGE_PAGES_RESTARTED")
+    code = _RESTART_PROBE.format(root=_ROOT)
+    return subprocess.run(
+        [sys.executable, "-"] if program_on_stdin else [sys.executable, "-c", code],
+        input=code if program_on_stdin else None,
         capture_output=True,
         text=True,
         check=True,
-        env={**env, hostmem.HUGE_PAGES_SWITCH: switch},
+        env={**{k: v for k, v in os.environ.items() if k not in mine}, **(env or {})},
     ).stdout.splitlines()
+
+
+@_needs_huge_pages
+@pytest.mark.parametrize("switch", ["1", "0"])
+def test_restart_gives_the_heap_huge_pages_once(switch):
+    out = _restart_probe(program_on_stdin=False, env={hostmem.HUGE_PAGES_SWITCH: switch})
     starts = [line for line in out if line.startswith("start")]
     result = json.loads(out[-1])
     assert {int(line.split()[1]) for line in starts} == {result["pid"]}  # exec: the same process
@@ -180,21 +186,9 @@ def test_scripts_restart_after_parsing_their_flags(monkeypatch):
     flags.FLAGS.unparse_flags()
 
 
-@pytest.mark.skipif(
-    hostmem.thp_mode() != "madvise" or (hostmem.glibc_version() or (0, 0)) < (2, 35),
-    reason="needs transparent huge pages in madvise mode and glibc >= 2.35",
-)
+@_needs_huge_pages
 def test_a_program_read_from_stdin_is_not_rerun():
     """Its text is gone once read: a re-execution would run nothing."""
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", "BBB_HUGE_PAGES")}
-    out = subprocess.run(
-        [sys.executable, "-"],
-        input=_RESTART_PROBE.format(root=root),
-        capture_output=True,
-        text=True,
-        check=True,
-        env={k: v for k, v in env.items() if k != "BBB_HUGE_PAGES_RESTARTED"},
-    ).stdout.splitlines()
+    out = _restart_probe(program_on_stdin=True)
     assert len([line for line in out if line.startswith("start")]) == 1
     assert not json.loads(out[-1])["in_effect"]
