@@ -707,22 +707,79 @@ def train_vectorized(
     return diverged
 
 
-def _on_one_device(obj: Any) -> Any:
-    """`obj` (an Experiment or FreeEnergy) without a device mesh, if it has one.
+def _without_mesh(obj: Any) -> Any:
+    """`obj` (an Experiment or FreeEnergy) without its ("data", "samples") mesh, if it has one.
 
-    A vectorised program runs on one device: its parallelism is the member axis.
+    A vectorised program's parallelism is the member axis (`_MemberLayout`), not the batch.
     """
     if "mesh" in {field.name for field in dataclasses.fields(obj)}:
         return dataclasses.replace(obj, mesh=None)
     return obj
 
 
+@dataclasses.dataclass(frozen=True)
+class _MemberLayout:
+    """How a vectorised program spreads its members over the devices: whole members per device.
+
+    With n members and D local devices, each of d = ⌈n / c⌉ devices holds c = ⌈n / D⌉ members;
+    the member axis is padded with copies of the first member to c·d (the copies' results are
+    dropped). One device needs neither mesh nor padding. The training data is replicated.
+
+    Attributes:
+      mesh: a one-axis ("members",) mesh of d devices, or None on one device.
+      num_members: n.
+      padded: c·d.
+    """
+
+    mesh: jax.sharding.Mesh | None
+    num_members: int
+    padded: int
+
+    @classmethod
+    def make(cls, num_members: int, devices: Sequence[Any] | None = None) -> _MemberLayout:
+        devices = list(jax.local_devices() if devices is None else devices)
+        per_device = -(-num_members // len(devices))
+        used = -(-num_members // per_device)
+        if used == 1:
+            return cls(None, num_members, num_members)
+        mesh = jax.sharding.Mesh(np.array(devices[:used]), ("members",))
+        return cls(mesh, num_members, per_device * used)
+
+    def describe(self) -> str:
+        if self.mesh is None:
+            return "on one device"
+        padding = self.padded - self.num_members
+        extra = f", padded with {padding} cop{'y' if padding == 1 else 'ies'}" if padding else ""
+        return f"over {self.mesh.size} devices, {self.padded // self.mesh.size} each{extra}"
+
+    def members(self, tree: PyTree) -> PyTree:
+        """A stacked tree ([n, ...] leaves) padded to [padded, ...] and split over the mesh."""
+        if self.mesh is None:
+            return tree
+        extra = self.padded - self.num_members
+
+        def pad(leaf):
+            copies = jnp.repeat(leaf[:1], extra, axis=0)
+            return jnp.concatenate([leaf, copies]) if extra else leaf
+
+        sharding = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec("members"))
+        return jax.device_put(jax.tree_util.tree_map(pad, tree), sharding)
+
+    def shared(self, tree: PyTree) -> PyTree:
+        """`tree` (the data) replicated on every device of the mesh."""
+        if self.mesh is None:
+            return tree
+        return jax.device_put(
+            tree, jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
+        )
+
+
 def _train_group(group: Sequence[Member], stop_after_epochs: int | None) -> tuple[list[int], bool]:
     """Trains one group; returns (diverged member indices, whether it stopped early)."""
     config = group[0].config
     experiment = train.build(config, *train.dataset_spec(config))
-    free_energy = _on_one_device(dataclasses.replace(experiment.free_energy, temperature=1.0))
-    experiment = _on_one_device(dataclasses.replace(experiment, free_energy=free_energy))
+    free_energy = _without_mesh(dataclasses.replace(experiment.free_energy, temperature=1.0))
+    experiment = _without_mesh(dataclasses.replace(experiment, free_energy=free_energy))
     splits = train.load_data(config)
     learnable_prior = bool(getattr(experiment.free_energy.prior, "learnable", False))
     programs = _compile_programs(experiment, learnable_prior)
@@ -744,14 +801,16 @@ def _train_group(group: Sequence[Member], stop_after_epochs: int | None) -> tupl
     for index, (state, _) in enumerate(restored):
         by_step.setdefault(int(state.step), []).append(index)
     for step, indices in sorted(by_step.items()):
+        layout = _MemberLayout.make(len(indices))
         print(
             f"vectorised: {len(indices)} members "
-            f"({', '.join(str(group[i].index) for i in indices)}) as one program, "
-            f"from epoch {step // experiment.steps_per_epoch}."
+            f"({', '.join(str(group[i].index) for i in indices)}) as one program "
+            f"{layout.describe()}, from epoch {step // experiment.steps_per_epoch}."
         )
         subgroup_diverged, stopped = _train_subgroup(
             experiment,
             programs,
+            layout,
             [group[i] for i in indices],
             [runs[i] for i in indices],
             _stack([restored[i][0] for i in indices]),
@@ -769,9 +828,9 @@ def _train_group(group: Sequence[Member], stop_after_epochs: int | None) -> tupl
 
 
 def _train_subgroup(
-    experiment, programs, members, runs, state, histories, keys, device_data, stop_after
+    experiment, programs, layout, members, runs, state, histories, keys, device_data, stop_after
 ) -> tuple[list[int], bool]:
-    """The loop of `train.train_and_evaluate`, over a member axis.
+    """The loop of `train.train_and_evaluate`, over a member axis laid out by `layout`.
 
     Returns:
       (the indices of the members that diverged, whether the loop stopped early).
@@ -779,7 +838,9 @@ def _train_subgroup(
     from tqdm.auto import tqdm
 
     config = members[0].config
-    hyperparameters = _hyperparameters(members)
+    hyperparameters = layout.members(_hyperparameters(members))
+    state, keys = layout.members(state), layout.members(keys)
+    device_data = layout.shared(device_data)
     steps_per_epoch = experiment.steps_per_epoch
     start_epoch = int(state.step[0]) // steps_per_epoch
     alive = [True] * len(members)

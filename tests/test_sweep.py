@@ -116,6 +116,64 @@ def test_results_table_lists_best_validation_first(trained):
     assert os.path.getsize(os.path.join(vectorized, "results.png")) > 0
 
 
+# A third member, so that 3 members on 2 devices need one padding copy.
+THIRD = {"seed": 2, "prior.sigma": 2.0}
+
+
+def _members_on_devices(workdir: str) -> dict:
+    """SWEEP + [THIRD] vectorised in this process (run by the test with 2 CPU devices)."""
+    sweep.run_sweep(_tiny_config(), [*SWEEP, THIRD], workdir, vectorize=True)
+    members = sweep.make_members(_tiny_config(), [*SWEEP, THIRD], workdir, build=False)
+    return {
+        "devices": jax.local_device_count(),
+        "metrics": [_read_metrics(m.workdir) for m in members],
+    }
+
+
+def test_vectorized_members_spread_over_the_devices(trained, tmp_path):
+    """On 2 devices, 3 members run 2 per device (one padding copy) with their one-by-one
+    results; the copy's results are not written anywhere."""
+    _, sequential, _, members = trained
+    env = dict(
+        os.environ,
+        XLA_FLAGS="--xla_force_host_platform_device_count=2",
+        JAX_PLATFORMS="cpu",
+    )
+    code = (
+        "import json; from tests.test_sweep import _members_on_devices; "
+        f"print('REPORT' + json.dumps(_members_on_devices({str(tmp_path)!r})))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=600
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert "3 members (0, 1, 2) as one program over 2 devices, 2 each, padded with 1 copy" in (
+        result.stdout
+    )
+    line = next(line for line in result.stdout.splitlines() if line.startswith("REPORT"))
+    report = json.loads(line[len("REPORT") :])
+    assert report["devices"] == 2
+    for member, together in zip(members, report["metrics"], strict=False):
+        one_by_one = _read_metrics(os.path.join(sequential, member.name))
+        assert len(together) == len(one_by_one) == 3
+        for expected, actual in zip(one_by_one, together, strict=True):
+            for key, value in expected.items():
+                assert actual[key] == pytest.approx(value, rel=1e-5, abs=1e-6), (member.name, key)
+    third = report["metrics"][2]
+    assert len(third) == 3 and third[-1]["train/loss"] != report["metrics"][0][-1]["train/loss"]
+    folders = [name for name in os.listdir(tmp_path) if os.path.isdir(tmp_path / name)]
+    assert sorted(folders) == sorted(sweep.member_names([*SWEEP, THIRD]))
+
+
+def test_member_layout_pads_to_whole_members_per_device():
+    devices = ["d0", "d1", "d2", "d3", "d4", "d5", "d6", "d7"]
+    cases = {1: (None, 1), 3: (3, 3), 8: (8, 8), 9: (5, 10), 27: (7, 28), 32: (8, 32)}
+    for members, (used, padded) in cases.items():
+        layout = sweep._MemberLayout.make(members, devices)
+        assert (layout.mesh.size if layout.mesh else None, layout.padded) == (used, padded)
+    assert sweep._MemberLayout.make(5, ["d0"]).mesh is None
+
+
 def _compare_priors(fixed, learnable):
     """A jitted comparison of `fixed` and its traced form, one compile per prior."""
 
