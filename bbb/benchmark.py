@@ -70,6 +70,7 @@ from bbb import posterior as posterior_lib
 from bbb import train as train_lib
 from bbb.errors import ConfigError, check_choice
 from bbb.estimators import ESTIMATORS
+from bbb.models import DTYPES
 
 INPUT_SHAPE = (28, 28, 1)  # MNIST-shaped examples.
 NUM_CLASSES = 10
@@ -97,6 +98,7 @@ class Case:
       prior: "scale_mixture", "gaussian", or "flat" (the floor).
       kl: "mc", "closed_form", or "none" (the floor: no KL term).
       noise: "jax" (threefry), "hash", or "none" (the floor draws no noise).
+      dtype: the hidden layers' compute dtype, `model.dtype` ("float32" or "bfloat16").
     """
 
     hidden: int
@@ -105,6 +107,7 @@ class Case:
     prior: str
     kl: str
     noise: str
+    dtype: str = "float32"
 
     @property
     def is_deterministic(self) -> bool:
@@ -126,6 +129,7 @@ class Case:
         config.model.name = "mlp"
         config.model.hidden_sizes = (self.hidden, self.hidden)
         config.model.dropout_rate = 0.0
+        config.model.dtype = self.dtype
         config.optim.name = "adam"
         config.objective.num_samples = self.num_samples
         if self.is_deterministic:
@@ -152,14 +156,15 @@ class Case:
             "prior": self.prior,
             "kl": self.kl,
             "noise": self.noise,
+            "dtype": self.dtype,
             "optimizer": "adam",
             "batch_size": batch_size,
         }
 
 
-def deterministic_case(hidden: int) -> Case:
-    """The floor of width `hidden`: the plain MLP, same shape and optimiser."""
-    return Case(hidden, 1, DETERMINISTIC, "flat", "none", "none")
+def deterministic_case(hidden: int, dtype: str = "float32") -> Case:
+    """The floor of width `hidden`: the plain MLP, same shape, optimiser and dtype."""
+    return Case(hidden, 1, DETERMINISTIC, "flat", "none", "none", dtype)
 
 
 def benchmark_grid(
@@ -168,13 +173,14 @@ def benchmark_grid(
     estimators: Sequence[str] = ESTIMATORS,
     priors: Sequence[str] = tuple(PRIOR_KL),
     noises: Sequence[str] = NOISES,
+    dtypes: Sequence[str] = ("float32",),
 ) -> list[Case]:
-    """The configurations to time, the floor of each H first.
+    """The configurations to time, the floors of each H first.
 
-    For every H: the deterministic floor; then for every K, estimator and prior (scale mixture
-    with the MC KL, Gaussian with the closed-form KL), threefry noise; and the same with each
-    other generator in `noises` (the source of all of an estimator's noise). Estimators compare
-    like with like.
+    For every H: the deterministic floor of each dtype; then for every K, estimator and prior
+    (scale mixture with the MC KL, Gaussian with the closed-form KL), threefry noise; and the
+    same with each other generator in `noises` (the source of all of an estimator's noise),
+    each in every dtype. Estimators compare like with like.
 
     Args:
       hidden: the widths H.
@@ -182,17 +188,19 @@ def benchmark_grid(
       estimators: a subset of `ESTIMATORS`.
       priors: a subset of `PRIOR_KL`.
       noises: a subset of `NOISES`; "jax" is always timed.
+      dtypes: a subset of `bbb.models.DTYPES` (the hidden layers' compute dtype).
 
     Returns:
       A list of `Case`.
 
     Raises:
-      ConfigError: an unknown estimator, prior or noise, or a non-positive H or K.
+      ConfigError: an unknown estimator, prior, noise or dtype, or a non-positive H or K.
     """
     for name, values, allowed in (
         ("estimators", estimators, ESTIMATORS),
         ("priors", priors, tuple(PRIOR_KL)),
         ("noises", noises, NOISES),
+        ("dtypes", dtypes, tuple(DTYPES)),
     ):
         for value in values:
             if value not in allowed:
@@ -201,8 +209,10 @@ def benchmark_grid(
         if not values or any(isinstance(v, bool) or int(v) != v or v < 1 for v in values):
             raise ConfigError(name, values, "positive integers")
     cases = []
+    if not dtypes:
+        raise ConfigError("dtypes", dtypes, f"a non-empty subset of {tuple(DTYPES)}")
     for width in hidden:
-        cases.append(deterministic_case(width))
+        cases += [deterministic_case(width, dtype) for dtype in dtypes]
         for k in num_samples:
             for estimator in estimators:
                 for prior in priors:
@@ -210,7 +220,10 @@ def benchmark_grid(
                     # flipout's signs), so every estimator is timed with each.
                     generators = ["jax"] + [n for n in noises if n != "jax"]
                     for noise in generators:
-                        cases.append(Case(width, k, estimator, prior, PRIOR_KL[prior], noise))
+                        cases += [
+                            Case(width, k, estimator, prior, PRIOR_KL[prior], noise, dtype)
+                            for dtype in dtypes
+                        ]
     return cases
 
 
@@ -363,11 +376,12 @@ def prepare_case(
 
 
 def add_ratios(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Sets each record's ms/step as ratios to the deterministic floors of the same H.
+    """Sets each record's ms/step as ratios to the deterministic floors of the same H and dtype.
 
     `ratio_to_deterministic` divides by bbb's floor (the plain JAX MLP), the same reference for
     every system; `ratio_to_own_floor` by the floor of the record's own system (torch's plain
-    MLP for bayesian-torch). Both are None where the floor was not timed in this run.
+    MLP for bayesian-torch). Both are None where the floor was not timed in this run. Records
+    without a dtype (the peer's) are float32.
 
     Args:
       records: results of one run (bbb's and the peer's); changed in place.
@@ -376,14 +390,17 @@ def add_ratios(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
       `records`.
     """
     floors = {
-        (r["system"], r["hidden"], r.get("host_memory")): r["ms_per_step"]
+        (r["system"], r["hidden"], r.get("host_memory"), r.get("dtype", "float32")): r[
+            "ms_per_step"
+        ]
         for r in records
         if r["estimator"] == DETERMINISTIC and r.get("kind") != "ablation"
     }
     own = {"bbb": "bbb", "torch": "torch", "bayesian-torch": "torch"}
     for r in records:
-        floor = floors.get(("bbb", r["hidden"], None))  # bbb's records have no host_memory
-        own_floor = floors.get((own.get(r["system"]), r["hidden"], r.get("host_memory")))
+        dtype = r.get("dtype", "float32")
+        floor = floors.get(("bbb", r["hidden"], None, dtype))  # bbb's have no host_memory
+        own_floor = floors.get((own.get(r["system"]), r["hidden"], r.get("host_memory"), dtype))
         r["ratio_to_deterministic"] = r["ms_per_step"] / floor if floor else None
         r["ratio_to_own_floor"] = r["ms_per_step"] / own_floor if own_floor else None
     return records
@@ -458,7 +475,8 @@ def run_grid(
 def _describe(record: dict[str, Any]) -> str:
     text = (
         f"H={record['hidden']} K={record['num_samples']} {record['estimator']} "
-        f"{record['prior']}/{record['kl']} noise={record['noise']}: "
+        f"{record['prior']}/{record['kl']} noise={record['noise']}"
+        f"{'' if record.get('dtype', 'float32') == 'float32' else ' ' + record['dtype']}: "
         f"{record['ms_per_step']:.2f} ms/step"
     )
     if record.get("compile_s") is not None:
@@ -1104,7 +1122,7 @@ def format_table(records: Sequence[dict[str, Any]]) -> str:
       The table.
     """
     header = (
-        "| system | H | K | estimator | prior / KL | noise | compile s | ms/step | "
+        "| system | H | K | estimator | prior / KL | noise | dtype | compile s | ms/step | "
         "[q25, q75] | examples/s | × floor | × own floor | epoch s | loop overhead |"
     )
     lines = [header, "|" + "--|" * (header.count("|") - 1)]
@@ -1114,7 +1132,8 @@ def format_table(records: Sequence[dict[str, Any]]) -> str:
         system = r["system"] + (" (malloc kept)" if r.get("host_memory") == "kept" else "")
         lines.append(
             f"| {system} | {r['hidden']} | {r['num_samples']} | {r['estimator']} | "
-            f"{r['prior']} / {r['kl']} | {r['noise']} | {_cell(r.get('compile_s'), '.1f')} | "
+            f"{r['prior']} / {r['kl']} | {r['noise']} | {r.get('dtype', 'float32')} | "
+            f"{_cell(r.get('compile_s'), '.1f')} | "
             f"{r['ms_per_step']:.2f} | {spread} | {r['examples_per_s']:,.0f} | "
             f"{_cell(r.get('ratio_to_deterministic'), '.2f')} | "
             f"{_cell(r.get('ratio_to_own_floor'), '.2f')} | {_cell(r.get('epoch_s'), '.2f')} | "
@@ -1174,6 +1193,7 @@ def run(
     estimators: Sequence[str] = ESTIMATORS,
     priors: Sequence[str] = tuple(PRIOR_KL),
     noises: Sequence[str] = NOISES,
+    dtypes: Sequence[str] = ("float32",),
     repeats: int = 20,
     warmup: int = 3,
     epoch_repeats: int = 1,
@@ -1196,7 +1216,7 @@ def run(
 
     Args:
       base_config: the MNIST config (configs/mnist.py).
-      hidden, num_samples, estimators, priors, noises: restrict the grid (`benchmark_grid`).
+      hidden, num_samples, estimators, priors, noises, dtypes: the grid (`benchmark_grid`).
       repeats: timed steps per configuration.
       warmup: untimed steps after compilation.
       epoch_repeats: timed epochs per configuration; 0 skips the epoch.
@@ -1226,7 +1246,7 @@ def run(
                 for line in ablation_lines(width)
             ]
         else:
-            cases = benchmark_grid(hidden, num_samples, estimators, priors, noises)
+            cases = benchmark_grid(hidden, num_samples, estimators, priors, noises, dtypes)
             records = [{"kind": "grid", **case.record(batch_size)} for case in cases]
         for record in records:
             out(json.dumps(record))
@@ -1239,7 +1259,7 @@ def run(
         )
         out(format_ablation(records))
     else:
-        cases = benchmark_grid(hidden, num_samples, estimators, priors, noises)
+        cases = benchmark_grid(hidden, num_samples, estimators, priors, noises, dtypes)
         records = run_grid(
             cases,
             base_config,

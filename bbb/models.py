@@ -3,11 +3,18 @@
 They use Flax's own `nn.Dense` and `nn.Conv`, so the weight-sampling estimator works on them
 as it does on any Flax model, and the local-reparameterisation and flipout estimators
 (`bbb.estimators`) recognise their layers.
+
+`model.dtype` is the compute dtype of the hidden layers (Flax's `dtype`; the parameters stay
+float32). "bfloat16" is mixed precision as on TPUs and recent GPUs and CPUs: each hidden layer
+casts its input and weights to bfloat16 and multiplies them there (and so does the gradient of
+that product), while the output layer, the logits, the posterior, its noise, the KL and the
+optimiser stay float32.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -16,6 +23,7 @@ import ml_collections
 
 from bbb.errors import ConfigError, check_choice, check_non_negative, check_positive
 
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}  # model.dtype: hidden layers.
 ACTIVATIONS = {
     "relu": nn.relu,
     "gelu": nn.gelu,
@@ -34,12 +42,14 @@ class MLP(nn.Module):
       num_outputs: the output width (classes, or regression targets).
       activation: a name in `ACTIVATIONS`.
       dropout_rate: dropout on hidden units (the paper's dropout baseline); 0 disables it.
+      dtype: the hidden layers' compute dtype (the output layer computes in float32).
     """
 
     hidden_sizes: Sequence[int] = (400, 400)
     num_outputs: int = 10
     activation: str = "relu"
     dropout_rate: float = 0.0
+    dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
@@ -50,10 +60,10 @@ class MLP(nn.Module):
         x = x.reshape(x.shape[0], -1)
         act = ACTIVATIONS[self.activation]
         for width in self.hidden_sizes:
-            x = act(nn.Dense(width)(x))
+            x = act(nn.Dense(width, dtype=self.dtype)(x))
             if self.dropout_rate > 0:
                 x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
-        return nn.Dense(self.num_outputs)(x)
+        return nn.Dense(self.num_outputs, dtype=jnp.float32)(x)
 
 
 class LeNet(nn.Module):
@@ -65,6 +75,7 @@ class LeNet(nn.Module):
       num_outputs: classes.
       activation: a name in `ACTIVATIONS`.
       dropout_rate: dropout before the dense layers; 0 disables it.
+      dtype: the hidden layers' compute dtype (the output layer computes in float32).
     """
 
     features: Sequence[int] = (32, 64)
@@ -72,6 +83,7 @@ class LeNet(nn.Module):
     num_outputs: int = 10
     activation: str = "relu"
     dropout_rate: float = 0.0
+    dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
@@ -81,14 +93,14 @@ class LeNet(nn.Module):
         """
         act = ACTIVATIONS[self.activation]
         for channels in self.features:
-            x = act(nn.Conv(channels, (5, 5), padding="SAME")(x))
+            x = act(nn.Conv(channels, (5, 5), padding="SAME", dtype=self.dtype)(x))
             x = nn.max_pool(x, (2, 2), strides=(2, 2))
         x = x.reshape(x.shape[0], -1)
         for width in self.hidden_sizes:
             if self.dropout_rate > 0:
                 x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
-            x = act(nn.Dense(width)(x))
-        return nn.Dense(self.num_outputs)(x)
+            x = act(nn.Dense(width, dtype=self.dtype)(x))
+        return nn.Dense(self.num_outputs, dtype=jnp.float32)(x)
 
 
 MODELS = {"mlp": MLP, "lenet": LeNet}
@@ -99,7 +111,7 @@ def make_model(config: ml_collections.ConfigDict) -> nn.Module:
 
     Args:
       config: `name` ("mlp" or "lenet"), `hidden_sizes`, `num_outputs`, `activation`,
-        `dropout_rate`, and for "lenet" `features`.
+        `dropout_rate`, `dtype` (default "float32"), and for "lenet" `features`.
 
     Returns:
       An unbound Flax module.
@@ -109,6 +121,8 @@ def make_model(config: ml_collections.ConfigDict) -> nn.Module:
     """
     check_choice("model.name", config.name, MODELS)
     check_choice("model.activation", config.activation, ACTIVATIONS)
+    dtype = config.get("dtype", "float32")  # Configs saved before the field had none.
+    check_choice("model.dtype", dtype, DTYPES)
     sizes = tuple(config.hidden_sizes)
     if not all(isinstance(h, int) and not isinstance(h, bool) and h > 0 for h in sizes):
         raise ConfigError("model.hidden_sizes", sizes, "a sequence of positive integers")
@@ -121,6 +135,7 @@ def make_model(config: ml_collections.ConfigDict) -> nn.Module:
         num_outputs=config.num_outputs,
         activation=config.activation,
         dropout_rate=float(config.dropout_rate),
+        dtype=DTYPES[dtype],
     )
     if config.name == "lenet":
         features = tuple(config.get("features", (32, 64)))

@@ -46,6 +46,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.model.num_outputs = 1  # The expected reward.
     config.model.activation = "relu"  # Hidden nonlinearity.
     config.model.dropout_rate = 0.0  # No dropout.
+    config.model.dtype = "float32"  # Hidden layers' compute dtype ("bfloat16": mixed precision).
 
     config.posterior = ml_collections.ConfigDict()
     config.posterior.init_rho = -5.0  # Initial ρ of every weight: σ₀ = softplus(−5) ≈ 0.0067.

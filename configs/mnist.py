@@ -35,6 +35,9 @@ def get_config(width: str | None = None) -> ml_collections.ConfigDict:
     config.model.num_outputs = 10  # Classes.
     config.model.activation = "relu"  # Hidden nonlinearity: relu, gelu, tanh, sigmoid, elu, silu.
     config.model.dropout_rate = 0.0  # Dropout on hidden units (the dropout baseline).
+    # Compute dtype of the hidden layers: "float32", or "bfloat16" (mixed precision: their
+    # matmuls in bfloat16; parameters, output layer, noise, KL and optimiser in float32).
+    config.model.dtype = "float32"
 
     config.posterior = ml_collections.ConfigDict()
     # "mean_field": q(w) = Π N(μ, softplus(ρ)²) (Bayes by Backprop); "point": a point estimate

@@ -38,6 +38,9 @@ _PRIORS = flags.DEFINE_list(
 _NOISES = flags.DEFINE_list(
     "noises", ["jax", "hash"], "Noise generators (hash: where weight noise is drawn)."
 )
+_DTYPES = flags.DEFINE_list(
+    "dtypes", ["float32"], "Compute dtypes of the hidden layers (model.dtype): float32, bfloat16."
+)
 _REPEATS = flags.DEFINE_integer("repeats", 20, "Timed steps per configuration (the median).")
 _WARMUP = flags.DEFINE_integer("warmup", 3, "Untimed steps after compilation.")
 _EPOCH_REPEATS = flags.DEFINE_integer(
@@ -98,6 +101,7 @@ def main(argv):
             estimators=_ESTIMATORS.value,
             priors=_PRIORS.value,
             noises=_NOISES.value,
+            dtypes=_DTYPES.value,
             repeats=_REPEATS.value,
             warmup=_WARMUP.value,
             epoch_repeats=_value(_EPOCH_REPEATS, 0),

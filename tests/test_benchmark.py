@@ -16,6 +16,7 @@ import pytest
 from bbb import benchmark
 from bbb import posterior as posterior_lib
 from bbb.errors import ConfigError
+from bbb.models import DTYPES
 from bbb.posterior import MeanFieldGaussian
 from configs import mnist
 
@@ -72,9 +73,27 @@ def test_restricted_grid_follows_the_flags():
     ]
 
 
+def test_dtypes_get_a_floor_each_and_ratios_to_their_own_floor():
+    cases = benchmark.benchmark_grid((16,), (1,), ("reparam",), ("gaussian",), ("jax",), DTYPES)
+    assert [(c.estimator, c.dtype) for c in cases] == [
+        ("deterministic", "float32"),
+        ("deterministic", "bfloat16"),
+        ("reparam", "float32"),
+        ("reparam", "bfloat16"),
+    ]
+    assert cases[3].config(mnist.get_config()).model.dtype == "bfloat16"
+    records = [
+        {**c.record(128), "ms_per_step": ms} for c, ms in zip(cases, [1, 2, 3, 8], strict=True)
+    ]
+    benchmark.add_ratios(records)
+    assert [r["ratio_to_deterministic"] for r in records] == [1.0, 1.0, 3.0, 4.0]
+
+
 @pytest.mark.parametrize(
     "kwargs",
     [
+        {"dtypes": ("float16",)},
+        {"dtypes": ()},
         {"estimators": ("bayes",)},
         {"priors": ("laplace",)},
         {"noises": ("philox",)},

@@ -350,10 +350,11 @@ def test_apply_local_rejects_other_estimators(mlp_posterior):
 # Each estimator trains ---------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 @pytest.mark.parametrize("estimator", estimators.ESTIMATORS)
-def test_each_estimator_trains_a_tiny_mlp(estimator, mlp_posterior):
+def test_each_estimator_trains_a_tiny_mlp(estimator, dtype, mlp_posterior):
     fe = objective.FreeEnergy(
-        MLP,
+        MLP.clone(dtype=models.DTYPES[dtype]),
         priors.gaussian(1.0),
         objective.Categorical(),
         num_train=32,
@@ -381,6 +382,54 @@ def test_each_estimator_trains_a_tiny_mlp(estimator, mlp_posterior):
     assert np.all(np.isfinite(losses))
     assert losses[-5:].mean() < 0.7 * losses[:3].mean(), losses
     assert nlls[-5:].mean() < nlls[:3].mean(), nlls
+
+
+def _dots(jaxpr) -> list[tuple[str, set[int]]]:
+    """(operand dtype, operand dimensions) of every dot_general in `jaxpr`, nested ones too."""
+    found = []
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "dot_general":
+            avals = [v.aval for v in eqn.invars]
+            found.append((str(avals[0].dtype), {d for a in avals for d in a.shape}))
+        for value in eqn.params.values():
+            for sub in value if isinstance(value, tuple | list) else (value,):
+                inner = getattr(sub, "jaxpr", sub)
+                if hasattr(inner, "eqns"):
+                    found += _dots(inner)
+    return found
+
+
+@pytest.mark.parametrize("estimator", estimators.ESTIMATORS)
+def test_bfloat16_hidden_layers_multiply_in_bfloat16_and_output_float32(estimator):
+    """model.dtype="bfloat16": every product of the hidden layers (the mean, local_reparam's
+    variance, flipout's perturbation), forward and backward, is a bfloat16 dot; the output
+    layer's are float32, and so is the output, within bfloat16 rounding of the float32
+    network's under the same noise."""
+    sizes, num_outputs = (48, 48), 3  # No hidden or input dimension is 3: the output layer's.
+    params = models.MLP(sizes, num_outputs).init(jax.random.key(0), jnp.zeros((1, 20)))
+    posterior = numpy_posterior(params["params"], (-3.0, -2.0), seed=3)
+    x = np.random.default_rng(4).normal(size=(16, 20)).astype(np.float32)
+    outputs, dots = {}, {}
+    for dtype in ("float32", "bfloat16"):
+        model = models.MLP(sizes, num_outputs, dtype=models.DTYPES[dtype])
+
+        def output(mu, sigma_rho, model=model):
+            p = posterior.replace(mu=mu, rho=sigma_rho)
+            return estimators.sample_output(model, p, x, jax.random.key(5), estimator)
+
+        outputs[dtype] = np.asarray(output(posterior.mu, posterior.rho))
+        gradient = jax.grad(lambda m, r, f=output: f(m, r).sum(), argnums=(0, 1))
+        dots[dtype] = _dots(jax.make_jaxpr(gradient)(posterior.mu, posterior.rho).jaxpr)
+    assert outputs["bfloat16"].dtype == np.float32
+    assert {dtype for dtype, _ in dots["float32"]} == {"float32"}
+    hidden = [dtype for dtype, dims in dots["bfloat16"] if num_outputs not in dims]
+    last = [dtype for dtype, dims in dots["bfloat16"] if num_outputs in dims]
+    assert len(hidden) >= 5 and set(hidden) == {"bfloat16"}, dots["bfloat16"]
+    assert len(last) >= 3 and set(last) == {"float32"}, dots["bfloat16"]
+    assert len(dots["bfloat16"]) == len(dots["float32"])
+    error = np.abs(outputs["bfloat16"] - outputs["float32"])
+    scale = np.abs(outputs["float32"]).max()
+    assert 1e-5 * scale < error.max() < 0.05 * scale, (error.max(), scale)
 
 
 def test_zero_variance_gives_the_deterministic_network_and_finite_gradients(mlp_posterior):

@@ -253,6 +253,7 @@ BAD_VALUES = [
     ("model.hidden_sizes", (32, -4), "model.hidden_sizes"),
     ("model.activation", "swish2", "model.activation"),
     ("model.dropout_rate", 1.0, "model.dropout_rate"),
+    ("model.dtype", "float16", "model.dtype"),
     ("optim.name", "lbfgs", "optim.name"),
     ("optim.learning_rate", 0.0, "optim.learning_rate"),
     ("eval.num_samples", 0, "eval.num_samples"),
