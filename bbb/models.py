@@ -23,7 +23,9 @@ import ml_collections
 
 from bbb.errors import ConfigError, check_choice, check_non_negative, check_positive
 
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}  # model.dtype: hidden layers.
+# model.dtype → the hidden layers' Flax `dtype`; None computes in the parameters' dtype
+# (float32, or float64 under jax.enable_x64, as the gradient tests use).
+DTYPES = {"float32": None, "bfloat16": jnp.bfloat16}
 ACTIVATIONS = {
     "relu": nn.relu,
     "gelu": nn.gelu,
@@ -42,14 +44,14 @@ class MLP(nn.Module):
       num_outputs: the output width (classes, or regression targets).
       activation: a name in `ACTIVATIONS`.
       dropout_rate: dropout on hidden units (the paper's dropout baseline); 0 disables it.
-      dtype: the hidden layers' compute dtype (the output layer computes in float32).
+      dtype: the hidden layers' compute dtype; None: the parameters' (the output layer's).
     """
 
     hidden_sizes: Sequence[int] = (400, 400)
     num_outputs: int = 10
     activation: str = "relu"
     dropout_rate: float = 0.0
-    dtype: Any = jnp.float32
+    dtype: Any = None
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
@@ -63,7 +65,7 @@ class MLP(nn.Module):
             x = act(nn.Dense(width, dtype=self.dtype)(x))
             if self.dropout_rate > 0:
                 x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
-        return nn.Dense(self.num_outputs, dtype=jnp.float32)(x)
+        return nn.Dense(self.num_outputs)(x)
 
 
 class LeNet(nn.Module):
@@ -75,7 +77,7 @@ class LeNet(nn.Module):
       num_outputs: classes.
       activation: a name in `ACTIVATIONS`.
       dropout_rate: dropout before the dense layers; 0 disables it.
-      dtype: the hidden layers' compute dtype (the output layer computes in float32).
+      dtype: the hidden layers' compute dtype; None: the parameters' (the output layer's).
     """
 
     features: Sequence[int] = (32, 64)
@@ -83,7 +85,7 @@ class LeNet(nn.Module):
     num_outputs: int = 10
     activation: str = "relu"
     dropout_rate: float = 0.0
-    dtype: Any = jnp.float32
+    dtype: Any = None
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
@@ -100,7 +102,7 @@ class LeNet(nn.Module):
             if self.dropout_rate > 0:
                 x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
             x = act(nn.Dense(width, dtype=self.dtype)(x))
-        return nn.Dense(self.num_outputs, dtype=jnp.float32)(x)
+        return nn.Dense(self.num_outputs)(x)
 
 
 MODELS = {"mlp": MLP, "lenet": LeNet}
