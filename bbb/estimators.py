@@ -52,14 +52,19 @@ def _local_reparam(module: nn.Module, mean: jax.Array, x: jax.Array, generator: 
     """Samples the pre-activations b ~ N(mean, x² σ_W² + σ_b²), one draw per output."""
     sigma = module.variables["sigma"]
     # A bfloat16 layer (model.dtype) multiplies in bfloat16; the noise and the sum are float32.
-    mean = mean.astype(jnp.float32)
+    mean = _at_least_float32(mean)
     variance = _without_bias(module, jnp.square(sigma["kernel"]), jnp.square(x))
-    variance = variance.astype(jnp.float32)
+    variance = _at_least_float32(variance)
     if "bias" in sigma:
         variance = variance + jnp.square(sigma["bias"])
     noise = standard_normal(module.make_rng("noise"), mean.shape, generator, mean.dtype)
     # The first layer's mean and variance are computed once for all the MC samples (a vmap).
     return shared(mean, noise) + shared(_safe_sqrt(variance), noise) * noise
+
+
+def _at_least_float32(x: jax.Array) -> jax.Array:
+    """`x` in float32, unless it is wider (float64 under jax.enable_x64)."""
+    return x.astype(jnp.promote_types(x.dtype, jnp.float32))
 
 
 def _safe_sqrt(variance: jax.Array) -> jax.Array:
@@ -85,9 +90,9 @@ def _flipout(module: nn.Module, mean: jax.Array, x: jax.Array, generator: str) -
     # per example and output channel.
     batch_shape = x.shape[:1] + (1,) * (x.ndim - 2)
     sign_in = rademacher(k_in, (*batch_shape, x.shape[-1]), generator).astype(x.dtype)
-    mean = mean.astype(jnp.float32)  # As in `_local_reparam`: the sum is float32.
+    mean = _at_least_float32(mean)  # As in `_local_reparam`: the sum is float32.
     sign_out = rademacher(k_out, (*batch_shape, mean.shape[-1]), generator).astype(mean.dtype)
-    perturbation = _without_bias(module, delta["kernel"], x * sign_in).astype(jnp.float32)
+    perturbation = _at_least_float32(_without_bias(module, delta["kernel"], x * sign_in))
     if "bias" in delta:
         perturbation = perturbation + delta["bias"]
     return shared(mean, perturbation) + perturbation * sign_out
