@@ -16,7 +16,8 @@ checkpoints, summary.json), so one member can be resumed, evaluated or pruned li
   updates, the KL temperature as a factor on the KL weight, the prior's hyperparameters through
   the trainable-hyperparameter form of the prior (bbb/priors.py, `learnable=True`) with their
   gradient stopped. Each member's results equal its one-by-one run to float tolerance
-  (tests/test_sweep.py). The paper tuned its priors with such a grid (Blundell et al. 2015,
+  (tests/test_sweep.py). The member axis is split over the local devices, whole members per
+  device (`_MemberLayout`). The paper tuned its priors with such a grid (Blundell et al. 2015,
   §5.1: π ∈ {1/4, 1/2, 3/4}, −log σ1 ∈ {0, 1, 2}, −log σ2 ∈ {6, 7, 8}).
 
 The table (results.csv, results.md, results.png in the sweep workdir) lists the members best
