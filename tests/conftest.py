@@ -6,7 +6,10 @@ shapes from `jax.eval_shape` and draw the values with numpy (`init_posterior` it
 in test_posterior.py).
 """
 
+import json
 import os
+import subprocess
+import sys
 
 # The tests run small programs a few times each: XLA's optimisation passes cost far more than
 # they save. Set in the environment (before JAX is imported) so that the training subprocesses
@@ -67,3 +70,38 @@ def fast_compile():
     jax.config.update("jax_disable_most_optimizations", True)
     yield
     jax.config.update("jax_disable_most_optimizations", previous)
+
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def report_on_fake_cpus(function: str, workdir: str, devices: int, **env: str) -> tuple[dict, str]:
+    """Runs `function(workdir)` ("tests.module:name") in a subprocess with `devices` fake CPU
+    devices (`XLA_FLAGS` must be set before JAX starts, hence the subprocess).
+
+    Args:
+      function: "tests.module:name"; it returns a JSON-serialisable report.
+      workdir: its one argument.
+      devices: fake CPU devices of the subprocess.
+      **env: further environment variables of the subprocess.
+
+    Returns:
+      (its report, the subprocess's stdout).
+    """
+    module, name = function.split(":")
+    env = dict(
+        os.environ,
+        XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+        JAX_PLATFORMS="cpu",
+        **env,
+    )
+    code = (
+        f"import json; from {module} import {name}; "
+        f"print('REPORT' + json.dumps({name}({workdir!r})))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=600
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    line = next(line for line in result.stdout.splitlines() if line.startswith("REPORT"))
+    return json.loads(line[len("REPORT") :]), result.stdout

@@ -24,6 +24,7 @@ from bbb.errors import ConfigError
 from bbb.posterior import MeanFieldGaussian
 from bbb.workdir import History, Run
 from configs import test as test_config
+from tests.conftest import report_on_fake_cpus
 from tests.test_train import _digest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -134,22 +135,10 @@ def _worker(workdir: str) -> dict:
 def eight_devices(tmp_path_factory) -> dict:
     """The report of `_worker`, run with 8 fake CPU devices."""
     workdir = str(tmp_path_factory.mktemp("mesh") / "wd")
-    env = dict(
-        os.environ,
-        XLA_FLAGS="--xla_force_host_platform_device_count=8",
-        JAX_PLATFORMS="cpu",
-        JAX_DISABLE_MOST_OPTIMIZATIONS="1",
+    report, _ = report_on_fake_cpus(
+        "tests.test_mesh:_worker", workdir, 8, JAX_DISABLE_MOST_OPTIMIZATIONS="1"
     )
-    code = (
-        "import json, sys; from tests.test_mesh import _worker; "
-        f"print('REPORT' + json.dumps(_worker({workdir!r})))"
-    )
-    result = subprocess.run(
-        [sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=600
-    )
-    assert result.returncode == 0, result.stderr[-4000:]
-    line = next(line for line in result.stdout.splitlines() if line.startswith("REPORT"))
-    return json.loads(line[len("REPORT") :])
+    return report
 
 
 @pytest.mark.parametrize("shape", MESHES)

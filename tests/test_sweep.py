@@ -21,7 +21,7 @@ from bbb.errors import ConfigError
 from bbb.priors import make_prior
 from configs import mnist as mnist_config
 from configs import regression as regression_config
-from tests.conftest import numpy_posterior
+from tests.conftest import numpy_posterior, report_on_fake_cpus
 from tests.test_train import _digest, _read_metrics
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -134,24 +134,10 @@ def test_vectorized_members_spread_over_the_devices(trained, tmp_path):
     """On 2 devices, 3 members run 2 per device (one padding copy) with their one-by-one
     results; the copy's results are not written anywhere."""
     _, sequential, _, members = trained
-    env = dict(
-        os.environ,
-        XLA_FLAGS="--xla_force_host_platform_device_count=2",
-        JAX_PLATFORMS="cpu",
-    )
-    code = (
-        "import json; from tests.test_sweep import _members_on_devices; "
-        f"print('REPORT' + json.dumps(_members_on_devices({str(tmp_path)!r})))"
-    )
-    result = subprocess.run(
-        [sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=600
-    )
-    assert result.returncode == 0, result.stderr[-4000:]
+    report, stdout = report_on_fake_cpus("tests.test_sweep:_members_on_devices", str(tmp_path), 2)
     assert "3 members (0, 1, 2) as one program over 2 devices, 2 each, padded with 1 copy" in (
-        result.stdout
+        stdout
     )
-    line = next(line for line in result.stdout.splitlines() if line.startswith("REPORT"))
-    report = json.loads(line[len("REPORT") :])
     assert report["devices"] == 2
     for member, together in zip(members, report["metrics"], strict=False):
         one_by_one = _read_metrics(os.path.join(sequential, member.name))
