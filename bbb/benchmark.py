@@ -208,9 +208,9 @@ def benchmark_grid(
     for name, values in (("hidden", hidden), ("num_samples", num_samples)):
         if not values or any(isinstance(v, bool) or int(v) != v or v < 1 for v in values):
             raise ConfigError(name, values, "positive integers")
-    cases = []
-    if not dtypes:
+    if not dtypes:  # Every case, the floors included, has a dtype: none is no grid.
         raise ConfigError("dtypes", dtypes, f"a non-empty subset of {tuple(DTYPES)}")
+    cases = []
     for width in hidden:
         cases += [deterministic_case(width, dtype) for dtype in dtypes]
         for k in num_samples:
