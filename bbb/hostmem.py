@@ -7,7 +7,7 @@ and frees it at the end. glibc serves a block above its mmap threshold (adaptive
 32 MiB) with a fresh `mmap` and returns it to the kernel on `free`, so the next call
 touches new pages and takes a page fault, and the kernel's zeroing, for every one of them: at
 H = 1200 that made one top-level training step ~1.5× slower than the same step inside a
-`lax.scan`, whose loop reuses one allocation (README, "Performance"). The epoch loop
+`lax.scan`, whose loop reuses one allocation (docs/performance.md). The epoch loop
 (`lax.scan`) pays it once per epoch; one compiled call per step (`epoch_loop = "steps"`, the
 CNN), evaluation and the benchmark's isolated steps paid it every call.
 
@@ -26,7 +26,7 @@ With 4 KiB pages, a step that streams ~70 MiB of temporaries (the paper's step a
 scale-mixture prior and MC KL) spends much of its time translating addresses (its time
 jumped between ~25 and ~45 ms from one process to the next with the pages it was given); with
 huge pages it ran 1.6–1.7× faster, for every estimator; the closed-form Gaussian step, which
-streams less, ran as fast as before, and so did everything at H = 400 (README "Performance").
+streams less, ran as fast as before, and so did everything at H = 400 (docs/performance.md).
 `BBB_HUGE_PAGES=0` turns it off.
 
 The same policies can be given to any other process through its environment (`PEER_ENV`,

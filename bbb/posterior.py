@@ -183,7 +183,7 @@ def sum_samples(x: jax.Array) -> jax.Array:
     XLA's CPU backend reduces a leading axis of a 3-D array at ~10 ns per element, 60–85×
     slower than the same sum as adds ([8, 784, 400]: 26 ms against 0.3 ms; [2, 1200, 1200]:
     29 ms against 0.5 ms; [128, 784, 400]: 954 ms against 14 ms as a product with a vector of
-    ones, on this project's 2-core CPU; the effect on the step: README "Performance"). So on
+    ones, on this project's 2-core CPU; the effect on the step: docs/performance.md). So on
     the CPU, up to 16 samples are added in order, x[0] + x[1] + … (one fused elementwise
     pass), and more are contracted with ones (a matrix-vector product). Other backends use
     `jnp.sum`.
@@ -247,7 +247,7 @@ def shared(x: jax.Array, like: jax.Array) -> jax.Array:
     noise there, and reverse mode sums its cotangent over the samples with a reduction that
     XLA:CPU runs slowly (`sum_samples`). Passing the value through `shared` where it meets the
     noise (`like`) makes that sum `sum_samples`. Same values, same gradients; with 2 samples,
-    the reparameterisation step at H = 400 runs about twice as fast (README "Performance").
+    the reparameterisation step at H = 400 runs about twice as fast (docs/performance.md).
 
     Args:
       x: an array.

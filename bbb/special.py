@@ -3,7 +3,7 @@
 Every weight of a Bayes by Backprop step passes through `softplus` (σ = softplus(ρ)) and, under
 the paper's scale-mixture prior, a `logaddexp` of the two components' log densities. In `jnp`,
 each evaluates `exp` and `log1p`, and its derivative another `exp`: transcendental functions,
-which bound the step's elementwise work on a CPU (README "Performance"). Here log1p(t) is
+which bound the step's elementwise work on a CPU (docs/performance.md). Here log1p(t) is
 needed only on t = e^−|x| ∈ (0, 1], where a polynomial fitted in float64 does it in ten
 multiply-adds, and the derivatives reuse t (custom JVPs, themselves differentiable).
 `materialize` (used for the noise, in bbb/posterior.py) lives here too.
@@ -23,7 +23,7 @@ def materialize(x: jax.Array) -> jax.Array:
     XLA fuses a chain of cheap elementwise operations into every fusion that reads it, so on
     a CPU the hash and the inverse-CDF polynomial of the noise were recomputed in each of the
     ~5 fusions (forward, log q, log P, gradients) that read ε (storing it once made the H=400
-    reparam step with the hash noise 25% faster, README "Performance"). XLA does not
+    reparam step with the hash noise 25% faster, docs/performance.md). XLA does not
     duplicate a floating-point division, so `x · d / d`, with d = 2 where x = 1 and 1
     elsewhere (exact either way: scaling by 2 is exact away from overflow), ends the chain in
     one: the chain is fused into that division and its result is stored.
@@ -107,7 +107,7 @@ def softplus(rho: jax.Array) -> jax.Array:
     `log(1 + exp(ρ))` would round to zero. On t ∈ [0, 1], log1p(t) is t times a degree-10
     polynomial (fitted in float64, `_LOG1P_OVER_T`): one `exp` and ten multiply-adds, where
     `jnp.logaddexp(ρ, 0)` evaluates `exp` and `log1p`. At most 2.3 ulp from float64 over
-    [−90, 90] (`jnp.logaddexp`: 2.7), and cheaper (README "Performance"). The derivative
+    [−90, 90] (`jnp.logaddexp`: 2.7), and cheaper (docs/performance.md). The derivative
     sigmoid(ρ) reuses t (a custom JVP), so the backward pass costs one division. float64
     inputs take `jnp.logaddexp`, whose precision the polynomial does not reach.
 

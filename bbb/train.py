@@ -341,7 +341,7 @@ def train_step(
     (_, metrics), grads = grad_fn(state.params, batch, step_key, kl_weight)
     # Stored once: XLA:CPU would otherwise fuse each gradient's elementwise chain (softplus',
     # the KL's terms) into every reader (Adam's two moments, the norm) and recompute it there;
-    # 14-21% of the reparam step at H = 1200 (README "Performance").
+    # 14-21% of the reparam step at H = 1200 (docs/performance.md).
     grads = jax.tree_util.tree_map(posterior_lib.materialize, grads)
     updates, opt_state = experiment.optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
