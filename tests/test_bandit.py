@@ -211,6 +211,20 @@ def test_thompson_sampling_learns_and_beats_uniform(tmp_path):
     assert bbb["cumulative_regret_std"] == pytest.approx(per_seed.std())
 
 
+def test_summary_per_seed_and_second_half_rate():
+    # One agent, two seeds, five steps: totals 15 and 3; the second half is the last 3 steps.
+    regret = np.array([[[1.0, 2.0, 3.0, 4.0, 5.0], [0.0, 0.0, 1.0, 1.0, 1.0]]], np.float32)
+    expected = 2.0 * regret
+    summary = bandit.summarize(["a"], regret, expected)["a"]
+    assert summary["cumulative_regret_per_seed"] == [15.0, 3.0]
+    assert summary["cumulative_regret_mean"] == 9.0
+    assert summary["cumulative_regret_std"] == 6.0  # Over seeds, ddof 0.
+    assert summary["cumulative_expected_regret_per_seed"] == [30.0, 6.0]
+    assert summary["second_half_regret_per_step_per_seed"] == pytest.approx([4.0, 1.0])
+    table = bandit.results_table({"a": summary}, 5, 2)
+    assert "| a | 9 ± 6 | 18 ± 12 | 15, 3 | 4.000, 1.000 |" in table
+
+
 def test_agents_of_one_seed_meet_the_same_mushrooms():
     problem = synthetic_problem(1000)
     draw = jax.vmap(lambda k, t: bandit.draw_mushroom(PAPER, problem, k, t), in_axes=(None, 0))
