@@ -1050,7 +1050,8 @@ def bandit_experiment(
     with open(os.path.join(workdir, "results.json"), "w") as f:
         json.dump(results, f, indent=2)
     table = results_table(summary, steps, seeds)
-    table += f"\nWall time {timing['wall_time_s']:.0f} s ({len(names)} agents × {seeds} seeds).\n"
+    agents = f"{len(names)} agent{'s' if len(names) != 1 else ''}"
+    table += f"\nWall time {timing['wall_time_s']:.0f} s ({agents} × {seeds} seeds).\n"
     with open(os.path.join(workdir, "results.md"), "w") as f:
         f.write(table)
     if config.progress:
