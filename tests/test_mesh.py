@@ -24,10 +24,9 @@ from bbb.errors import ConfigError
 from bbb.posterior import MeanFieldGaussian
 from bbb.workdir import History, Run
 from configs import test as test_config
-from tests.conftest import report_on_fake_cpus
+from tests.conftest import REPO, report_on_fake_cpus
 from tests.test_train import _digest
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MESHES = [(8, 1), (4, 2), (1, 8)]
 NUM_TRAIN, NUM_EPOCHS = 64, 2
 

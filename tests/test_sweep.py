@@ -21,10 +21,9 @@ from bbb.errors import ConfigError
 from bbb.priors import make_prior
 from configs import mnist as mnist_config
 from configs import regression as regression_config
-from tests.conftest import numpy_posterior, report_on_fake_cpus
+from tests.conftest import REPO, numpy_posterior, report_on_fake_cpus
 from tests.test_train import _digest, _read_metrics
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Every numeric hyperparameter that --vectorize varies, in one member against the base.
 SWEEP = [
     {},
