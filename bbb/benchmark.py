@@ -6,9 +6,13 @@ testable. What is measured, for the MLP 784-H-H-10 on MNIST-shaped inputs, batch
 - The step: the real `bbb.train.train_step` of an `Experiment` built from the MNIST config,
   jitted with its state donated, called on one fixed random batch. Compilation (`lower` +
   `compile`) is timed on its own. All cases of one H and K are compiled first; then `warmup`
-  rounds, then `repeats` rounds, each calling every case's step once, timed alone with
-  `jax.block_until_ready` (interleaved, so that the machine's drift does not enter the
-  ratios); the median is reported (min, 25% and 75% quantiles too).
+  rounds, then `repeats` rounds, each running every case's step in turn (interleaved, so that
+  the machine's drift does not enter the ratios): one untimed call that refills the caches the
+  other cases evicted, then `calls_per_round` calls back to back, each timed alone with
+  `jax.block_until_ready`, as training runs its steps and as the peer's steps are timed. The
+  median is reported (min, 25% and 75% quantiles too), and the median of the rounds' first,
+  cold calls beside it (`ms_per_step_first_call`; with `calls_per_round = 0` only those are
+  timed, as the benchmark did before).
 - The grid (`benchmark_grid`): every H, every K, every estimator; the paper's scale-mixture
   prior with the Monte-Carlo KL and the Gaussian prior with the closed-form KL (what
   bayesian-torch computes); each with threefry ("jax") noise and with the counter hash
@@ -20,9 +24,10 @@ testable. What is measured, for the MLP 784-H-H-10 on MNIST-shaped inputs, batch
   H measured in the same run: on a noisy machine absolute times drift by ±30%, ratios less.
 - The epoch: `bbb.train.compile_epoch`, the real training loop (a `lax.scan` over the steps of
   an epoch, with the permutation and the batch gathers on the device), on 50,000 random
-  examples in device memory (390 steps of 128). `host_overhead_pct` = epoch wall time /
-  (steps × median step time) − 1: what the loop adds to (or, negative, saves over) isolated
-  step calls, dispatch and gathers included. Compilation of the epoch is timed on its own.
+  examples in device memory (390 steps of 128), one epoch per case in each of the first
+  `epoch_repeats` rounds (interleaved with the steps). `host_overhead_pct` = epoch wall time /
+  (steps × median step time) − 1: what the loop adds to (or, negative, saves over) step
+  calls, dispatch and gathers included. Compilation of the epoch is timed on its own.
 - The ablation (`run_ablation`, H ∈ {400, 1200}, reparam, scale mixture, MC KL, K = 1): the
   full step against the same step with one part taken out; the differences give the cost of
   the RNG, of the prior's log-density, of log q, of the optimiser and of the matmuls.
@@ -68,7 +73,7 @@ import numpy as np
 from bbb import hostmem
 from bbb import posterior as posterior_lib
 from bbb import train as train_lib
-from bbb.errors import ConfigError, check_choice
+from bbb.errors import ConfigError, check_choice, check_non_negative, check_positive
 from bbb.estimators import ESTIMATORS
 from bbb.models import DTYPES
 
@@ -230,15 +235,23 @@ def benchmark_grid(
 # Timing -----------------------------------------------------------------------------------
 
 
-def _summary(times_ms: list[float]) -> dict[str, float]:
+def _summary(
+    times_ms: list[float], first_times_ms: list[float] | None = None, calls_per_round: int = 0
+) -> dict[str, Any]:
+    """The median and spread of `times_ms`; with `first_times_ms`, the median cold call too."""
     quartiles = np.percentile(times_ms, [25, 75])
-    return {
+    summary = {
         "ms_per_step": statistics.median(times_ms),
         "ms_per_step_min": min(times_ms),
         "ms_per_step_q25": float(quartiles[0]),
         "ms_per_step_q75": float(quartiles[1]),
-        "repeats": len(times_ms),
+        "repeats": len(first_times_ms) if first_times_ms is not None else len(times_ms),
     }
+    if first_times_ms is not None:
+        summary["calls_per_round"] = calls_per_round
+        summary["timed_calls"] = len(times_ms)
+        summary["ms_per_step_first_call"] = statistics.median(first_times_ms)
+    return summary
 
 
 def random_batch(key: jax.Array, batch_size: int) -> tuple[jax.Array, jax.Array]:
@@ -288,40 +301,37 @@ def compile_step(
     return compile_s, run_once, box
 
 
-def time_epoch(
+def compile_epoch_timer(
     experiment: train_lib.Experiment,
-    state: train_lib.TrainState,
+    box: list[train_lib.TrainState],
     data: tuple[jax.Array, jax.Array],
     keys: dict[str, jax.Array],
-    repeats: int,
-) -> dict[str, float]:
-    """Times whole epochs of the real training loop (`compile_epoch`), after its compilation.
+) -> tuple[float, Callable[[int], float]]:
+    """Compiles the real training loop (`compile_epoch`) for a case, timing the compilation.
 
     Args:
       experiment: from `bbb.train.build`, with `num_train` = the examples in `data`.
-      state: the state to start from (donated).
+      box: the case's one-element list holding its current state (`compile_step`); an epoch
+        takes the state from it and puts the new one back, as the steps do.
       data: (x [N, ...], y [N]) in device memory.
       keys: from `bbb.train.root_keys`.
-      repeats: timed epochs (each a new permutation).
 
     Returns:
-      {"epoch_compile_s", "epoch_s" (the median), "epoch_steps"}.
+      (compile seconds, a function that runs epoch e (a new permutation each) and returns its
+      wall time in seconds).
     """
     epoch_fn = train_lib.compile_epoch(experiment)
     start = time.perf_counter()
-    compiled = epoch_fn.lower(state, data, jnp.int32(0), keys).compile()
+    compiled = epoch_fn.lower(box[0], data, jnp.int32(0), keys).compile()
     compile_s = time.perf_counter() - start
-    times = []
-    for epoch in range(repeats):
+
+    def run_epoch(epoch: int) -> float:
         start = time.perf_counter()
-        state, metrics = compiled(state, data, jnp.int32(epoch), keys)
-        jax.block_until_ready((state, metrics))
-        times.append(time.perf_counter() - start)
-    return {
-        "epoch_compile_s": compile_s,
-        "epoch_s": statistics.median(times),
-        "epoch_steps": experiment.steps_per_epoch,
-    }
+        box[0], metrics = compiled(box[0], data, jnp.int32(epoch), keys)
+        jax.block_until_ready((box[0], metrics))
+        return time.perf_counter() - start
+
+    return compile_s, run_epoch
 
 
 def random_dataset(key: jax.Array, num_examples: int) -> tuple[jax.Array, jax.Array]:
@@ -406,12 +416,25 @@ def add_ratios(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return records
 
 
+def check_timing(repeats: int, warmup: int, calls_per_round: int, epoch_repeats: int) -> None:
+    """Raises ConfigError naming the first timing setting out of range."""
+    check_positive("repeats", repeats, integer=True)
+    check_non_negative("warmup", warmup, integer=True)
+    check_non_negative("calls_per_round", calls_per_round, integer=True)
+    check_non_negative("epoch_repeats", epoch_repeats, integer=True)
+    if epoch_repeats > repeats:
+        raise ConfigError(
+            "epoch_repeats", epoch_repeats, f"at most repeats ({repeats}): one epoch per round"
+        )
+
+
 def run_grid(
     cases: Sequence[Case],
     base_config: ml_collections.ConfigDict,
     *,
     repeats: int = 20,
     warmup: int = 3,
+    calls_per_round: int = 4,
     epoch_repeats: int = 1,
     epoch_examples: int | None = None,
     batch_size: int = 128,
@@ -420,16 +443,20 @@ def run_grid(
 ) -> list[dict[str, Any]]:
     """Times every case on one fixed batch and one random dataset.
 
-    The cases of one width H and sample count K are all compiled first and their steps timed
-    in interleaved rounds (`time_interleaved`), so that the ratios between them are not the
-    machine's drift; then each one's epochs are timed.
+    The cases of one width H and sample count K are all compiled first (steps and epochs);
+    then their steps are timed in interleaved rounds (`time_interleaved`), each case's steps
+    back to back within a round, and in each of the first `epoch_repeats` rounds every case
+    also runs one whole epoch, so that the ratios between cases, and each case's epoch against
+    its steps (`host_overhead_pct`), are not the machine's drift.
 
     Args:
       cases: from `benchmark_grid`.
       base_config: the MNIST config (configs/mnist.py).
-      repeats: timed steps per case (the brief: at least 20 for a real run).
-      warmup: untimed steps after compilation.
-      epoch_repeats: timed epochs per case; 0 skips the epoch.
+      repeats: timed rounds per case (the brief: at least 20 for a real run).
+      warmup: untimed rounds after compilation.
+      calls_per_round: timed steps of each case per round, after one untimed call
+        (`time_interleaved`); 0 times single cold calls.
+      epoch_repeats: timed epochs per case (at most `repeats`); 0 skips the epoch.
       epoch_examples: N of an epoch; None takes `EPOCH_EXAMPLES` (50,000).
       batch_size: B.
       seed: for the random batch and dataset.
@@ -438,8 +465,7 @@ def run_grid(
     Returns:
       One record per case (kind "grid"), in order; `add_ratios` sets the ratios.
     """
-    if repeats < 1 or warmup < 0 or epoch_repeats < 0:
-        raise ConfigError("repeats", (repeats, warmup, epoch_repeats), "repeats ≥ 1, others ≥ 0")
+    check_timing(repeats, warmup, calls_per_round, epoch_repeats)
     epoch_examples = EPOCH_EXAMPLES if epoch_examples is None else epoch_examples
     key_batch, key_data = jax.random.split(jax.random.key(seed))
     batch = random_batch(key_batch, batch_size)
@@ -453,22 +479,37 @@ def run_grid(
     done = 0
     for indices in groups.values():
         prepared = [prepare_case(cases[i], base_config, batch, epoch_examples) for i in indices]
-        times = time_interleaved([p.run_once for p in prepared], repeats, warmup)
-        for index, p, own in zip(indices, prepared, times, strict=True):
-            record = {**p.record, **_summary(own)}
+        epochs = (
+            [compile_epoch_timer(p.experiment, p.box, data, p.keys) for p in prepared]
+            if data is not None
+            else []
+        )
+        epoch_times: list[list[float]] = [[] for _ in prepared]
+
+        def run_epoch(round_index: int, index: int, epochs=epochs, epoch_times=epoch_times):
+            if round_index < epoch_repeats:
+                epoch_times[index].append(epochs[index][1](round_index))
+
+        times, first_times = time_interleaved(
+            [p.run_once for p in prepared], repeats, warmup, calls_per_round, run_epoch
+        )
+        for i, (index, p) in enumerate(zip(indices, prepared, strict=True)):
+            record = {**p.record, **_summary(times[i], first_times[i], calls_per_round)}
             record["examples_per_s"] = batch_size / (record["ms_per_step"] / 1e3)
             record.update(
                 epoch_compile_s=None, epoch_s=None, epoch_steps=None, host_overhead_pct=None
             )
-            if data is not None:
-                record.update(time_epoch(p.experiment, p.box[0], data, p.keys, epoch_repeats))
+            if epochs:
+                record["epoch_compile_s"] = epochs[i][0]
+                record["epoch_s"] = statistics.median(epoch_times[i])
+                record["epoch_steps"] = p.experiment.steps_per_epoch
                 steps_time = record["epoch_steps"] * record["ms_per_step"] / 1e3
                 record["host_overhead_pct"] = 100.0 * (record["epoch_s"] / steps_time - 1.0)
             records[index] = record
             done += 1
             if log:
                 log(f"[{done}/{len(cases)}] {_describe(record)}")
-        del prepared  # Frees this group's states before the next.
+        del prepared, epochs  # Frees this group's states before the next.
     return records
 
 
@@ -635,30 +676,54 @@ def compile_ablation_line(
 
 
 def time_interleaved(
-    run_onces: Sequence[Callable[[], None]], repeats: int, warmup: int
-) -> list[list[float]]:
-    """Wall times in ms of each function, called in turn: round r times every function once.
+    run_onces: Sequence[Callable[[], None]],
+    repeats: int,
+    warmup: int,
+    calls_per_round: int = 0,
+    after_call: Callable[[int, int], None] | None = None,
+) -> tuple[list[list[float]], list[list[float]]]:
+    """Wall times in ms of each function, called in turn: round r runs every function in turn.
 
     On a shared machine whose speed drifts over seconds, timing the functions one after
     another puts the drift into their differences; interleaved, every function sees the same
     conditions, and differences of medians measure the functions.
 
+    With `calls_per_round = c > 0`, each function runs 1 + c times in a row in each round: the
+    first call refills the caches that the other functions' calls evicted, and only the c
+    calls after it are the function's times. That is how a training step runs (back to back,
+    its state in cache) and how the peer's steps are timed; a single call per round
+    (`c = 0`) times a step with cold caches, which training never pays; the grid records both
+    (`ms_per_step` warm, `ms_per_step_first_call` cold; docs/performance.md).
+
     Args:
       run_onces: functions that run once and block.
       repeats: timed rounds.
       warmup: untimed rounds first.
+      calls_per_round: timed calls of each function after its first call in a round; 0 times
+        the first (cold) call instead.
+      after_call: called as `after_call(r, i)` after function i's calls in timed round r
+        (untimed here): the benchmark times its epochs there, interleaved too.
 
     Returns:
-      One list of `repeats` times per function.
+      (times, first_times): per function, its timed calls (`repeats` × max(1, c)) and the
+      times of each round's first call (`repeats`; the same as `times` when c = 0).
     """
     times: list[list[float]] = [[] for _ in run_onces]
+    first_times: list[list[float]] = [[] for _ in run_onces]
     for round_index in range(warmup + repeats):
-        for run_once, own in zip(run_onces, times, strict=True):
-            start = time.perf_counter()
-            run_once()
-            if round_index >= warmup:
-                own.append((time.perf_counter() - start) * 1e3)
-    return times
+        timed_round = round_index >= warmup
+        for index, run_once in enumerate(run_onces):
+            for call in range(1 + calls_per_round):
+                start = time.perf_counter()
+                run_once()
+                elapsed = (time.perf_counter() - start) * 1e3
+                if timed_round and call == 0:
+                    first_times[index].append(elapsed)
+                if timed_round and (call > 0 or calls_per_round == 0):
+                    times[index].append(elapsed)
+            if timed_round and after_call is not None:
+                after_call(round_index - warmup, index)
+    return times, first_times
 
 
 def mlp_weights(hidden: int) -> int:
@@ -711,7 +776,7 @@ def measure_rates(num_weights: int, repeats: int = 20) -> dict[str, float]:
     stream = jax.jit(lambda x: jax.lax.fori_loop(0, passes, lambda i, v: v * 0.999 + 0.001, x))
     a = jnp.ones((1024, 1024), jnp.float32)
     matmul = jax.jit(lambda a: a @ a)
-    stream_times, matmul_times = time_interleaved(
+    (stream_times, matmul_times), _ = time_interleaved(
         [lambda: jax.block_until_ready(stream(x)), lambda: jax.block_until_ready(matmul(a))],
         repeats,
         3,
@@ -824,6 +889,7 @@ def run_ablation(
     *,
     repeats: int = 20,
     warmup: int = 3,
+    calls_per_round: int = 4,
     batch_size: int = 128,
     seed: int = 0,
     log: Callable[[str], None] | None = None,
@@ -836,8 +902,10 @@ def run_ablation(
     Args:
       base_config: the MNIST config.
       hidden: the widths H.
-      repeats: timed rounds (one call of every line each).
-      warmup: untimed calls.
+      repeats: timed rounds (each line's calls back to back in each).
+      warmup: untimed rounds.
+      calls_per_round: timed calls of each line per round, after one untimed call; 0 times
+        single cold calls.
       batch_size: B.
       seed: for the random batch.
       log: called with one line per finished line, or None.
@@ -853,8 +921,13 @@ def run_ablation(
         compiled = [
             compile_ablation_line(line, base_config, batch) for line in ablation_lines(width)
         ]
-        times = time_interleaved([run_once for _, run_once in compiled], repeats, warmup)
-        lines = [{**r, **_summary(t)} for (r, _), t in zip(compiled, times, strict=True)]
+        times, first_times = time_interleaved(
+            [run_once for _, run_once in compiled], repeats, warmup, calls_per_round
+        )
+        lines = [
+            {**r, **_summary(t, first, calls_per_round)}
+            for (r, _), t, first in zip(compiled, times, first_times, strict=True)
+        ]
         del compiled  # Frees the lines' states before the next width.
         ms = {r["ablation"]: r["ms_per_step"] for r in lines}
         for r in lines:
@@ -1123,7 +1196,8 @@ def format_table(records: Sequence[dict[str, Any]]) -> str:
     """
     header = (
         "| system | H | K | estimator | prior / KL | noise | dtype | compile s | ms/step | "
-        "[q25, q75] | examples/s | × floor | × own floor | epoch s | loop overhead |"
+        "[q25, q75] | first call | examples/s | × floor | × own floor | epoch s | "
+        "loop overhead |"
     )
     lines = [header, "|" + "--|" * (header.count("|") - 1)]
     for r in records:
@@ -1134,7 +1208,8 @@ def format_table(records: Sequence[dict[str, Any]]) -> str:
             f"| {system} | {r['hidden']} | {r['num_samples']} | {r['estimator']} | "
             f"{r['prior']} / {r['kl']} | {r['noise']} | {r.get('dtype', 'float32')} | "
             f"{_cell(r.get('compile_s'), '.1f')} | "
-            f"{r['ms_per_step']:.2f} | {spread} | {r['examples_per_s']:,.0f} | "
+            f"{r['ms_per_step']:.2f} | {spread} | "
+            f"{_cell(r.get('ms_per_step_first_call'), '.2f')} | {r['examples_per_s']:,.0f} | "
             f"{_cell(r.get('ratio_to_deterministic'), '.2f')} | "
             f"{_cell(r.get('ratio_to_own_floor'), '.2f')} | {_cell(r.get('epoch_s'), '.2f')} | "
             f"{'–' if overhead is None else f'{overhead:+.1f}%'} |"
@@ -1196,6 +1271,7 @@ def run(
     dtypes: Sequence[str] = ("float32",),
     repeats: int = 20,
     warmup: int = 3,
+    calls_per_round: int = 4,
     epoch_repeats: int = 1,
     epoch_examples: int | None = None,
     batch_size: int = 128,
@@ -1217,8 +1293,11 @@ def run(
     Args:
       base_config: the MNIST config (configs/mnist.py).
       hidden, num_samples, estimators, priors, noises, dtypes: the grid (`benchmark_grid`).
-      repeats: timed steps per configuration.
-      warmup: untimed steps after compilation.
+      repeats: timed rounds per configuration (`time_interleaved`).
+      warmup: untimed rounds after compilation.
+      calls_per_round: timed steps of a configuration per round, back to back after one
+        untimed call; 0 times one cold call per round. The peer, whose steps all run back to
+        back, is timed for as many steps.
       epoch_repeats: timed epochs per configuration; 0 skips the epoch.
       epoch_examples: N of an epoch; None takes `EPOCH_EXAMPLES`.
       batch_size: B.
@@ -1238,6 +1317,7 @@ def run(
     """
     for host_memory in peer_host_memory:  # before any timing
         check_choice("peer_host_memory", host_memory, HOST_MEMORY)
+    check_timing(repeats, warmup, calls_per_round, 0 if ablation else epoch_repeats)
     if list_only:
         if ablation:
             records = [
@@ -1255,7 +1335,13 @@ def run(
     out(format_machine(info))
     if ablation:
         records = run_ablation(
-            base_config, hidden, repeats=repeats, warmup=warmup, batch_size=batch_size, log=log
+            base_config,
+            hidden,
+            repeats=repeats,
+            warmup=warmup,
+            calls_per_round=calls_per_round,
+            batch_size=batch_size,
+            log=log,
         )
         out(format_ablation(records))
     else:
@@ -1265,6 +1351,7 @@ def run(
             base_config,
             repeats=repeats,
             warmup=warmup,
+            calls_per_round=calls_per_round,
             epoch_repeats=epoch_repeats,
             epoch_examples=epoch_examples,
             batch_size=batch_size,
@@ -1275,7 +1362,7 @@ def run(
                 peer_python,
                 hidden,
                 num_samples,
-                repeats=repeats,
+                repeats=repeats * max(1, calls_per_round),
                 warmup=warmup,
                 batch_size=batch_size,
                 threads=peer_threads,
@@ -1285,7 +1372,9 @@ def run(
         add_ratios(records)
         out(format_table(records))
         out(
-            "\n× floor: ms/step over bbb's deterministic MLP of the same H, timed in this run. "
+            "\nms/step: steps back to back (warm caches); first call: a round's first step, after "
+            "the other configurations' (cold caches). "
+            "× floor: ms/step over bbb's deterministic MLP of the same H, timed in this run. "
             "× own floor: over the same system's plain MLP. Loop overhead: epoch wall time "
             "over (steps × median step) − 1."
         )

@@ -7,7 +7,9 @@
   python scripts/benchmark.py --peer --peer_python=.venv-peer/bin/python --json=bench.json
 
 The MLP 784-H-H-10, batch 128, Adam, on random MNIST-shaped data: the real jitted train_step
-(state donated; compilation timed apart; the median of --repeats calls) and the real epoch
+(state donated; compilation timed apart; configurations interleaved in --repeats rounds, each
+running a configuration's step back to back --calls_per_round times after one untimed call;
+the median) and the real epoch
 loop (390 steps of 128); every time also as a ratio to the deterministic MLP of the same H in
 the same run. What each number means is in bbb/benchmark.py. The peer's environment:
 
@@ -41,8 +43,16 @@ _NOISES = flags.DEFINE_list(
 _DTYPES = flags.DEFINE_list(
     "dtypes", ["float32"], "Compute dtypes of the hidden layers (model.dtype): float32, bfloat16."
 )
-_REPEATS = flags.DEFINE_integer("repeats", 20, "Timed steps per configuration (the median).")
-_WARMUP = flags.DEFINE_integer("warmup", 3, "Untimed steps after compilation.")
+_REPEATS = flags.DEFINE_integer(
+    "repeats", 20, "Timed rounds per configuration, the configurations interleaved."
+)
+_WARMUP = flags.DEFINE_integer("warmup", 3, "Untimed rounds after compilation.")
+_CALLS_PER_ROUND = flags.DEFINE_integer(
+    "calls_per_round",
+    4,
+    "Timed steps of a configuration per round, back to back after one untimed call (warm "
+    "caches, as in training); 0 times one cold call per round.",
+)
 _EPOCH_REPEATS = flags.DEFINE_integer(
     "epoch_repeats", 1, "Timed epochs (390 steps) per configuration; 0 skips the epoch."
 )
@@ -104,6 +114,7 @@ def main(argv):
             dtypes=_DTYPES.value,
             repeats=_REPEATS.value,
             warmup=_WARMUP.value,
+            calls_per_round=_CALLS_PER_ROUND.value,
             epoch_repeats=_value(_EPOCH_REPEATS, 0),
             epoch_examples=_EPOCH_EXAMPLES.value,
             batch_size=_BATCH_SIZE.value,

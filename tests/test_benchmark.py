@@ -162,9 +162,9 @@ def test_smoke_run_returns_complete_records_and_writes_json(tmp_path, monkeypatc
     lines, rounds = [], []
     real = benchmark.time_interleaved
 
-    def spy(run_onces, repeats, warmup):
-        rounds.append((len(run_onces), repeats, warmup))
-        return real(run_onces, repeats, warmup)
+    def spy(run_onces, repeats, warmup, calls_per_round, after_call):
+        rounds.append((len(run_onces), repeats, warmup, calls_per_round))
+        return real(run_onces, repeats, warmup, calls_per_round, after_call)
 
     monkeypatch.setattr(benchmark, "time_interleaved", spy)
     records = benchmark.run(
@@ -176,7 +176,8 @@ def test_smoke_run_returns_complete_records_and_writes_json(tmp_path, monkeypatc
         noises=("jax",),
         repeats=3,
         warmup=1,
-        epoch_repeats=1,
+        calls_per_round=2,
+        epoch_repeats=2,
         batch_size=64,
         json_path=str(path),
         out=lines.append,
@@ -191,11 +192,13 @@ def test_smoke_run_returns_complete_records_and_writes_json(tmp_path, monkeypatc
         )
     ]
     # The steps of each (H, K) group are timed together, in interleaved rounds.
-    assert rounds == [(2, 3, 1), (1, 3, 1), (2, 3, 1), (1, 3, 1)]
+    assert rounds == [(2, 3, 1, 2), (1, 3, 1, 2), (2, 3, 1, 2), (1, 3, 1, 2)]
     for r in records:
         assert RECORD_KEYS <= set(r)
         assert r["repeats"] == 3 and r["batch_size"] == 64 and r["epoch_steps"] == 4
-        for field in ("ms_per_step", "examples_per_s", "compile_s", "epoch_s", "epoch_compile_s"):
+        assert r["calls_per_round"] == 2 and r["timed_calls"] == 6
+        fields = ("ms_per_step", "ms_per_step_first_call", "examples_per_s", "compile_s")
+        for field in (*fields, "epoch_s", "epoch_compile_s"):
             assert r[field] > 0, field
         assert np.isfinite(r["host_overhead_pct"])
         floor = next(f for f in records if f["hidden"] == r["hidden"])
@@ -347,16 +350,18 @@ def test_ablation_runs_every_line_interleaved_and_breaks_the_step_down(monkeypat
     calls = []
     real = benchmark.time_interleaved
 
-    def spy(run_onces, repeats, warmup):
-        calls.append((len(run_onces), repeats, warmup))
-        return real(run_onces, repeats, warmup)
+    def spy(run_onces, repeats, warmup, calls_per_round=0, after_call=None):
+        calls.append((len(run_onces), repeats, warmup, calls_per_round))
+        return real(run_onces, repeats, warmup, calls_per_round, after_call)
 
     monkeypatch.setattr(benchmark, "time_interleaved", spy)
-    records = benchmark.run_ablation(mnist.get_config(), (8,), repeats=2, warmup=0, batch_size=4)
+    records = benchmark.run_ablation(
+        mnist.get_config(), (8,), repeats=2, warmup=0, calls_per_round=1, batch_size=4
+    )
     lines = [r for r in records if r["kind"] == "ablation"]
     parts = [r for r in records if r["kind"] == "breakdown"]
     # The lines in one set of rounds; then the two rate measurements (3 warm-up rounds).
-    assert calls == [(len(benchmark.ablation_lines(8)), 2, 0), (2, 2, 3)]
+    assert calls == [(len(benchmark.ablation_lines(8)), 2, 0, 1), (2, 2, 3, 0)]
     assert [r["ablation"] for r in lines] == [line.name for line in benchmark.ablation_lines(8)]
     assert all(r["repeats"] == 2 and r["ms_per_step"] > 0 for r in lines)
     assert {p["key"] for p in parts} == {
@@ -374,11 +379,49 @@ def test_ablation_runs_every_line_interleaved_and_breaks_the_step_down(monkeypat
 
 def test_interleaved_timing_calls_each_function_once_per_round():
     order = []
-    times = benchmark.time_interleaved(
+    times, first = benchmark.time_interleaved(
         [lambda: order.append("a"), lambda: order.append("b")], repeats=3, warmup=1
     )
     assert order == ["a", "b"] * 4
-    assert [len(t) for t in times] == [3, 3]
+    assert [len(t) for t in times] == [3, 3] and first == times
+
+
+def test_interleaved_timing_runs_warm_calls_back_to_back_and_times_them_apart(monkeypatch):
+    order, epochs, now = [], [], [0.0]
+    monkeypatch.setattr(benchmark.time, "perf_counter", lambda: now[0])
+
+    def call(name, seconds):
+        def run():
+            order.append(name)
+            now[0] += seconds if len(order) % 3 else 10 * seconds  # Every third call is slow.
+
+        return run
+
+    times, first = benchmark.time_interleaved(
+        [call("a", 1.0), call("b", 2.0)],
+        repeats=2,
+        warmup=1,
+        calls_per_round=2,
+        after_call=lambda r, i: epochs.append((r, i)),
+    )
+    # Each round: a three times, then b three times; after each function's calls in a timed
+    # round, the hook (where the benchmark times that case's epoch).
+    assert order == (["a"] * 3 + ["b"] * 3) * 3
+    assert epochs == [(0, 0), (0, 1), (1, 0), (1, 1)]
+    # The first call of each round apart, the two after it as the function's times.
+    assert first == [[1e3, 1e3], [2e3, 2e3]]
+    assert times == [[1e3, 10e3, 1e3, 10e3], [2e3, 20e3, 2e3, 20e3]]
+
+
+def test_timing_settings_are_checked_before_any_compute(capsys):
+    for kwargs, field in (
+        ({"repeats": 0}, "repeats"),
+        ({"calls_per_round": -1}, "calls_per_round"),
+        ({"repeats": 2, "epoch_repeats": 3}, "epoch_repeats"),
+    ):
+        with pytest.raises(ConfigError, match=field):
+            benchmark.run(mnist.get_config(), hidden=(8,), num_samples=(1,), **kwargs)
+    assert "machine:" not in capsys.readouterr().out
 
 
 def test_peer_script_names_nothing_it_does_not_define(tmp_path):
