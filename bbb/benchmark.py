@@ -391,7 +391,10 @@ def add_ratios(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     `ratio_to_deterministic` divides by bbb's floor (the plain JAX MLP), the same reference for
     every system; `ratio_to_own_floor` by the floor of the record's own system (torch's plain
     MLP for bayesian-torch). Both are None where the floor was not timed in this run. Records
-    without a dtype (the peer's) are float32.
+    without a dtype (the peer's) are float32. Each of bbb's Bayesian records also gets
+    `peer_speedup`: for each of the peer's malloc policies timed ("default", "kept"), the
+    peer's step at the same H and K over this one (how many times faster bbb is), the ratios
+    the targets are stated in.
 
     Args:
       records: results of one run (bbb's and the peer's); changed in place.
@@ -413,6 +416,18 @@ def add_ratios(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
         own_floor = floors.get((own.get(r["system"]), r["hidden"], r.get("host_memory"), dtype))
         r["ratio_to_deterministic"] = r["ms_per_step"] / floor if floor else None
         r["ratio_to_own_floor"] = r["ms_per_step"] / own_floor if own_floor else None
+    peers = {
+        (r["hidden"], r["num_samples"], r.get("host_memory")): r["ms_per_step"]
+        for r in records
+        if r["system"] == "bayesian-torch"
+    }
+    for r in records:
+        if r["system"] == "bbb" and r["estimator"] != DETERMINISTIC and r.get("kind") != "ablation":
+            r["peer_speedup"] = {
+                memory: peers[(r["hidden"], r["num_samples"], memory)] / r["ms_per_step"]
+                for memory in HOST_MEMORY
+                if (r["hidden"], r["num_samples"], memory) in peers
+            }
     return records
 
 
@@ -1185,6 +1200,16 @@ def _cell(value: Any, fmt: str) -> str:
     return "–" if value is None else format(value, fmt)
 
 
+def _peer_cell(record: dict[str, Any]) -> str:
+    """ "a / b": the peer's step over this one, as shipped / malloc kept (`add_ratios`)."""
+    speedup = record.get("peer_speedup") or {}
+    return (
+        " / ".join(f"{speedup[m]:.2f}×" if m in speedup else "–" for m in ("default", "kept"))
+        if speedup
+        else "–"
+    )
+
+
 def format_table(records: Sequence[dict[str, Any]]) -> str:
     """The grid's and the peer's records as a Markdown table, with the ratios to the floors.
 
@@ -1197,7 +1222,7 @@ def format_table(records: Sequence[dict[str, Any]]) -> str:
     header = (
         "| system | H | K | estimator | prior / KL | noise | dtype | compile s | ms/step | "
         "[q25, q75] | first call | examples/s | × floor | × own floor | epoch s | "
-        "loop overhead |"
+        "loop overhead | bayesian-torch ÷ this |"
     )
     lines = [header, "|" + "--|" * (header.count("|") - 1)]
     for r in records:
@@ -1212,7 +1237,7 @@ def format_table(records: Sequence[dict[str, Any]]) -> str:
             f"{_cell(r.get('ms_per_step_first_call'), '.2f')} | {r['examples_per_s']:,.0f} | "
             f"{_cell(r.get('ratio_to_deterministic'), '.2f')} | "
             f"{_cell(r.get('ratio_to_own_floor'), '.2f')} | {_cell(r.get('epoch_s'), '.2f')} | "
-            f"{'–' if overhead is None else f'{overhead:+.1f}%'} |"
+            f"{'–' if overhead is None else f'{overhead:+.1f}%'} | {_peer_cell(r)} |"
         )
     return "\n".join(lines)
 
@@ -1376,7 +1401,8 @@ def run(
             "the other configurations' (cold caches). "
             "× floor: ms/step over bbb's deterministic MLP of the same H, timed in this run. "
             "× own floor: over the same system's plain MLP. Loop overhead: epoch wall time "
-            "over (steps × median step) − 1."
+            "over (steps × median step) − 1. bayesian-torch ÷ this: the peer's step at the "
+            "same H and K over this one, the peer as shipped / under bbb's malloc policies."
         )
     for record in records:
         record["machine"] = info

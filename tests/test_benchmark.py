@@ -310,9 +310,27 @@ def test_peer_runs_under_the_malloc_policy_asked_for(tmp_path, monkeypatch):
     assert {r["host_memory"] for r in default} == {"default"}
     assert {r["host_memory"] for r in kept} == {"kept"}
     kept[0]["ms_per_step"] = 3.0  # the kept torch floor: bayesian-torch (kept) is 4x it
-    benchmark.add_ratios(default + kept)
-    assert [r["ratio_to_own_floor"] for r in default + kept] == [1.0, 3.0, 1.0, 4.0]
-    assert "bayesian-torch (malloc kept)" in benchmark.format_table(default + kept)
+    kept[1]["ms_per_step"] = 9.0
+    ours = {
+        "kind": "grid",
+        "system": "bbb",
+        "hidden": 8,
+        "num_samples": 1,
+        "estimator": "local_reparam",
+        "prior": "gaussian",
+        "kl": "closed_form",
+        "noise": "hash",
+        "examples_per_s": 1.0,
+        **benchmark._summary([3.0]),
+    }
+    other_k = {**ours, "num_samples": 2}
+    benchmark.add_ratios(default + kept + [ours, other_k])
+    assert [r["ratio_to_own_floor"] for r in default + kept] == [1.0, 3.0, 1.0, 3.0]
+    # The peer's step at the same H and K over bbb's: 12 / 3 as shipped, 9 / 3 with bbb's malloc.
+    assert ours["peer_speedup"] == {"default": 4.0, "kept": 3.0}
+    assert other_k["peer_speedup"] == {}
+    table = benchmark.format_table(default + kept + [ours])
+    assert "bayesian-torch (malloc kept)" in table and "| 4.00× / 3.00× |" in table
 
 
 def test_a_bad_peer_malloc_policy_fails_before_any_timing():
