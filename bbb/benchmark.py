@@ -391,10 +391,10 @@ def add_ratios(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     `ratio_to_deterministic` divides by bbb's floor (the plain JAX MLP), the same reference for
     every system; `ratio_to_own_floor` by the floor of the record's own system (torch's plain
     MLP for bayesian-torch). Both are None where the floor was not timed in this run. Records
-    without a dtype (the peer's) are float32. Each of bbb's Bayesian records also gets
-    `peer_speedup`: for each of the peer's malloc policies timed ("default", "kept"), the
-    peer's step at the same H and K over this one (how many times faster bbb is), the ratios
-    the targets are stated in.
+    without a dtype (the peer's) are float32. Each of bbb's records that does the peer's work
+    (Gaussian prior, closed-form KL) also gets `peer_speedup`: for each of the peer's malloc
+    policies timed ("default", "kept"), the peer's step at the same H and K over this one (how
+    many times faster bbb is), the ratios the targets are stated in.
 
     Args:
       records: results of one run (bbb's and the peer's); changed in place.
@@ -422,7 +422,8 @@ def add_ratios(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
         if r["system"] == "bayesian-torch"
     }
     for r in records:
-        if r["system"] == "bbb" and r["estimator"] != DETERMINISTIC and r.get("kind") != "ablation":
+        same_work = (r.get("prior"), r.get("kl")) == ("gaussian", "closed_form")
+        if r["system"] == "bbb" and same_work and r.get("kind") != "ablation":
             r["peer_speedup"] = {
                 memory: peers[(r["hidden"], r["num_samples"], memory)] / r["ms_per_step"]
                 for memory in HOST_MEMORY

@@ -324,11 +324,12 @@ def test_peer_runs_under_the_malloc_policy_asked_for(tmp_path, monkeypatch):
         **benchmark._summary([3.0]),
     }
     other_k = {**ours, "num_samples": 2}
-    benchmark.add_ratios(default + kept + [ours, other_k])
+    other_work = {**ours, "prior": "scale_mixture", "kl": "mc"}
+    benchmark.add_ratios(default + kept + [ours, other_k, other_work])
     assert [r["ratio_to_own_floor"] for r in default + kept] == [1.0, 3.0, 1.0, 3.0]
     # The peer's step at the same H and K over bbb's: 12 / 3 as shipped, 9 / 3 with bbb's malloc.
     assert ours["peer_speedup"] == {"default": 4.0, "kept": 3.0}
-    assert other_k["peer_speedup"] == {}
+    assert other_k["peer_speedup"] == {} and "peer_speedup" not in other_work
     table = benchmark.format_table(default + kept + [ours])
     assert "bayesian-torch (malloc kept)" in table and "| 4.00× / 3.00× |" in table
 
