@@ -34,7 +34,7 @@ def parse_flags_or_exit(argv: list[str]) -> list[str]:
         sys.exit(EXIT_BAD_INPUT)
     except (KeyError, AttributeError, TypeError, ValueError) as e:
         # ml_collections raises these for unknown fields and wrong types in --config.x=y.
-        print(f"error: bad config override: {e}", file=sys.stderr)
+        print(f"error: {describe_bad_override(argv, e)}", file=sys.stderr)
         sys.exit(EXIT_BAD_INPUT)
     # absl's INFO lines (Orbax's per-checkpoint reports, TFDS, JAX's platform probe: over a
     # hundred per run) would bury the progress bar; warnings still show, `--verbosity=0`
@@ -49,6 +49,36 @@ def parse_flags_or_exit(argv: list[str]) -> list[str]:
     hostmem.restart_with_huge_pages()
     hostmem.keep_freed_memory()
     return remaining
+
+
+def describe_bad_override(argv: list[str], error: Exception) -> str:
+    """A readable message for an override that ml_collections refused.
+
+    An unknown field (a KeyError) is named with the override that caused it, and with
+    ml_collections' own "Did you mean" where it has one.
+
+    Args:
+      argv: the command line.
+      error: what ml_collections raised.
+
+    Returns:
+      The message.
+    """
+    # ml_collections wraps the KeyError in an AttributeError on the way out.
+    cause = error.args[0] if error.args and isinstance(error.args[0], KeyError) else error
+    if not isinstance(cause, KeyError) or not cause.args:
+        return f"bad config override: {error}"
+    text = str(cause.args[0])
+    missing = text.splitlines()[0].strip("'\"")
+    for arg in argv[1:]:
+        name = arg.split("=", 1)[0].lstrip("-")
+        parts = name.split(".")
+        if len(parts) < 2 or missing not in parts[1:]:
+            continue
+        path = ".".join(parts[1 : parts.index(missing, 1) + 1])
+        hint = " ".join(text.splitlines()[1:])
+        return f"config field {path} does not exist (from {arg})" + (f". {hint}" if hint else "")
+    return f"bad config override: unknown config field {missing!r}"
 
 
 def run_or_exit(fn: Callable[[], Any]) -> Any:

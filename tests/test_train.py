@@ -340,8 +340,30 @@ def test_cli_misspelt_field_exits_2(tmp_path):
     (workdir / "keep.txt").write_text("precious")
     result = _cli("--config=configs/test.py", f"--workdir={workdir}", "--config.prior.nmae=x")
     assert result.returncode == 2, result.stderr[-2000:]
-    assert "nmae" in result.stderr
+    assert (
+        'config field prior.nmae does not exist (from --config.prior.nmae=x). Did you mean "name"'
+        in result.stderr
+    )
     assert sorted(os.listdir(workdir)) == ["keep.txt"]
+
+
+def test_bad_override_messages_name_the_field_and_the_flag():
+    from bbb.cli import describe_bad_override
+
+    argv = ["train.py", "--config=configs/test.py", "--config.optim.lr=1", "--config.foo.bar=2"]
+    # ml_collections raises AttributeError(KeyError("'name'\nDid you mean ...")).
+    hinted = AttributeError(KeyError('\'lr\'\nDid you mean "learning_rate" instead of "lr"?'))
+    assert describe_bad_override(argv, hinted) == (
+        "config field optim.lr does not exist (from --config.optim.lr=1). "
+        'Did you mean "learning_rate" instead of "lr"?'
+    )
+    assert describe_bad_override(argv, AttributeError(KeyError("'foo'"))) == (
+        "config field foo does not exist (from --config.foo.bar=2)"
+    )
+    assert describe_bad_override(argv, KeyError("'zzz'")) == (
+        "bad config override: unknown config field 'zzz'"
+    )
+    assert describe_bad_override(argv, TypeError("bad type")) == "bad config override: bad type"
 
 
 @pytest.mark.parametrize(
