@@ -19,8 +19,8 @@ from bbb.errors import ConfigError
 from bbb.models import DTYPES
 from bbb.posterior import MeanFieldGaussian
 from configs import mnist
+from tests.conftest import REPO
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RECORD_KEYS = {
     "model",
     "hidden",

@@ -23,8 +23,8 @@ from bbb import cli, evaluation, train
 from bbb import posterior as posterior_lib
 from bbb.models import make_model
 from configs import test as test_config
+from tests.conftest import REPO
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NUM_TRAIN, NUM_TEST = 256, 64
 
 pytestmark = pytest.mark.usefixtures("fast_compile")

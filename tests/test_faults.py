@@ -18,9 +18,9 @@ import pytest
 from bbb import train
 from bbb.workdir import WorkdirError
 from configs import test as test_config
+from tests.conftest import REPO
 from tests.test_train import _cached_load, _digest, _read_metrics
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LONG_RUN = [
     "--config.num_epochs=24",
     "--config.eval.every_epochs=12",

@@ -20,8 +20,7 @@ from bbb import train
 from bbb.errors import ConfigError
 from bbb.workdir import WorkdirError
 from configs import test as test_config
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.conftest import REPO
 
 
 @pytest.fixture(autouse=True)
