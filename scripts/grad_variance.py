@@ -2,7 +2,9 @@
 
   python scripts/grad_variance.py --workdir=runs/mnist --num_draws=100
 
-Writes workdir/grad_variance.md and workdir/grad_variance.json.
+For the free energy's gradient and for the expected log-likelihood's alone (--terms), the
+estimators differing only in the second. Writes workdir/grad_variance.md and
+workdir/grad_variance.json ({"step", "num_draws", "terms": {term: {estimator: {layer: var}}}}).
 """
 
 import json
@@ -22,6 +24,11 @@ _NUM_DRAWS = flags.DEFINE_integer("num_draws", 100, "Draws of (minibatch, noise)
 _ESTIMATORS = flags.DEFINE_list(
     "estimators", ["reparam", "per_example", "local_reparam", "flipout"], "Estimators."
 )
+_TERMS = flags.DEFINE_list(
+    "terms",
+    ["free_energy", "likelihood"],
+    "Gradients measured: the free energy's, and/or the expected log-likelihood's alone.",
+)
 flags.mark_flags_as_required(["workdir"])
 
 
@@ -30,31 +37,36 @@ def main(argv):
     from bbb import grad_variance, train
 
     def run():
+        from bbb.errors import check_choice
+
+        for estimator in _ESTIMATORS.value:  # before loading anything
+            check_choice("estimators", estimator, grad_variance.ESTIMATORS)
+        for term in _TERMS.value:
+            check_choice("terms", term, grad_variance.TERMS)
         experiment, state = train.load_run(_WORKDIR.value)
         x, y = train.load_data(experiment.config)["train"]
         data = (jnp.asarray(x), jnp.asarray(y))
-        results = {}
-        for estimator in _ESTIMATORS.value:
-            results[estimator] = grad_variance.gradient_variance(
-                experiment.free_energy,
-                state.params,
-                data,
-                jax.random.key(0),
-                estimator=estimator,
-                batch_size=experiment.config.batch_size,
-                num_draws=_NUM_DRAWS.value,
-            )
-            print(estimator, results[estimator], flush=True)
-        table = grad_variance.variance_table(results)
-        header = (
-            f"Var[dF/dmu] per layer (mean over its parameters), {_NUM_DRAWS.value} draws of "
-            f"minibatch and noise, at step {int(state.step)} of {_WORKDIR.value}.\n\n"
-        )
+        results = {term: {} for term in _TERMS.value}
+        for term in _TERMS.value:
+            for estimator in _ESTIMATORS.value:
+                results[term][estimator] = grad_variance.gradient_variance(
+                    experiment.free_energy,
+                    state.params,
+                    data,
+                    jax.random.key(0),
+                    estimator=estimator,
+                    batch_size=experiment.config.batch_size,
+                    num_draws=_NUM_DRAWS.value,
+                    term=term,
+                )
+                print(term, estimator, results[term][estimator], flush=True)
+        step = int(state.step)
+        report = grad_variance.variance_report(results, _NUM_DRAWS.value, step, _WORKDIR.value)
         with open(os.path.join(_WORKDIR.value, "grad_variance.md"), "w") as f:
-            f.write(header + table)
+            f.write(report)
         with open(os.path.join(_WORKDIR.value, "grad_variance.json"), "w") as f:
-            json.dump({"step": int(state.step), "num_draws": _NUM_DRAWS.value, **results}, f)
-        print(header + table)
+            json.dump({"step": step, "num_draws": _NUM_DRAWS.value, "terms": results}, f)
+        print(report)
 
     cli.run_or_exit(run)
 
