@@ -57,6 +57,7 @@ def gradient_variance(
     batch_size: int,
     num_draws: int,
     term: str = "free_energy",
+    fixed_batch: bool = False,
 ) -> dict[str, float]:
     """Var[∂F̂/∂μ] across draws of minibatch and noise, averaged over each layer's parameters.
 
@@ -70,6 +71,8 @@ def gradient_variance(
       num_draws: how many (minibatch, noise) draws.
       term: "free_energy" (∂F̂/∂μ) or "likelihood" (the expected negative log-likelihood's
         gradient alone: the KL weighted by 0).
+      fixed_batch: draw the noise only, on one minibatch (the same for every draw and every
+        estimator), so that the variance is the estimator's own and not the minibatch's.
 
     Returns:
       {layer path: mean variance} for the μ of every parameter array.
@@ -90,6 +93,8 @@ def gradient_variance(
     @jax.jit
     def one_draw(params, x, y, k):
         k_batch, k_noise = jax.random.split(k)
+        if fixed_batch:
+            k_batch = key
         indices = jax.random.choice(k_batch, x.shape[0], (batch_size,), replace=False)
         grads = jax.grad(loss_fn)(params, (x[indices], y[indices]), k_noise)
         return grads["posterior"].mu
@@ -121,7 +126,11 @@ def variance_table(results: dict[str, dict[str, float]]) -> str:
 
 
 def variance_report(
-    results: dict[str, dict[str, dict[str, float]]], num_draws: int, step: int, workdir: str
+    results: dict[str, dict[str, dict[str, float]]],
+    num_draws: int,
+    step: int,
+    workdir: str,
+    fixed_batch: bool = False,
 ) -> str:
     """The Markdown report of `scripts/grad_variance.py`: one table per term.
 
@@ -130,6 +139,7 @@ def variance_report(
       num_draws: the draws behind each variance.
       step: the checkpoint's step.
       workdir: the run measured.
+      fixed_batch: whether the draws were of the noise alone, on one minibatch.
 
     Returns:
       The report.
@@ -139,7 +149,8 @@ def variance_report(
         "likelihood": "Var of the expected negative log-likelihood's gradient alone (KL weight 0)",
     }
     parts = [
-        f"Per layer (mean over its parameters), {num_draws} draws of minibatch and noise, at "
+        f"Per layer (mean over its parameters), {num_draws} draws of "
+        f"{'noise, on one fixed minibatch' if fixed_batch else 'minibatch and noise'}, at "
         f"step {step} of {workdir}.\n"
     ]
     for term, by_estimator in results.items():

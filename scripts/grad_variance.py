@@ -29,6 +29,12 @@ _TERMS = flags.DEFINE_list(
     ["free_energy", "likelihood"],
     "Gradients measured: the free energy's, and/or the expected log-likelihood's alone.",
 )
+_FIXED_BATCH = flags.DEFINE_boolean(
+    "fixed_batch",
+    False,
+    "Draw the noise only, on one fixed minibatch: the estimator's own variance, without the "
+    "minibatch's.",
+)
 flags.mark_flags_as_required(["workdir"])
 
 
@@ -58,14 +64,25 @@ def main(argv):
                     batch_size=experiment.config.batch_size,
                     num_draws=_NUM_DRAWS.value,
                     term=term,
+                    fixed_batch=_FIXED_BATCH.value,
                 )
                 print(term, estimator, results[term][estimator], flush=True)
         step = int(state.step)
-        report = grad_variance.variance_report(results, _NUM_DRAWS.value, step, _WORKDIR.value)
+        report = grad_variance.variance_report(
+            results, _NUM_DRAWS.value, step, _WORKDIR.value, _FIXED_BATCH.value
+        )
         with open(os.path.join(_WORKDIR.value, "grad_variance.md"), "w") as f:
             f.write(report)
         with open(os.path.join(_WORKDIR.value, "grad_variance.json"), "w") as f:
-            json.dump({"step": step, "num_draws": _NUM_DRAWS.value, "terms": results}, f)
+            json.dump(
+                {
+                    "step": step,
+                    "num_draws": _NUM_DRAWS.value,
+                    "fixed_batch": _FIXED_BATCH.value,
+                    "terms": results,
+                },
+                f,
+            )
         print(report)
 
     cli.run_or_exit(run)

@@ -91,3 +91,33 @@ def test_likelihood_term_leaves_out_the_kl_and_only_the_kl(problem):
     assert report.count("| reparam |") == 2 and "KL weight 0" in report and "step 7" in report
     with pytest.raises(ConfigError, match="term"):
         measure(fe, "kl")
+
+
+def test_fixed_batch_leaves_only_the_estimators_noise(problem):
+    """On one fixed minibatch a point estimate has no variance at all (sampled minibatches do);
+    and per-example noise beats one shared weight sample by more than with minibatch noise."""
+    fe, params, data = problem
+    point = {**params, "posterior": posterior.PointEstimate(params["posterior"].mu)}
+
+    def measure(p, estimator, fixed):
+        return grad_variance.gradient_variance(
+            fe,
+            p,
+            data,
+            jax.random.key(5),
+            estimator=estimator,
+            batch_size=32,
+            num_draws=100,
+            term="likelihood",
+            fixed_batch=fixed,
+        )
+
+    layer = "['Dense_0']['kernel']"
+    assert all(v < 1e-12 for v in measure(point, "reparam", True).values())
+    assert measure(point, "reparam", False)[layer] > 1e-6
+    fixed = {e: measure(params, e, True)[layer] for e in ("reparam", "local_reparam")}
+    sampled = {e: measure(params, e, False)[layer] for e in ("reparam", "local_reparam")}
+    assert fixed["local_reparam"] < fixed["reparam"]
+    assert fixed["local_reparam"] / fixed["reparam"] < sampled["local_reparam"] / sampled["reparam"]
+    report = grad_variance.variance_report({"likelihood": {"r": {layer: 1.0}}}, 9, 1, "wd", True)
+    assert "noise, on one fixed minibatch" in report
