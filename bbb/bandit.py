@@ -831,6 +831,174 @@ def results_table(summary: dict[str, dict[str, Any]], num_steps: int, num_seeds:
     return "\n".join(lines) + "\n"
 
 
+# Pooling finished runs -----------------------------------------------------------------------
+
+REFERENCE_AGENT = "BBB (Thompson)"
+# Config fields that do not change what an agent meets or does: where the data are, how the
+# run logs and checkpoints, which agents ran beside it (an agent's streams depend only on the
+# root seed, the seed's index and its own index), and the seeds themselves.
+_POOL_IGNORED = ("seed", "num_seeds", "progress", "chunk_steps", "checkpoint_every_chunks")
+_POOL_IGNORED_PREFIXES = ("agents.", "data.")
+
+
+def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+AGENT_KINDS = ("thompson", "greedy")  # Bayes by Backprop; the ε-greedy agents.
+
+
+def _agent_kind(name: str) -> str:
+    return "thompson" if name == REFERENCE_AGENT else "greedy"
+
+
+def pool_runs(workdirs: list[str]) -> dict[str, Any]:
+    """The per-seed results of several finished runs, pooled by agent and seed.
+
+    A seed is (config.seed, the seed's index in its run): the mushrooms and coin flips of a seed
+    are the same for every agent of every run of it (`_families`), so agents are compared in
+    pairs on the same interactions. An agent that ran on the same seed in two runs (ε-greedy
+    beside two configurations of Bayes by Backprop) is kept once if the two agree exactly.
+    A workdir written `path:greedy` (or `path:thompson`) gives only those agents: the ε-greedy
+    agents of a run whose Bayes by Backprop had other settings.
+
+    Args:
+      workdirs: finished runs of `bandit_experiment` (their `config.json` and `regret.npz`),
+        each optionally with `:greedy` or `:thompson`.
+
+    Returns:
+      {"workdirs", "num_steps", "agents": {name: {(root seed, index): {"total",
+      "expected_total", "second_half"}}}, "differences": {field: [value per run]}} where
+      `differences` lists the config fields (but seeds, agents, data and logging) that differ
+      between the runs.
+
+    Raises:
+      ConfigError: a workdir holds no finished run, runs differ in length, or the same agent
+        on the same seed gave different results (runs of different configurations).
+    """
+    if not workdirs:
+        raise ConfigError("workdirs", workdirs, "one or more finished bandit runs")
+    agents: dict[str, dict[tuple[int, int], dict[str, float]]] = {}
+    origin: dict[tuple[str, tuple[int, int]], str] = {}
+    configs, steps = [], None
+    for entry in workdirs:
+        workdir, _, kind = entry.rpartition(":")
+        if kind not in AGENT_KINDS:
+            workdir, kind = entry, None
+        paths = [os.path.join(workdir, f) for f in ("config.json", "regret.npz")]
+        if not all(os.path.exists(path) for path in paths):
+            raise ConfigError("workdirs", workdir, "a finished run (config.json and regret.npz)")
+        with open(paths[0]) as f:
+            config = json.load(f)
+        configs.append(_flatten(config))
+        with np.load(paths[1]) as record:
+            names = [str(n) for n in record["names"]]
+            regret, expected = record["regret"], record["expected_regret"]
+        if steps not in (None, regret.shape[-1]):
+            raise ConfigError("workdirs", workdir, f"runs of one length ({steps} interactions)")
+        steps = regret.shape[-1]
+        summary = summarize(names, regret, expected)
+        for name, row in summary.items():
+            if kind is not None and _agent_kind(name) != kind:
+                continue
+            for index, total in enumerate(row["cumulative_regret_per_seed"]):
+                key = (int(config["seed"]), index)
+                result = {
+                    "total": total,
+                    "expected_total": row["cumulative_expected_regret_per_seed"][index],
+                    "second_half": row["second_half_regret_per_step_per_seed"][index],
+                }
+                known = agents.setdefault(name, {}).get(key)
+                if known is not None and known != result:
+                    raise ConfigError(
+                        "workdirs",
+                        workdir,
+                        f"runs that agree where they overlap: {name} on seed {key} has regret "
+                        f"{known['total']:.0f} in {origin[(name, key)]} and {total:.0f} in "
+                        f"{entry}",
+                    )
+                agents[name][key] = result
+                origin.setdefault((name, key), entry)
+    fields = sorted(set().union(*configs))
+    differences = {
+        field: [c.get(field) for c in configs]
+        for field in fields
+        if field not in _POOL_IGNORED
+        and not field.startswith(_POOL_IGNORED_PREFIXES)
+        and len({json.dumps(c.get(field)) for c in configs}) > 1
+    }
+    return {
+        "workdirs": list(workdirs),
+        "num_steps": steps,
+        "agents": {name: dict(sorted(rows.items())) for name, rows in agents.items()},
+        "differences": differences,
+    }
+
+
+def sign_test(wins: int, losses: int) -> float:
+    """Two-sided exact sign test: P(a split at least this uneven | each side ½), ties dropped."""
+    n = wins + losses
+    if n == 0:
+        return 1.0
+    tail = sum(math.comb(n, i) for i in range(min(wins, losses) + 1)) / 2**n
+    return min(1.0, 2 * tail)
+
+
+def pooled_table(pooled: dict[str, Any], reference: str = REFERENCE_AGENT) -> str:
+    """The pooled results as Markdown: each agent over its seeds, then each against `reference`.
+
+    The comparison counts, over the seeds both ran, those where `reference` had the lower
+    cumulative regret, with the two-sided sign test's p-value and the mean difference.
+    """
+    steps = pooled["num_steps"]
+    lines = [
+        f"Pooled from {len(pooled['workdirs'])} runs ({', '.join(pooled['workdirs'])}): "
+        f"cumulative regret at {steps:,} interactions, per seed (config seed / index).",
+        "",
+        "| agent | seeds | mean ± std | per seed | mean regret per step, second half |",
+        "|---|--:|---:|---|--:|",
+    ]
+    for name, rows in pooled["agents"].items():
+        totals = np.array([r["total"] for r in rows.values()])
+        per_seed = ", ".join(f"{k[0]}/{k[1]}: {r['total']:.0f}" for k, r in rows.items())
+        rate = np.mean([r["second_half"] for r in rows.values()])
+        lines.append(
+            f"| {name} | {len(rows)} | {totals.mean():.0f} ± {totals.std():.0f} | {per_seed} "
+            f"| {rate:.3f} |"
+        )
+    ours = pooled["agents"].get(reference)
+    if ours:
+        lines += [
+            "",
+            f"{reference} against each agent, on the seeds both ran:",
+            "",
+            f"| agent | seeds | {reference} lower | sign test p | mean difference (agent − "
+            f"{reference}) |",
+            "|---|--:|--:|--:|--:|",
+        ]
+        for name, rows in pooled["agents"].items():
+            common = [k for k in rows if k in ours and name != reference]
+            if not common:
+                continue
+            diffs = np.array([rows[k]["total"] - ours[k]["total"] for k in common])
+            wins, losses = int((diffs > 0).sum()), int((diffs < 0).sum())
+            lines.append(
+                f"| {name} | {len(common)} | {wins} of {len(common)} | "
+                f"{sign_test(wins, losses):.3g} | {diffs.mean():+.0f} |"
+            )
+    if pooled["differences"]:
+        lines += ["", "The runs' configs differ in (one value per run, in order):", ""]
+        for field, values in pooled["differences"].items():
+            lines.append(f"- `{field}`: " + ", ".join(json.dumps(v) for v in values))
+    return "\n".join(lines) + "\n"
+
+
 # Fields that may change when a run resumes: its length (a finished run can be extended) and
 # the logging and checkpoint cadence. Anything else would change the run's trajectory.
 RESUMABLE_FIELDS = ("num_steps", "progress", "checkpoint_every_chunks")

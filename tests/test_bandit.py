@@ -225,6 +225,84 @@ def test_summary_per_seed_and_second_half_rate():
     assert "| a | 9 ± 6 | 18 ± 12 | 15, 3 | 4.000, 1.000 |" in table
 
 
+def _finished_run(path, seed, names, totals, rho=-5.0):
+    """A finished run's config.json and regret.npz: agent a, seed s loses totals[a][s] in all,
+    spread evenly over 4 interactions."""
+    os.makedirs(path)
+    config = {"seed": seed, "num_seeds": len(totals[0]), "posterior": {"init_rho": rho}}
+    config["data"] = {"path": str(path)}  # Differs between runs, and is ignored.
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(config, f)
+    regret = np.repeat(np.asarray(totals, np.float32)[..., None] / 4, 4, axis=-1)
+    np.savez(
+        os.path.join(path, "regret.npz"),
+        names=np.asarray(names),
+        regret=regret,
+        expected_regret=regret,
+    )
+    return str(path)
+
+
+def test_sign_test_matches_scipy():
+    from scipy import stats
+
+    for wins, losses in [(4, 0), (1, 3), (10, 2), (7, 7), (0, 1), (30, 12)]:
+        expected = stats.binomtest(wins, wins + losses, 0.5).pvalue
+        assert bandit.sign_test(wins, losses) == pytest.approx(expected, rel=1e-12)
+    assert bandit.sign_test(0, 0) == 1.0
+
+
+def test_pooled_runs_pair_agents_seed_by_seed(tmp_path):
+    names = [bandit.REFERENCE_AGENT, "ε-greedy 1%"]
+    first = _finished_run(tmp_path / "a", 0, names, [[10, 40], [20, 30]])
+    second = _finished_run(tmp_path / "b", 1, names, [[12, 50], [11, 60]])
+    # Another Bayes by Backprop on seed 1, beside the same ε-greedy agent.
+    other = _finished_run(tmp_path / "c", 1, names, [[99, 99], [11, 60]], rho=-3.0)
+    pooled = bandit.pool_runs([first, second, f"{other}:greedy"])
+    ours, theirs = (pooled["agents"][n] for n in names)
+    assert pooled["num_steps"] == 4
+    assert {k: r["total"] for k, r in ours.items()} == {
+        (0, 0): 10,
+        (0, 1): 40,
+        (1, 0): 12,
+        (1, 1): 50,
+    }
+    assert theirs[(1, 1)]["total"] == 60  # Kept once: the two runs agree.
+    assert pooled["differences"] == {"posterior.init_rho": [-5.0, -5.0, -3.0]}
+    table = bandit.pooled_table(pooled)
+    # Lower on seeds 0/0, 1/1 (10 < 20, 50 < 60), higher on 0/1 and 1/0: 2 of 4, p = 1, and
+    # the agent's regret exceeds ours by (10 - 10 - 1 + 10) / 4 = 2.25 on average.
+    assert "| ε-greedy 1% | 4 | 2 of 4 | 1 | +2 |" in table
+    assert f"| {bandit.REFERENCE_AGENT} | 4 | 28 ± 17 |" in table
+    assert "`posterior.init_rho`: -5.0, -5.0, -3.0" in table
+    # The whole of the third run would put two Bayes by Backprops on seed 1.
+    with pytest.raises(ConfigError, match=r"regret 12 in .*/b and 99 in .*/c"):
+        bandit.pool_runs([first, second, other])
+    with pytest.raises(ConfigError, match="finished run"):
+        bandit.pool_runs([first, str(tmp_path)])
+
+
+def test_pool_script_writes_the_table_and_names_a_bad_workdir(tmp_path):
+    names = [bandit.REFERENCE_AGENT, "ε-greedy 0%"]
+    runs = [_finished_run(tmp_path / f"r{s}", s, names, [[1, 2], [3, 4]]) for s in (0, 1)]
+    out = tmp_path / "pooled"
+    script = [sys.executable, os.path.join(ROOT, "scripts", "bandit_pool.py")]
+    done = subprocess.run(
+        [*script, f"--workdirs={','.join(runs)}", f"--out={out}"], capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "| ε-greedy 0% | 4 | 4 of 4 | 0.125 | +2 |" in (out / "pooled.md").read_text()
+    assert json.loads((out / "pooled.json").read_text())["agents"]["ε-greedy 0%"]["1/1"] == {
+        "total": 4.0,
+        "expected_total": 4.0,
+        "second_half": 1.0,
+    }
+    bad = subprocess.run(
+        [*script, f"--workdirs={runs[0]},{tmp_path / 'nothing'}"], capture_output=True, text=True
+    )
+    assert bad.returncode == 2 and "nothing" in bad.stderr and "finished run" in bad.stderr
+
+
 def test_agents_of_one_seed_meet_the_same_mushrooms():
     problem = synthetic_problem(1000)
     draw = jax.vmap(lambda k, t: bandit.draw_mushroom(PAPER, problem, k, t), in_axes=(None, 0))
