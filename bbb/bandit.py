@@ -72,6 +72,7 @@ from bbb import posterior as posterior_lib
 from bbb.errors import ConfigError, check_choice, check_non_negative, check_positive
 from bbb.models import make_model
 from bbb.priors import make_prior
+from bbb.workdir import flatten_config
 
 PyTree = Any
 PASS, EAT = 0, 1  # The two actions.
@@ -841,16 +842,6 @@ _POOL_IGNORED = ("seed", "num_seeds", "progress", "chunk_steps", "checkpoint_eve
 _POOL_IGNORED_PREFIXES = ("agents.", "data.")
 
 
-def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    flat = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            flat.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
-
-
 AGENT_KINDS = ("thompson", "greedy")  # Bayes by Backprop; the ε-greedy agents.
 
 
@@ -896,7 +887,7 @@ def pool_runs(workdirs: list[str]) -> dict[str, Any]:
             raise ConfigError("workdirs", workdir, "a finished run (config.json and regret.npz)")
         with open(paths[0]) as f:
             config = json.load(f)
-        configs.append(_flatten(config))
+        configs.append(flatten_config(config))
         with np.load(paths[1]) as record:
             names = [str(n) for n in record["names"]]
             regret, expected = record["regret"], record["expected_regret"]

@@ -50,11 +50,12 @@ def _config_dict(config: ml_collections.ConfigDict) -> dict[str, Any]:
     return json.loads(config.to_json_best_effort())
 
 
-def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+def flatten_config(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """A config's JSON as {"a.b.c": value}, nested dicts joined by dots."""
     out = {}
     for k, v in tree.items():
         if isinstance(v, dict):
-            out.update(_flatten(v, f"{prefix}{k}."))
+            out.update(flatten_config(v, f"{prefix}{k}."))
         else:
             out[f"{prefix}{k}"] = v
     return out
@@ -126,8 +127,8 @@ def check_workdir(
     saved = os.path.join(path, "config.json")
     if os.path.exists(saved):
         with open(saved) as f:
-            old = _flatten(json.load(f))
-        new = _flatten(_config_dict(config))
+            old = flatten_config(json.load(f))
+        new = flatten_config(_config_dict(config))
         changed = sorted(
             k for k in set(old) | set(new) if old.get(k) != new.get(k) and k not in resumable
         )
