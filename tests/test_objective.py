@@ -316,6 +316,41 @@ def test_gradient_matches_central_finite_differences():
     np.testing.assert_allclose(gradient, numeric, rtol=1e-5, atol=1e-8)
 
 
+@pytest.mark.parametrize("estimator", ["reparam", "local_reparam", "flipout"])
+def test_float32_gradient_is_the_float64_gradient(estimator):
+    """Training's float32 path has the gradient that finite differences check in float64.
+
+    In float32 σ's softplus and the mixture's logaddexp take this project's own derivatives
+    (`bbb.special`); in float64 they are jnp's, which the test above checks. The hash noise is
+    drawn in float32 and cast, so both precisions see the same ε: a wrong sign, or σ'(ρ) taken
+    at −ρ, in a float32-only derivative would be off by O(1), not by float32's rounding.
+    """
+    model = models.MLP(hidden_sizes=(3,), num_outputs=2, activation="tanh")
+    x, y = X[:8], (Y[:8] % 2).astype(np.int32)
+    gradients = {}
+    for dtype in (jnp.float32, jnp.float64):
+        with jax.enable_x64(dtype == jnp.float64):
+            post = _posterior(model=model, dtype=dtype).replace(noise="hash")
+            fe = _free_energy(
+                model=model,
+                prior=priors.scale_mixture(0.5, 1.0, math.exp(-2.0)),
+                num_batches=4,
+                num_samples=2,
+                estimator=estimator,
+            )
+
+            def loss(params, dtype=dtype, fe=fe):
+                return fe(params, (x.astype(dtype), y), jax.random.key(5), 0.3)[0]
+
+            grads = jax.jit(jax.grad(loss))(fe.init_params(post))
+            assert {leaf.dtype for leaf in jax.tree.leaves(grads)} == {jnp.dtype(dtype)}
+            gradients[dtype] = grads
+    g32, g64 = (_flat(gradients[d]) for d in (jnp.float32, jnp.float64))
+    rho_grad = _flat(gradients[jnp.float64]["posterior"].rho)
+    assert np.max(np.abs(rho_grad)) > 1e-2  # σ's derivative carries weight here.
+    np.testing.assert_allclose(g32, g64, rtol=1e-4, atol=1e-5 * np.max(np.abs(g64)))
+
+
 # Likelihoods ------------------------------------------------------------------------------
 
 
