@@ -96,7 +96,8 @@ def test_end_to_end_writes_every_file(finished_run):
         assert key in on_disk, key
     assert on_disk["epochs"] == 2
     assert 0.0 <= on_disk["test_error"] < 0.9  # It learned something in 64 steps.
-    # Uniform KL schedule: π_i = 1/M.
+    # The logged KL weight is the epoch's mean, 1/M (M = 32); the per-step weights are checked
+    # in test_blundell_kl_weights_reach_each_step_of_each_epoch.
     assert records[0]["train/kl_weight"] == pytest.approx(1 / 32)
 
 
@@ -191,6 +192,40 @@ def test_stepwise_epoch_runs_the_scans_steps_and_compiles_once():
     leaves = [jax.tree_util.tree_leaves(results[k][1].params) for k in ("scan", "steps")]
     for a, b in zip(*leaves, strict=True):
         np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("loop", ["scan", "steps"])
+def test_blundell_kl_weights_reach_each_step_of_each_epoch(loop):
+    """Through the real epoch loop, step i of every epoch weights the KL by 2^(M−i)/(2^M − 1).
+
+    The logged `train/kl_weight` is the epoch's mean, 1/M under every schedule, so only the
+    per-step metrics can show that the global step reaches the schedule (and that the weight
+    is the one the loss used: loss = M π_i KL / N + nll at T = 1).
+    """
+    config = test_config.get_config()
+    config.objective.kl_schedule = "blundell"
+    config.epoch_loop = loop
+    num_batches, batch_size = 4, config.batch_size
+    rng = np.random.default_rng(0)
+    num_train = num_batches * batch_size
+    x = jnp.asarray(rng.uniform(size=(num_train, 28, 28, 1)), jnp.float32)
+    y = jnp.asarray(rng.integers(0, 10, size=num_train), jnp.int32)
+    experiment = train.build(config, num_train=num_train, input_shape=(28, 28, 1))
+    assert experiment.steps_per_epoch == num_batches
+    keys = train.root_keys(config)
+    state = train.init_state(experiment, keys["init"])
+    epoch_fn = train.compile_epoch(experiment)
+    expected = np.array([8, 4, 2, 1]) / 15
+    for epoch in range(2):
+        state, metrics = epoch_fn(state, (x, y), np.int32(epoch), keys)
+        metrics = jax.device_get(metrics)
+        np.testing.assert_allclose(metrics["kl_weight"], expected, rtol=1e-6)
+        np.testing.assert_allclose(
+            metrics["loss"],
+            num_batches * expected * metrics["kl"] / num_train + metrics["nll"],
+            rtol=1e-5,
+        )
+    assert int(state.step) == 2 * num_batches
 
 
 def test_unknown_epoch_loop_is_a_config_error():
