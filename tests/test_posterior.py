@@ -136,8 +136,12 @@ class MeanFieldGaussianTest(chex.TestCase):
             _flat(w), loc=_flat(post.mu), scale=_np_sigma(_flat(post.rho))
         ).sum()
         np.testing.assert_allclose(float(log_q), expected, rtol=1e-4)
-        # `sample` returns the same w for the same key.
-        chex.assert_trees_all_close(post.sample(jax.random.key(3)), w)
+        # w = μ + softplus(ρ) ε, with the ε of the same key (σ in numpy).
+        eps = post.sample_noise(jax.random.key(3))
+        np.testing.assert_allclose(
+            _flat(w), _flat(post.mu) + _np_sigma(_flat(post.rho)) * _flat(eps), rtol=1e-6, atol=1e-7
+        )
+        assert np.std(_flat(eps)) > 0.5  # The noise is there.
 
     @chex.variants(with_jit=True, without_jit=True)
     def test_entropy_matches_scipy(self):
