@@ -53,6 +53,19 @@ class PrunedGaussian(MeanFieldGaussian):
         """σ ∘ mask: exactly 0 for the removed weights."""
         return jax.tree_util.tree_map(lambda s, k: s * k, MeanFieldGaussian.stddev(self), self.mask)
 
+    def signal_to_noise(self) -> PyTree:
+        """|μ| / σ for the kept weights, 0 for the removed ones (no signal; not 0/0 = NaN).
+
+        So pruning a pruned posterior again ranks the removed weights first: f removes
+        ⌊f·n⌋ weights in all, the earlier ones among them.
+        """
+        return jax.tree_util.tree_map(
+            lambda m, s, k: jnp.where(k > 0, jnp.abs(m) / jnp.where(k > 0, s, 1.0), 0.0),
+            self.mu,
+            MeanFieldGaussian.stddev(self),
+            self.mask,
+        )
+
     def sample_and_log_prob(self, key: jax.Array) -> tuple[PyTree, jax.Array]:
         """A sample (μ + σ ∘ ε) ∘ mask, and log q summed over the kept weights only.
 

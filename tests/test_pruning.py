@@ -36,8 +36,7 @@ def _flat(tree):
 def test_fraction_zero_changes_nothing_bitwise(posterior):
     pruned = pruning.prune(posterior, 0.0, "snr")
     for a, b in ((pruned.mu, posterior.mu), (pruned.rho, posterior.rho)):
-        np.testing.assert_array_equal(_flat(a), _flat(b))
-    assert _flat(a).tobytes() == _flat(b).tobytes()
+        assert _flat(a).tobytes() == _flat(b).tobytes()  # Bitwise: a −0.0 would differ.
     key = jax.random.key(3)
     assert _flat(pruned.sample(key)).tobytes() == _flat(posterior.sample(key)).tobytes()
     assert _flat(pruned.mean()).tobytes() == _flat(posterior.mean()).tobytes()
@@ -54,6 +53,36 @@ def test_removes_exactly_the_lowest_scores(posterior, fraction, criterion):
     mask = _flat(pruning.prune(posterior, fraction, criterion).mask)
     assert set(np.unique(mask)) <= {0.0, 1.0}
     np.testing.assert_array_equal(np.flatnonzero(mask == 0), expected)
+
+
+def test_num_removed_reads_the_fraction_as_its_decimal():
+    # Binary floating point gives ⌊0.29 · 100⌋ = 28 and ⌊0.57 · 100⌋ = 56.
+    assert (math.floor(0.29 * 100), math.floor(0.57 * 100)) == (28, 56)
+    assert pruning.num_removed(0.29, 100) == 29
+    assert pruning.num_removed(0.57, 100) == 57
+    assert pruning.num_removed(0.5, 7) == 3
+    assert pruning.num_removed(1.0, 7) == 7
+    assert pruning.num_removed(0.0, 7) == 0
+
+
+@pytest.mark.parametrize("criterion", ["snr", "magnitude"])
+def test_pruning_again_counts_the_weights_already_removed(posterior, criterion):
+    """Pruning a pruned posterior to f removes ⌊f·n⌋ weights in all, the earlier ones first."""
+    n = posterior.num_weights()
+    once = pruning.prune(posterior, 0.5, criterion)
+    twice = pruning.prune(once, 0.75, criterion)
+    removed_once = _flat(once.mask) == 0
+    removed_twice = _flat(twice.mask) == 0
+    assert removed_twice.sum() == math.floor(0.75 * n)
+    assert np.all(removed_twice[removed_once])
+    assert np.all(np.isfinite(_flat(once.signal_to_noise())))
+    # The same weights as pruning the original to 0.75 at once.
+    np.testing.assert_array_equal(
+        removed_twice, _flat(pruning.prune(posterior, 0.75, criterion).mask) == 0
+    )
+    sample = _flat(twice.sample(jax.random.key(0)))
+    assert np.all(sample[removed_twice] == 0.0)
+    assert np.all(sample[~removed_twice] != 0.0)
 
 
 def test_snr_and_magnitude_rank_differently(posterior):
