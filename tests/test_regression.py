@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 
 import numpy as np
@@ -27,6 +28,13 @@ def test_data_is_the_papers_function_seeded():
     # The noise-free curve at a few points, and the noise level of ε.
     x = np.asarray([0.0, 0.25, 0.5])
     np.testing.assert_allclose(regression_data.toy_function(x), [0.0, 0.55, 0.5], atol=1e-12)
+    # sin(4πx) vanishes at those three; here each sine has its own value.
+    x = np.asarray([0.0625, 0.125])
+    expected = [
+        0.0625 + 0.3 * math.sin(math.pi / 8) + 0.3 * math.sin(math.pi / 4),
+        0.125 + 0.3 * math.sin(math.pi / 4) + 0.3,
+    ]
+    np.testing.assert_allclose(regression_data.toy_function(x), expected, atol=1e-12)
     x, y = regression_data.sample(20000, np.random.default_rng(0))
     residual = y - regression_data.toy_function(x)
     assert 0.03 < residual.std() < 0.1  # ε enters the sines too, so y varies more than ε.
