@@ -4,6 +4,7 @@ Everything runs on data the tests make: a tiny mushroom file, and a synthetic ba
 contexts say outright whether a mushroom is poisonous.
 """
 
+import dataclasses
 import json
 import os
 import re
@@ -59,6 +60,26 @@ def test_poisonous_meal_is_minus_35_half_the_time():
     assert abs(rewards.mean() + 15.0) < 0.6  # E[r] = ½(−35) + ½(5) = −15.
     # The mushrooms are uniform over the rows.
     assert np.all(np.abs(np.bincount(np.asarray(index), minlength=4) / 20_000 - 0.25) < 0.015)
+
+
+def test_the_bad_outcome_has_its_configured_probability():
+    """Away from ½, p and 1 − p differ: the chance of −35, its expectation and the oracle."""
+    rewards = bandit.Rewards(poisonous_bad_probability=0.25)
+    assert rewards.expected_poisonous() == -5.0  # ¼(−35) + ¾(5)
+    problem = bandit.Problem(contexts=jnp.zeros((4, 1)), poisonous=jnp.ones((4,), jnp.int32))
+    draw = jax.jit(jax.vmap(lambda t: bandit.draw_mushroom(rewards, problem, jax.random.key(3), t)))
+    index, bad = draw(jnp.arange(20_000))
+    out = bandit.step_rewards(rewards, problem.poisonous[index], jnp.full_like(index, 1), bad)
+    # Binomial(20000, 1/4): the standard error of the fraction is 0.0031.
+    assert abs(np.mean(np.asarray(out["reward"]) == -35.0) - 0.25) < 0.015
+    np.testing.assert_array_equal(np.asarray(out["expected_regret"]), 5.0)  # The oracle passes.
+    # A poison that costs 1 when it goes badly is worth eating (½(−1) + ½(5) = 2): the oracle
+    # eats it, so passing has expected regret 2 and, after a bad outcome, realised regret −1.
+    mild = bandit.Rewards(poisonous_bad=-1.0)
+    out = bandit.step_rewards(mild, jnp.int32(1), jnp.int32(bandit.PASS), jnp.bool_(True))
+    assert float(out["oracle_reward"]) == -1.0
+    assert float(out["regret"]) == -1.0
+    assert float(out["expected_regret"]) == 2.0
 
 
 # The buffer -------------------------------------------------------------------------------
@@ -209,6 +230,49 @@ def test_thompson_sampling_learns_and_beats_uniform(tmp_path):
     assert bbb["cumulative_regret_per_seed"] == pytest.approx(per_seed.tolist())
     assert bbb["cumulative_regret_mean"] == pytest.approx(per_seed.mean())
     assert bbb["cumulative_regret_std"] == pytest.approx(per_seed.std())
+
+
+def test_thompson_acts_on_a_posterior_sample_and_otherwise_on_the_mean():
+    experiment = bandit.build(small_config())
+    learner = experiment.thompson
+    state = bandit.init_agent(experiment, learner, jax.random.key(0), True, 2)
+    features = jnp.asarray([1.0, 0.0])
+    sampled = [
+        np.asarray(learner.values(state.params, features, jax.random.key(k))) for k in (1, 2)
+    ]
+    assert not np.allclose(sampled[0], sampled[1])
+    assert np.array_equal(sampled[0], learner.values(state.params, features, jax.random.key(1)))
+    on_mean = dataclasses.replace(learner, thompson=False)
+    mean = [np.asarray(on_mean.values(state.params, features, jax.random.key(k))) for k in (1, 2)]
+    np.testing.assert_array_equal(mean[0], mean[1])
+    weights = state.params["posterior"].mean()
+    inputs = bandit.network_inputs(jnp.stack([features, features]), jnp.arange(2))
+    np.testing.assert_allclose(mean[0], learner.model.apply({"params": weights}, inputs)[:, 0])
+
+
+class _ReportKLWeight:
+    """A free energy that reports the KL weight it was called with as its "kl" metric."""
+
+    def __init__(self, free_energy):
+        self.free_energy = free_energy
+
+    def __call__(self, params, batch, key, kl_weight):
+        loss, metrics = self.free_energy(params, batch, key, kl_weight)
+        return loss, {**metrics, "kl": jnp.asarray(kl_weight, jnp.float32)}
+
+
+@pytest.mark.parametrize("kl_data_size, expected", [("buffer", 1 / 256), ("interactions", 1 / 300)])
+def test_kl_weight_is_one_over_the_buffer_or_the_interactions(kl_data_size, expected):
+    """After 300 interactions in a buffer of 256: 1/N with N = 256 (the buffer's) or 300."""
+    experiment = bandit.build(small_config(**{"objective.kl_data_size": kl_data_size}))
+    learner = experiment.thompson
+    reporting = dataclasses.replace(learner, free_energy=_ReportKLWeight(learner.free_energy))
+    state = bandit.init_agent(experiment, learner, jax.random.key(0), True, 2)
+    assert state.buffer.capacity == 256
+    state = state.replace(buffer=state.buffer.replace(count=jnp.int32(300)))
+    contexts = synthetic_problem().contexts
+    _, metrics = jax.jit(reporting.update)(state, contexts, jax.random.key(1))
+    assert float(metrics["kl"]) == pytest.approx(expected, rel=1e-6)
 
 
 def test_summary_per_seed_and_second_half_rate():
