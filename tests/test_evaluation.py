@@ -121,6 +121,41 @@ def test_eval_json_has_every_key(evaluated_run):
     assert sum(bins["count"]) == NUM_TEST and len(bins["accuracy"]) == evaluation.NUM_BINS
 
 
+def test_ood_scores_and_rotation_use_the_right_sides_and_samples(evaluated_run):
+    """AUROC and AP against scikit-learn on the returned per-example scores, Fashion-MNIST the
+    positive class; every angle uses the first K samples (360° gives 0°'s metrics)."""
+    from sklearn.metrics import average_precision_score, roc_auc_score
+
+    experiment, state = train.load_run(evaluated_run[0])
+    posterior = state.params["posterior"]
+    data = _fake_evaluation_data()
+    x_out, y_out = data["out_of_distribution"]
+    data["out_of_distribution"] = (np.full_like(x_out, 0.05), y_out)  # Dim, unlike the digits.
+    key = jax.random.key(7)
+    summary, per_example = evaluation.evaluate(
+        experiment, posterior, data, key, num_samples=4, angles=(0.0, 360.0), progress=False
+    )
+    ood = summary["out_of_distribution"]
+    for name in ("entropy", "mutual_information"):
+        scores_in, scores_out = per_example[f"{name}_in"], per_example[f"{name}_out"]
+        labels = np.r_[np.zeros(len(scores_in)), np.ones(len(scores_out))]
+        scores = np.r_[scores_in, scores_out]
+        assert ood[f"auroc_{name}"] == pytest.approx(roc_auc_score(labels, scores), abs=1e-6)
+        assert ood[f"aupr_{name}"] == pytest.approx(
+            average_precision_score(labels, scores), abs=1e-6
+        )
+        assert abs(ood[f"auroc_{name}"] - 0.5) > 0.1, name  # Swapping the sides would show.
+    rotation = summary["rotation"]
+    for name in ("error", "nll", "ece"):
+        assert rotation[name][1] == pytest.approx(rotation[name][0], rel=1e-4, abs=1e-6), name
+    # Power: other samples move the NLL by far more than that tolerance.
+    other, _ = evaluation.evaluate(
+        experiment, posterior, data, jax.random.key(8), num_samples=4, angles=(), progress=False
+    )
+    nll = summary["in_distribution"]["nll"]
+    assert abs(other["in_distribution"]["nll"] - nll) > 1e-3 * nll
+
+
 def test_sample_count_curve_has_the_requested_counts(evaluated_run):
     sweep = evaluated_run[1]["sample_counts"]
     assert sweep["num_samples"] == [1, 2, 4]  # SAMPLE_COUNTS below K = 4, then K.
