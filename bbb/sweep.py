@@ -608,12 +608,18 @@ def group_members(members: Sequence[Member]) -> list[list[Member]]:
     return list(groups.values())
 
 
-def _hyperparameters(members: Sequence[Member]) -> MemberHyperparameters:
-    base = members[0].config
+def _hyperparameters(members: Sequence[Member], base_learning_rate: float) -> MemberHyperparameters:
+    """The members' own values, stacked; learning rates as multiples of the program's.
+
+    Args:
+      members: the members of one program (a subgroup: they start from the same step).
+      base_learning_rate: the rate of the compiled program's optimiser, that of its group's
+        first member, which need not be in this subgroup.
+    """
     scales, temperatures, priors = [], [], []
     for member in members:
         config = member.config
-        scales.append(config.optim.learning_rate / base.optim.learning_rate)
+        scales.append(config.optim.learning_rate / base_learning_rate)
         temperatures.append(config.objective.kl_temperature)
         prior = make_prior(config.prior)
         fixed = isinstance(prior, _TRACEABLE_PRIORS) and not prior.learnable
@@ -839,7 +845,8 @@ def _train_subgroup(
     from tqdm.auto import tqdm
 
     config = members[0].config
-    hyperparameters = layout.members(_hyperparameters(members))
+    base_learning_rate = experiment.config.optim.learning_rate  # The group's first member's.
+    hyperparameters = layout.members(_hyperparameters(members, base_learning_rate))
     state, keys = layout.members(state), layout.members(keys)
     device_data = layout.shared(device_data)
     steps_per_epoch = experiment.steps_per_epoch

@@ -94,12 +94,27 @@ def test_vectorized_run_resumed_into_ordinary_runs(trained):
     _, state = train.load_run(members[1].workdir)
     _, reference = train.load_run(os.path.join(sequential, members[1].name))
     assert int(state.step) == int(reference.step) == 6
-    np.testing.assert_allclose(
-        jax.tree_util.tree_leaves(state.params)[0],
-        jax.tree_util.tree_leaves(reference.params)[0],
-        rtol=1e-4,
-        atol=1e-6,
-    )
+    leaves = [jax.tree_util.tree_leaves(s) for s in (state, reference)]  # params, Adam, step
+    assert len(leaves[0]) == len(leaves[1]) > 2
+    for actual, expected in zip(*leaves, strict=True):
+        np.testing.assert_allclose(np.asarray(actual), np.asarray(expected), rtol=1e-4, atol=1e-6)
+
+
+def test_members_resumed_from_different_epochs_keep_their_learning_rates(trained, tmp_path):
+    """Member 1 trained one epoch alone, then both vectorised: they resume from different
+    steps, as two programs of one compiled group whose optimiser has member 0's rate."""
+    _, sequential, _, members = trained
+    workdir = str(tmp_path / "staggered")
+    sweep.run_sweep(_tiny_config(), SWEEP, workdir, member=1, stop_after_epochs=1)
+    assert len(_read_metrics(os.path.join(workdir, members[1].name))) == 1
+    sweep.run_sweep(_tiny_config(), SWEEP, workdir, vectorize=True)
+    for member in members:
+        one_by_one = _read_metrics(os.path.join(sequential, member.name))
+        together = _read_metrics(os.path.join(workdir, member.name))
+        assert len(together) == 3
+        for expected, actual in zip(one_by_one, together, strict=True):
+            for key, value in expected.items():
+                assert actual[key] == pytest.approx(value, rel=1e-5, abs=1e-6), (member.name, key)
 
 
 def test_results_table_lists_best_validation_first(trained):
@@ -129,23 +144,27 @@ def _members_on_devices(workdir: str) -> dict:
     }
 
 
-def test_vectorized_members_spread_over_the_devices(trained, tmp_path):
+def test_vectorized_members_spread_over_the_devices(trained, tmp_path, tmp_path_factory):
     """On 2 devices, 3 members run 2 per device (one padding copy) with their one-by-one
     results; the copy's results are not written anywhere."""
     _, sequential, _, members = trained
+    third_alone = str(tmp_path_factory.mktemp("third_alone"))
+    sweep.run_sweep(_tiny_config(), [*SWEEP, THIRD], third_alone, member=2)
+    third = sweep.make_members(_tiny_config(), [*SWEEP, THIRD], third_alone, build=False)[2]
     report, stdout = report_on_fake_cpus("tests.test_sweep:_members_on_devices", str(tmp_path), 2)
     assert "3 members (0, 1, 2) as one program over 2 devices, 2 each, padded with 1 copy" in (
         stdout
     )
     assert report["devices"] == 2
-    for member, together in zip(members, report["metrics"], strict=False):
-        one_by_one = _read_metrics(os.path.join(sequential, member.name))
+    alone = [os.path.join(sequential, m.name) for m in members] + [third.workdir]
+    for workdir, together in zip(alone, report["metrics"], strict=True):
+        one_by_one = _read_metrics(workdir)
         assert len(together) == len(one_by_one) == 3
         for expected, actual in zip(one_by_one, together, strict=True):
             for key, value in expected.items():
-                assert actual[key] == pytest.approx(value, rel=1e-5, abs=1e-6), (member.name, key)
-    third = report["metrics"][2]
-    assert len(third) == 3 and third[-1]["train/loss"] != report["metrics"][0][-1]["train/loss"]
+                assert actual[key] == pytest.approx(value, rel=1e-5, abs=1e-6), (workdir, key)
+    third_loss = report["metrics"][2][-1]["train/loss"]
+    assert third_loss != report["metrics"][0][-1]["train/loss"]
     folders = [name for name in os.listdir(tmp_path) if os.path.isdir(tmp_path / name)]
     assert sorted(folders) == sorted(sweep.member_names([*SWEEP, THIRD]))
 
