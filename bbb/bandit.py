@@ -1069,10 +1069,6 @@ def bandit_experiment(
         raise ConfigError(
             "num_steps", steps, f"at least {done}, the interactions done in {workdir}"
         )
-    write_text_atomically(
-        os.path.join(workdir, "config.json"), config.to_json_best_effort(indent=2, sort_keys=True)
-    )
-
     started = time.time()
     families = _families(experiment, problem)
     names = [name for family in families for name in family.names]
@@ -1085,6 +1081,11 @@ def bandit_experiment(
         for family, states in zip(families, restored["states"], strict=True):
             family.states = states
         per_step = {k: [np.asarray(v)] for k, v in restored["per_step"].items()}
+    # Only now, the checkpoint read: a start that fails to read it leaves the saved config (and
+    # with it the run's own num_steps) as it was.
+    write_text_atomically(
+        os.path.join(workdir, "config.json"), config.to_json_best_effort(indent=2, sort_keys=True)
+    )
     metrics_path = os.path.join(workdir, "metrics.jsonl")
     kept = []
     if done and os.path.exists(metrics_path):  # A resumed run redoes the lines after `done`.

@@ -337,10 +337,6 @@ class Run:
         self.records: list[dict[str, Any]] = []
         if self.is_writer:
             os.makedirs(os.path.join(self.workdir, "plots"), exist_ok=True)
-            config_path = os.path.join(self.workdir, "config.json")
-            write_text_atomically(
-                config_path, json.dumps(_config_dict(config), indent=2, sort_keys=True)
-            )
         self.checkpoint_dir = os.path.join(self.workdir, "checkpoints")
         self.manager = ocp.CheckpointManager(
             self.checkpoint_dir,
@@ -372,6 +368,9 @@ class Run:
         Returns:
           (state, history).
 
+        Writes config.json once the checkpoint is read (a start that cannot read it leaves the
+        saved config, with the run's own `num_epochs`, as it was).
+
         Raises:
           WorkdirError: the latest checkpoint cannot be read; says which and what to do.
         """
@@ -379,11 +378,16 @@ class Run:
 
         step = self.manager.latest_step()
         if step is None:
-            self._load_records(max_step=0)
-            return state, History()
-        abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, state)
-        state, history = restore_checkpoint(self.manager, step, abstract)
-        self._load_records(max_step=int(state.step))
+            history = History()
+        else:
+            abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, state)
+            state, history = restore_checkpoint(self.manager, step, abstract)
+        self._load_records(max_step=int(state.step) if step is not None else 0)
+        if self.is_writer:
+            write_text_atomically(
+                os.path.join(self.workdir, "config.json"),
+                json.dumps(_config_dict(self.config), indent=2, sort_keys=True),
+            )
         return state, history
 
     def _load_records(self, max_step: int) -> None:

@@ -474,6 +474,32 @@ def test_an_interrupted_run_resumes_to_the_same_results(tmp_path):
     assert _outputs(resumed)[0]["regret"].tolist() == arrays_a["regret"].tolist()
 
 
+def test_an_unreadable_checkpoint_leaves_the_workdir_as_it_was(tmp_path):
+    from bbb.workdir import WorkdirError
+    from tests.test_train import _digest
+
+    config = small_config(**{"chunk_steps": 40, "agents.epsilons": (0.0,)})
+    problem = synthetic_problem()
+    workdir = tmp_path / "run"
+    bandit.bandit_experiment(config, str(workdir), problem=problem, stop_after_chunks=1)
+    victims = [
+        os.path.join(root, name)
+        for root, _, names in os.walk(workdir / "checkpoints")
+        for name in names
+        if os.path.getsize(os.path.join(root, name)) > 100
+    ]
+    assert victims
+    for path in victims:
+        with open(path, "r+b") as f:
+            f.truncate(os.path.getsize(path) // 2)
+    before = _digest(str(workdir))
+    config.num_steps = 480  # A field a resumed run may change: the failed start must not save it.
+    with pytest.raises(WorkdirError):
+        bandit.bandit_experiment(config, str(workdir), problem=problem)
+    assert _digest(str(workdir)) == before
+    assert json.loads((workdir / "config.json").read_text())["num_steps"] == 240
+
+
 def test_a_finished_run_extends_like_a_longer_one(tmp_path):
     config = small_config(**{"chunk_steps": 60, "agents.epsilons": (0.0,)})
     problem = synthetic_problem()
