@@ -672,6 +672,9 @@ def train_and_evaluate(
     state = jax.jit(lambda key: init_state(experiment, key), **shardings)(keys["init"])
     state, history = run.restore(state)
     start_epoch = int(state.step) // experiment.steps_per_epoch
+    if start_epoch >= config.num_epochs and (summary := run.saved_summary()) is not None:
+        run.close()  # Finished before: nothing to train, and its summary (wall time) stays.
+        return summary
 
     device_data = parallel.replicate(splits, experiment.mesh)  # every device, every process
     epoch_fn = compile_epoch(experiment)

@@ -450,6 +450,14 @@ class Run:
             self._metrics_file = None
         self.manager.close()
 
+    def saved_summary(self) -> dict[str, Any] | None:
+        """The summary.json of a finished run, or None if there is none."""
+        path = os.path.join(self.workdir, "summary.json")
+        if not os.path.exists(path):
+            return None
+        with open(path) as f:
+            return json.load(f)
+
     def finish(
         self, state: PyTree, history: History, *, wall_time: float, steps_done: int
     ) -> dict[str, Any]:

@@ -119,6 +119,27 @@ def test_learning_decreases_the_loss(finished_run):
     assert records[1]["train/nll"] < records[0]["train/nll"]
 
 
+def test_a_different_config_or_a_rerun_leaves_a_finished_run_as_it_was(existing_workdir):
+    """A valid config that differs in a field a resumed run may not change is refused; the
+    same config started again trains nothing and rewrites nothing (its summary keeps the
+    wall time of the run that made it)."""
+    before = _digest(existing_workdir)
+    with open(os.path.join(existing_workdir, "summary.json")) as f:
+        summary = json.load(f)
+    config = test_config.get_config()
+    config.prior.sigma1 = 0.5
+    with pytest.raises(WorkdirError, match=r"prior\.sigma1: 1\.0 -> 0\.5"):
+        train.train_and_evaluate(config, existing_workdir)
+    assert _digest(existing_workdir) == before
+    compiled = []
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(train, "compile_epoch", lambda *a: compiled.append(a))
+        again = train.train_and_evaluate(test_config.get_config(), existing_workdir)
+    assert not compiled
+    assert again == summary and summary["wall_time_s"] > 0
+    assert _digest(existing_workdir) == before
+
+
 def test_resume_is_bit_for_bit(tmp_path):
     """Stop after one epoch, resume with the same command, and compare with an uninterrupted
     run: every logged number and every parameter must be identical."""
@@ -137,6 +158,13 @@ def test_resume_is_bit_for_bit(tmp_path):
     for ra, rb in zip(a, b, strict=True):
         ra.pop("train/grad_norm", None), rb.pop("train/grad_norm", None)
         assert ra == rb  # exact float equality
+    summaries = []
+    for workdir in (straight, resumed):
+        with open(os.path.join(workdir, "summary.json")) as f:
+            summaries.append(json.load(f))
+        for timing in ("wall_time_s", "steps_per_s"):  # Of each session, not of the run.
+            summaries[-1].pop(timing)
+    assert summaries[0] == summaries[1]  # best validation and its epoch restored with the state
     # The final checkpoints hold the same parameters.
     import orbax.checkpoint as ocp
 
