@@ -300,7 +300,7 @@ def test_other_processes_write_only_checkpoints(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(parallel, "is_main_process", lambda: False)
     workdir = str(tmp_path / "wd")
     run = Run(workdir, test_config.get_config())
-    state = _small_state()
+    state, _ = run.restore(_small_state())
     run.write_metrics(_record(5), state)
     run.save(state, History())
     run.finish(state, History(), wall_time=1.0, steps_done=5)
@@ -312,6 +312,7 @@ def test_other_processes_write_only_checkpoints(tmp_path, monkeypatch, capsys):
 def test_process_0_writes_the_logs(tmp_path):
     workdir = str(tmp_path / "wd")
     run = Run(workdir, test_config.get_config())
+    run.restore(_small_state())  # Writes config.json, once no checkpoint failed to load.
     run.write_metrics(_record(5), _small_state())
     run.save(_small_state(), History())
     run.close()
