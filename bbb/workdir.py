@@ -31,7 +31,8 @@ from bbb.errors import ConfigError
 
 PyTree = Any
 # Fields that may change between a run and its resumption (training length, logging cadence,
-# and the device mesh: a run may resume on other hardware).
+# and the device mesh: a run may resume on other hardware). The length may not change under the
+# cosine schedule, which decays over it (`check_workdir`).
 RESUMABLE_FIELDS = (
     "num_epochs",
     "progress",
@@ -132,6 +133,16 @@ def check_workdir(
         changed = sorted(
             k for k in set(old) | set(new) if old.get(k) != new.get(k) and k not in resumable
         )
+        # The cosine schedule decays to 0 over num_epochs: another length is another schedule,
+        # and resuming with it would jump the learning rate (from ~0 back to η/2, say).
+        if new.get("optim.schedule") == "cosine" and old.get("num_epochs") != new.get("num_epochs"):
+            raise WorkdirError(
+                f"workdir {path} holds a run of num_epochs={old.get('num_epochs')!r} with "
+                "optim.schedule='cosine', whose learning rate decays over exactly that many "
+                f"epochs; num_epochs={new.get('num_epochs')!r} would change the schedule midway. "
+                f"Resume with num_epochs={old.get('num_epochs')!r}, or train longer in a new "
+                "--workdir (or with optim.schedule='constant')."
+            )
         if changed:
             diffs = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed[:5])
             raise WorkdirError(

@@ -181,6 +181,7 @@ def test_cli_divergence_exits_nonzero(tmp_path):
 def test_corrupted_checkpoint_is_named_and_nothing_is_overwritten(tmp_path):
     workdir = str(tmp_path / "wd")
     config = test_config.get_config()
+    config.optim.schedule = "constant"  # So that num_epochs may change on resuming.
     train.train_and_evaluate(config, workdir, stop_after_epochs=1)
     checkpoint = os.path.join(workdir, "checkpoints", "32")
     victims = [

@@ -140,6 +140,43 @@ def test_a_different_config_or_a_rerun_leaves_a_finished_run_as_it_was(existing_
     assert _digest(existing_workdir) == before
 
 
+def _sgd_rates(schedule: str, num_epochs: int, steps: int = 64) -> np.ndarray:
+    """The learning rate of each of the first `steps` steps (M = 32), read from SGD's updates."""
+    config = test_config.get_config()
+    config.optim.name, config.optim.schedule = "sgd", schedule
+    tx = train.make_optimizer(config.optim, 32, num_epochs)
+    params = {"w": jnp.zeros(())}
+    state, rates = tx.init(params), []
+    for _ in range(steps):
+        updates, state = tx.update({"w": jnp.ones(())}, state, params)
+        rates.append(-float(updates["w"]))
+    return np.asarray(rates)
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "constant", "step"])
+def test_num_epochs_may_change_on_resume_unless_the_schedule_decays_over_it(tmp_path, schedule):
+    """A run of 2 epochs resumed with 4 would follow another schedule over its first 2 epochs
+    under "cosine" only; check_workdir refuses exactly that case."""
+    from bbb import workdir as workdir_lib
+
+    config = test_config.get_config()
+    config.optim.schedule = schedule
+    os.makedirs(tmp_path / "wd")
+    with open(tmp_path / "wd" / "config.json", "w") as f:
+        f.write(config.to_json_best_effort())
+    workdir_lib.check_workdir(str(tmp_path / "wd"), config)  # The same config: fine.
+    longer = test_config.get_config()
+    longer.optim.schedule = schedule
+    longer.num_epochs = 4
+    same_rates = np.array_equal(_sgd_rates(schedule, 2), _sgd_rates(schedule, 4))
+    assert same_rates == (schedule != "cosine")
+    if schedule == "cosine":
+        with pytest.raises(WorkdirError, match=r"num_epochs=2 .*cosine.*num_epochs=4"):
+            workdir_lib.check_workdir(str(tmp_path / "wd"), longer)
+    else:
+        workdir_lib.check_workdir(str(tmp_path / "wd"), longer)
+
+
 def test_resume_is_bit_for_bit(tmp_path):
     """Stop after one epoch, resume with the same command, and compare with an uninterrupted
     run: every logged number and every parameter must be identical."""
