@@ -97,7 +97,8 @@ def get_config(width: str | None = None) -> ml_collections.ConfigDict:
     config.optim.grad_clip_norm = 0.0  # Clip gradients to this global norm; 0 disables it.
 
     config.data = ml_collections.ConfigDict()
-    config.data.name = "mnist"  # TFDS "mnist": train[:50000] / train[50000:] / test.
+    # TFDS "mnist": train[:50000] / train[50000:] / test (TFDS's fixed order, bbb/data/mnist.py).
+    config.data.name = "mnist"
     config.data.data_dir = ""  # TFDS data_dir; "" is TFDS's default (~/tensorflow_datasets).
     config.data.manual_dir = ""  # Folder with the four MNIST IDX files, for offline set-up.
     config.data.cache_dir = ""  # Where offline downloads are cached; "" is ~/.cache/bbb.

@@ -452,6 +452,15 @@ def test_real_mnist_label_counts_are_the_official_ones(real_mnist):
     assert np.bincount(train_labels, minlength=10).tolist() == MNIST_TRAIN_COUNTS
 
 
+def test_real_mnist_split_is_tfds_order_not_the_files(real_mnist):
+    """train / validation are TFDS's train[:50000] / train[50000:], in TFDS's order of hashed
+    example keys (TFDS's own builder and bbb.data.tfds_local both key an example by its index
+    in the file), not the IDX file's first 50,000 and last 10,000 (whose labels begin
+    5 0 4 1 9 2 1 3 1 4)."""
+    assert real_mnist["train"][1][:12].tolist() == [4, 1, 0, 7, 8, 1, 2, 7, 1, 6, 6, 4]
+    assert real_mnist["validation"][1][:12].tolist() == [1, 3, 8, 7, 2, 6, 2, 5, 7, 1, 7, 0]
+
+
 def test_tensorflow_import_drops_native_info_lines_and_keeps_the_rest(capfd):
     # TensorFlow's C++ code prints absl INFO lines on import (on AVX-512 CPUs, "oneDNN custom
     # operations are on") that TF_CPP_MIN_LOG_LEVEL does not reach; they are written to the

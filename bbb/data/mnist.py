@@ -1,10 +1,15 @@
 """MNIST (in-distribution) and Fashion-MNIST (out-of-distribution) for Bayes by Backprop.
 
-Blundell et al. (2015, §5.1) train on MNIST's first 50,000 training images, keep the last
-10,000 for validation and report error on the 10,000 test images, with pixels divided by 126.
-`load_mnist` returns exactly those three splits as numpy arrays, read through TFDS's own
-`mnist` dataset, which `prepare_mnist` makes available (`tfds.load("mnist", download=False)`)
-from the first source that works:
+Blundell et al. (2015, §5.1) train on 50,000 of MNIST's 60,000 training images, keep the
+other 10,000 for validation and report error on the 10,000 test images, with pixels divided by
+126. `load_mnist` returns such splits as numpy arrays, read through TFDS's own `mnist` dataset:
+train is its `train[:50000]`, validation `train[50000:]`. TFDS stores the training images in
+the order of their hashed example keys, not the IDX file's, so this is a fixed pseudo-random
+partition of the 60,000 (the same on every machine and from every source below: the offline
+builder writes TFDS's own keys), not the file's first 50,000 and last 10,000; about a sixth of
+the validation images are among the file's last 10,000, as chance would have it. The test split
+is the 10,000 test images whatever their order. `prepare_mnist` makes the dataset available
+(`tfds.load("mnist", download=False)`) from the first source that works:
 
 1. the dataset already prepared in the TFDS data folder;
 2. `manual_dir` holding the four standard IDX files (plain or .gz);
