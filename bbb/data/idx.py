@@ -68,7 +68,8 @@ def write_idx(path: str | os.PathLike, array: np.ndarray) -> Path:
     if path.suffix == ".gz":
         payload = gzip.compress(payload, mtime=0)
     path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(path.name + ".partial")
+    # The process id in the temporary name: tasks of a job array may write the same file at once.
+    partial = path.with_name(f"{path.name}.{os.getpid()}.partial")
     partial.write_bytes(payload)
     os.replace(partial, path)
     return path
