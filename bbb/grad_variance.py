@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from bbb import objective as objective_lib
-from bbb.errors import check_choice
+from bbb.errors import ConfigError, check_choice
 
 PyTree = Any
 ESTIMATORS = ("reparam", "per_example", "local_reparam", "flipout")
@@ -33,10 +33,11 @@ TERMS = ("free_energy", "likelihood")
 
 
 def _per_example_loss(free_energy, params, batch, key, kl_weight):
-    """F̂/N with a separate weight sample for every example of the minibatch."""
+    """F̂/N with separate weight samples for every example of the minibatch (the run's K
+    per example, as the other estimators draw K per minibatch)."""
     x, y = batch
     keys = jax.random.split(key, x.shape[0])
-    single = dataclasses.replace(free_energy, estimator="reparam", num_samples=1)
+    single = dataclasses.replace(free_energy, estimator="reparam")
 
     def one(xi, yi, k):
         loss, _ = single(params, (xi[None], yi[None]), k, kl_weight)
@@ -68,7 +69,7 @@ def gradient_variance(
       key: a PRNG key.
       estimator: one of `ESTIMATORS`.
       batch_size: B.
-      num_draws: how many (minibatch, noise) draws.
+      num_draws: how many (minibatch, noise) draws, at least 2.
       term: "free_energy" (∂F̂/∂μ) or "likelihood" (the expected negative log-likelihood's
         gradient alone: the KL weighted by 0).
       fixed_batch: draw the noise only, on one minibatch (the same for every draw and every
@@ -78,10 +79,11 @@ def gradient_variance(
       {layer path: mean variance} for the μ of every parameter array.
 
     Raises:
-      ConfigError: an unknown estimator or term.
+      ConfigError: an unknown estimator or term, or fewer than 2 draws.
     """
     check_choice("estimator", estimator, ESTIMATORS)
     check_choice("term", term, TERMS)
+    check_num_draws(num_draws)
     x, y = data
     kl_weight = 1.0 / free_energy.num_batches if term == "free_energy" else 0.0
     if estimator == "per_example":
@@ -111,6 +113,12 @@ def gradient_variance(
     variance = jax.tree_util.tree_map(lambda s: s / (num_draws - 1), m2)
     flat = jax.tree_util.tree_flatten_with_path(variance)[0]
     return {jax.tree_util.keystr(path): float(np.mean(np.asarray(v))) for path, v in flat}
+
+
+def check_num_draws(num_draws: int) -> None:
+    """Raises ConfigError unless `num_draws` is an integer ≥ 2 (a variance needs two draws)."""
+    if isinstance(num_draws, bool) or not isinstance(num_draws, int) or num_draws < 2:
+        raise ConfigError("num_draws", num_draws, "an integer of at least 2 (a sample variance)")
 
 
 def variance_table(results: dict[str, dict[str, float]]) -> str:

@@ -49,6 +49,7 @@ def main(argv):
             check_choice("estimators", estimator, grad_variance.ESTIMATORS)
         for term in _TERMS.value:
             check_choice("terms", term, grad_variance.TERMS)
+        grad_variance.check_num_draws(_NUM_DRAWS.value)
         experiment, state = train.load_run(_WORKDIR.value)
         x, y = train.load_data(experiment.config)["train"]
         data = (jnp.asarray(x), jnp.asarray(y))
@@ -89,4 +90,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=cli.parse_flags_or_exit)

@@ -121,3 +121,61 @@ def test_fixed_batch_leaves_only_the_estimators_noise(problem):
     assert fixed["local_reparam"] / fixed["reparam"] < sampled["local_reparam"] / sampled["reparam"]
     report = grad_variance.variance_report({"likelihood": {"r": {layer: 1.0}}}, 9, 1, "wd", True)
     assert "noise, on one fixed minibatch" in report
+
+
+def test_variance_is_the_sample_variance_of_the_draws_gradients(problem):
+    """A point estimate, one example per draw: three draws' gradients computed here one by
+    one, their sample variance (ddof = 1) averaged over each layer's parameters."""
+    fe, params, data = problem
+    point = {**params, "posterior": posterior.PointEstimate(params["posterior"].mu)}
+    key = jax.random.key(11)
+    result = grad_variance.gradient_variance(
+        fe, point, data, key, estimator="reparam", batch_size=1, num_draws=3, term="likelihood"
+    )
+    x, y = data
+    grads = []
+    for k in jax.random.split(key, 3):
+        index = jax.random.choice(jax.random.split(k)[0], x.shape[0], (1,), replace=False)
+        loss = lambda p, i=index: fe(p, (x[i], y[i]), jax.random.key(0), 0.0)[0]
+        grads.append(jax.grad(loss)(point)["posterior"].mu)
+    flat = [jax.tree_util.tree_flatten_with_path(g)[0] for g in grads]
+    for leaves in zip(*flat, strict=True):
+        path = jax.tree_util.keystr(leaves[0][0])
+        values = np.stack([np.asarray(v, np.float64) for _, v in leaves])
+        expected = np.var(values, axis=0, ddof=1).mean()
+        assert expected > 0
+        assert result[path] == pytest.approx(expected, rel=1e-4), path
+
+
+def test_per_example_keeps_the_runs_samples_and_needs_two_draws(problem):
+    """With K = 8 samples each example's gradient averages 8 weight samples, as reparam's
+    minibatch does: the per-example variance falls with K like the others'."""
+    fe, params, data = problem
+
+    def measure(objective, estimator):
+        return grad_variance.gradient_variance(
+            objective,
+            params,
+            data,
+            jax.random.key(2),
+            estimator=estimator,
+            batch_size=32,
+            num_draws=60,
+            term="likelihood",
+            fixed_batch=True,
+        )["['Dense_0']['kernel']"]
+
+    many = dataclasses.replace(fe, num_samples=8)
+    for estimator in ("per_example", "reparam"):
+        assert measure(many, estimator) < 0.5 * measure(fe, estimator), estimator
+    for bad in (0, 1, 2.5):
+        with pytest.raises(ConfigError, match="num_draws"):
+            grad_variance.gradient_variance(
+                fe,
+                params,
+                data,
+                jax.random.key(0),
+                estimator="reparam",
+                batch_size=8,
+                num_draws=bad,
+            )

@@ -1,5 +1,6 @@
 """bbb.hostmem: freed host memory is kept and reused, so reallocating it takes no page faults."""
 
+import glob
 import json
 import os
 import subprocess
@@ -8,6 +9,7 @@ import sys
 import pytest
 
 from bbb import hostmem
+from tests.conftest import REPO
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Allocates a 64 MiB block with the C library's malloc (as XLA:CPU does), touches every page,
@@ -184,6 +186,12 @@ def test_scripts_restart_after_parsing_their_flags(monkeypatch):
         cli.parse_flags_or_exit(["prog", "--no_such_flag_anywhere=1"])
     assert exit_info.value.code == 2 and calls == ["restart"]
     flags.FLAGS.unparse_flags()
+    # Every absl script uses it (scripts/grad_variance.py did not: a bad flag exited with 1).
+    scripts = sorted(glob.glob(os.path.join(REPO, "scripts", "*.py")))
+    absl_scripts = [p for p in scripts if "app.run(" in open(p).read()]
+    assert len(absl_scripts) >= 10
+    for path in absl_scripts:
+        assert "app.run(main, flags_parser=cli.parse_flags_or_exit)" in open(path).read(), path
 
 
 @_needs_huge_pages
