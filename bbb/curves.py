@@ -11,6 +11,7 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
+from bbb.errors import ConfigError
 from bbb.workdir import WorkdirError, read_records
 
 # (metric, axis title): the panels of the figure, in order.
@@ -110,6 +111,13 @@ def plot_runs(workdirs: Sequence[str], labels: Sequence[str] | None, out: str) -
     labels = list(labels) if labels else [os.path.basename(os.path.normpath(w)) for w in workdirs]
     if len(labels) != len(workdirs):
         raise ValueError(f"{len(labels)} labels for {len(workdirs)} workdirs")
+    repeated = sorted({label for label in labels if labels.count(label) > 1})
+    if repeated:  # e.g. runs/s0/mnist and runs/s1/mnist: one would hide the other.
+        raise ConfigError(
+            "--labels",
+            ",".join(labels),
+            f"a distinct label per run ({repeated[0]!r} names two; give --labels)",
+        )
     runs = {label: read_metrics(w) for label, w in zip(labels, workdirs, strict=True)}
 
     import matplotlib

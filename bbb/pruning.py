@@ -20,6 +20,7 @@ import fractions
 import json
 import math
 import os
+from collections.abc import Sequence
 from typing import Any
 
 import flax.struct
@@ -27,6 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from bbb.errors import ConfigError
 from bbb.posterior import MeanFieldGaussian, PointEstimate, count_params
 
 PyTree = Any
@@ -287,6 +289,18 @@ def load_compact(path: str) -> PrunedGaussian:
 PAPER_TABLE_2 = {0.0: 0.0124, 0.5: 0.0124, 0.75: 0.0124, 0.95: 0.0129, 0.98: 0.0139}
 
 
+def check_fractions_and_criteria(fractions: Sequence[Any], criteria: Sequence[str]) -> None:
+    """Raises ConfigError naming `--fractions` or `--criteria` unless each value is allowed."""
+    for fraction in fractions:
+        if isinstance(fraction, bool) or not isinstance(fraction, (int, float)):
+            raise ConfigError("--fractions", fraction, "numbers in [0, 1]")
+        if not 0.0 <= fraction <= 1.0:
+            raise ConfigError("--fractions", fraction, "numbers in [0, 1]")
+    for criterion in criteria:
+        if criterion not in CRITERIA:
+            raise ConfigError("--criteria", criterion, f"any of {', '.join(CRITERIA)}")
+
+
 def pruning_experiment(
     workdir: str,
     fractions_removed: tuple[float, ...] = (0.0, 0.5, 0.75, 0.95, 0.98),
@@ -307,9 +321,14 @@ def pruning_experiment(
     Returns:
       The rows of the table: criterion, fraction, weights kept, test error (MC predictive and
       mean weights), test NLL, and compact size in bytes.
+
+    Raises:
+      ConfigError: a fraction outside [0, 1] or an unknown criterion, before anything is
+        loaded or written.
     """
     from bbb import train
 
+    check_fractions_and_criteria(fractions_removed, criteria)
     experiment, state = train.load_run(workdir)
     splits = train.load_data(experiment.config)
     test = tuple(jnp.asarray(a) for a in splits["test"])

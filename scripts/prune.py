@@ -26,10 +26,18 @@ flags.mark_flags_as_required(["workdir"])
 def main(argv):
     del argv
     from bbb import pruning
+    from bbb.errors import ConfigError
 
-    fractions = tuple(float(f) for f in _FRACTIONS.value)
-    criteria = tuple(_CRITERIA.value)
-    cli.run_or_exit(lambda: pruning.pruning_experiment(_WORKDIR.value, fractions, criteria))
+    def run():
+        fractions = []
+        for text in _FRACTIONS.value:
+            try:
+                fractions.append(float(text))
+            except ValueError:
+                raise ConfigError("--fractions", text, "numbers in [0, 1]") from None
+        pruning.pruning_experiment(_WORKDIR.value, tuple(fractions), tuple(_CRITERIA.value))
+
+    cli.run_or_exit(run)
     with open(os.path.join(_WORKDIR.value, "pruning.md")) as f:
         print(f.read())
 

@@ -45,3 +45,17 @@ def test_missing_run_and_mismatched_labels_are_errors(tmp_path):
     a = _write_run(tmp_path / "a", [0.1], [0.1])
     with pytest.raises(ValueError, match="1 labels for 2 workdirs"):
         curves.plot_runs([a, a], ["x"], str(tmp_path / "c.png"))
+
+
+def test_runs_of_the_same_name_need_their_own_labels(tmp_path):
+    """runs/s0/mnist and runs/s1/mnist: default labels would collide and one run vanish."""
+    from bbb.errors import ConfigError
+
+    first = _write_run(tmp_path / "s0", [0.1], [0.1])
+    (tmp_path / "s1").mkdir()
+    second = _write_run(tmp_path / "s1" / "s0", [0.2], [0.2])
+    with pytest.raises(ConfigError, match=r"--labels.*'s0' names two"):
+        curves.plot_runs([first, second], None, str(tmp_path / "c.png"))
+    assert not (tmp_path / "c.png").exists()
+    table = curves.plot_runs([first, second], ["a", "b"], str(tmp_path / "c.png"))
+    assert "| a |" in table and "| b |" in table

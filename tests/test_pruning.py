@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import math
 import os
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -14,7 +16,7 @@ import pytest
 from bbb import models, pruning, train
 from bbb.posterior import MeanFieldGaussian, PointEstimate
 from configs import test as test_config
-from tests.conftest import numpy_params
+from tests.conftest import REPO, numpy_params
 
 
 @pytest.fixture(scope="module")
@@ -202,3 +204,24 @@ def test_fraction_zero_matches_the_unpruned_evaluation(tiny_run):
     assert rows[0]["test_error_mean_weights"] == pytest.approx(
         float(result["error_mean_weights"]), abs=1e-7
     )
+
+
+@pytest.mark.parametrize(
+    ("flag", "message"),
+    [
+        ("--fractions=0.5,1.5", "--fractions"),
+        ("--fractions=half", "--fractions"),
+        ("--criteria=snr,size", "--criteria"),
+    ],
+)
+def test_script_names_a_bad_flag_before_loading_the_run(tmp_path, flag, message):
+    """No run needs to exist: the flags are checked before the workdir is read."""
+    result = subprocess.run(
+        [sys.executable, os.path.join(REPO, "scripts", "prune.py"), f"--workdir={tmp_path}", flag],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert message in result.stderr
+    assert os.listdir(tmp_path) == []
