@@ -254,6 +254,11 @@ def _summary(
     return summary
 
 
+def host_overhead_pct(epoch_s: float, steps: int, ms_per_step: float) -> float:
+    """The epoch's wall time over its steps at the median step time, less 1, in per cent."""
+    return 100.0 * (epoch_s / (steps * ms_per_step / 1e3) - 1.0)
+
+
 def random_batch(key: jax.Array, batch_size: int) -> tuple[jax.Array, jax.Array]:
     """A fixed random minibatch: x ~ U[0, 2) [B, 28, 28, 1] (pixels / 126), y [B] in 0..9.
 
@@ -432,6 +437,21 @@ def add_ratios(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return records
 
 
+def check_peer(peer_python: str, peer_threads: int) -> None:
+    """Raises ConfigError unless the peer's python exists and `peer_threads` is positive.
+
+    `run_peer` alone skips a missing peer with a message; asked for by `run`, a missing one is
+    an error before the hour of timing, not a note after it.
+    """
+    if not os.path.exists(peer_python):
+        raise ConfigError(
+            "--peer_python",
+            peer_python,
+            "the python of an environment with bayesian-torch (README, Performance)",
+        )
+    check_positive("--peer_threads", peer_threads, integer=True)
+
+
 def check_timing(repeats: int, warmup: int, calls_per_round: int, epoch_repeats: int) -> None:
     """Raises ConfigError naming the first timing setting out of range."""
     check_positive("repeats", repeats, integer=True)
@@ -519,8 +539,9 @@ def run_grid(
                 record["epoch_compile_s"] = epochs[i][0]
                 record["epoch_s"] = statistics.median(epoch_times[i])
                 record["epoch_steps"] = p.experiment.steps_per_epoch
-                steps_time = record["epoch_steps"] * record["ms_per_step"] / 1e3
-                record["host_overhead_pct"] = 100.0 * (record["epoch_s"] / steps_time - 1.0)
+                record["host_overhead_pct"] = host_overhead_pct(
+                    record["epoch_s"], record["epoch_steps"], record["ms_per_step"]
+                )
             records[index] = record
             done += 1
             if log:
@@ -1344,6 +1365,12 @@ def run(
     for host_memory in peer_host_memory:  # before any timing
         check_choice("peer_host_memory", host_memory, HOST_MEMORY)
     check_timing(repeats, warmup, calls_per_round, 0 if ablation else epoch_repeats)
+    if peer_python and not list_only and not ablation:
+        check_peer(peer_python, peer_threads)
+    if json_path and not list_only:  # The records of an hour's timing must have somewhere to go.
+        folder = os.path.dirname(os.path.abspath(json_path))
+        if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
+            raise ConfigError("--json", json_path, "a file in an existing, writable folder")
     if list_only:
         if ablation:
             records = [

@@ -443,6 +443,29 @@ def test_timing_settings_are_checked_before_any_compute(capsys):
     assert "machine:" not in capsys.readouterr().out
 
 
+def test_a_missing_peer_or_json_folder_fails_before_any_timing(tmp_path, capsys):
+    for kwargs, field in (
+        ({"peer_python": str(tmp_path / "no-python")}, "--peer_python"),
+        ({"peer_python": sys.executable, "peer_threads": 0}, "--peer_threads"),
+        ({"json_path": str(tmp_path / "missing" / "b.json")}, "--json"),
+    ):
+        with pytest.raises(ConfigError, match=field):
+            benchmark.run(mnist.get_config(), hidden=(8,), num_samples=(1,), **kwargs)
+    assert "machine:" not in capsys.readouterr().out
+
+
+def test_summary_and_host_overhead_by_hand():
+    summary = benchmark._summary([1.0, 2.0, 3.0, 10.0], [7.0, 9.0], 2)
+    assert summary["ms_per_step"] == 2.5 and summary["ms_per_step_min"] == 1.0
+    assert summary["ms_per_step_q25"] == pytest.approx(1.75)
+    assert summary["ms_per_step_q75"] == pytest.approx(4.75)
+    assert summary["ms_per_step_first_call"] == 8.0
+    assert (summary["repeats"], summary["timed_calls"], summary["calls_per_round"]) == (2, 4, 2)
+    # 4 steps of 100 ms take 0.4 s: an epoch of 0.44 s has 10% overhead, one of 0.36 s −10%.
+    assert benchmark.host_overhead_pct(0.44, 4, 100.0) == pytest.approx(10.0)
+    assert benchmark.host_overhead_pct(0.36, 4, 100.0) == pytest.approx(-10.0)
+
+
 def test_peer_script_names_nothing_it_does_not_define(tmp_path):
     # The script runs in the peer's own Python, out of reach of the linter's view of this file.
     script = tmp_path / "peer.py"

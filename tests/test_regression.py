@@ -69,3 +69,17 @@ def test_bbb_band_widens_away_from_the_data_and_plain_has_none(tmp_path):
     assert os.path.getsize(os.path.join(workdir, "plots", "regression.png")) > 10000
     with open(os.path.join(workdir, "regression.json")) as f:
         assert json.load(f) == results
+
+
+@pytest.mark.parametrize("num_samples", [0, 1, 2.5])
+def test_bad_num_samples_is_named_before_training(tmp_path, num_samples):
+    from bbb.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="num_samples"):
+        regression.regression_experiment(
+            str(tmp_path / "wd"),
+            regression_config.get_config(),
+            regression_config.get_config("plain"),
+            num_samples=num_samples,
+        )
+    assert not (tmp_path / "wd").exists()
