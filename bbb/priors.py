@@ -265,6 +265,10 @@ def _import_factory(name: str) -> Callable[..., Prior]:
         module = importlib.import_module(module_name)
     except ImportError as e:
         raise ConfigError("prior.name", name, f"{allowed}; importing failed: {e}") from e
+    except Exception as e:  # The module's own code failed while it was imported.
+        raise ConfigError(
+            "prior.name", name, f"{allowed}; importing {module_name} raised {e!r}"
+        ) from e
     factory = getattr(module, attr, None)
     if not callable(factory):
         raise ConfigError("prior.name", name, f"{allowed}; {module_name} has no callable {attr}")
@@ -305,6 +309,18 @@ def make_prior(config: ml_collections.ConfigDict | dict) -> Prior:
             f"False for the {name!r} prior (learnable: gaussian, scale_mixture)",
         )
     kwargs = {k: v for k, v in fields.items() if takes_any or k in signature.parameters}
+    for parameter in signature.parameters.values():
+        required = parameter.default is parameter.empty and parameter.kind in (
+            parameter.POSITIONAL_OR_KEYWORD,
+            parameter.KEYWORD_ONLY,
+        )
+        if required and parameter.name not in kwargs:
+            raise ConfigError(
+                f"prior.{parameter.name}",
+                None,
+                f"a value: the prior {name!r} requires it; add the field to the config's "
+                "prior block",
+            )
     prior = factory(**kwargs)
     if not isinstance(prior, Prior):
         raise ConfigError("prior.name", name, "a callable that returns a bbb.priors.Prior")

@@ -421,3 +421,21 @@ def test_custom_prior_trains(monkeypatch):
     losses = np.array(losses)  # each before its step's update
     assert np.all(np.isfinite(losses))
     assert losses[-5:].mean() < losses[:3].mean() - 0.3, losses
+
+
+def test_custom_factory_missing_a_field_or_failing_on_import_names_it(tmp_path, monkeypatch):
+    """Both were tracebacks (TypeError, or the module's own exception), not config errors."""
+    (tmp_path / "needs_width_prior.py").write_text(
+        "from bbb.priors import gaussian\n\ndef factory(width, sigma=1.0):\n"
+        "    return gaussian(sigma * width)\n"
+    )
+    (tmp_path / "broken_prior.py").write_text("raise RuntimeError('boom at import')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(ConfigError) as info:
+        priors.make_prior({"name": "needs_width_prior:factory", "sigma": 2.0})
+    assert info.value.field == "prior.width" and "needs_width_prior:factory" in str(info.value)
+    prior = priors.make_prior({"name": "needs_width_prior:factory", "sigma": 2.0, "width": 0.5})
+    assert prior.sigma == 1.0
+    with pytest.raises(ConfigError) as info:
+        priors.make_prior({"name": "broken_prior:factory"})
+    assert info.value.field == "prior.name" and "boom at import" in str(info.value)
