@@ -52,7 +52,7 @@ import optax
 from bbb import train
 from bbb import workdir as workdir_lib
 from bbb.curves import series
-from bbb.errors import ConfigError
+from bbb.errors import ConfigError, check_positive
 from bbb.priors import Gaussian, Prior, ScaleMixture, make_prior
 from bbb.workdir import WorkdirError, read_records, write_text_atomically
 
@@ -1197,6 +1197,7 @@ def benchmark(
     """
     import shutil
 
+    check_positive("--benchmark_repeats", repeats, integer=True)
     root = os.path.join(workdir, "benchmark")
     os.makedirs(root, exist_ok=True)
     times: dict[str, list[float]] = {"sequential": [], "vectorized": []}

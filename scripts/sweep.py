@@ -48,6 +48,15 @@ def main(argv):
         path = config_flags.get_config_filename(flags.FLAGS["config"])
         members = sweep.load_get_sweep(path)()
         if _BENCHMARK.value:
+            from bbb.errors import ConfigError
+
+            for name, value in (("--list", _LIST.value), ("--collect", _COLLECT.value)):
+                if value:
+                    raise ConfigError(
+                        name, value, "False with --benchmark (it trains every member)"
+                    )
+            if _MEMBER.value is not None:
+                raise ConfigError("--member", _MEMBER.value, "unset with --benchmark")
             return sweep.benchmark(_CONFIG.value, members, _WORKDIR.value, repeats=_REPEATS.value)
         return sweep.run_sweep(
             _CONFIG.value,

@@ -436,6 +436,35 @@ def test_script_reads_get_sweep_and_exits_2_on_a_bad_one(tmp_path):
     assert not (tmp_path / "sweep").exists()
 
 
+@pytest.mark.parametrize(
+    ("flags", "named"),
+    [
+        (["--list"], "--list"),
+        (["--collect"], "--collect"),
+        (["--member=0"], "--member"),
+        (["--benchmark_repeats=0"], "--benchmark_repeats"),
+    ],
+)
+def test_benchmark_refuses_flags_it_would_ignore(tmp_path, flags, named):
+    """--benchmark trains every member both ways; --list (say) would have been ignored."""
+    result = subprocess.run(
+        [
+            sys.executable,
+            os.path.join(REPO, "scripts", "sweep.py"),
+            f"--config={os.path.join(REPO, 'configs', 'regression.py')}",
+            f"--workdir={tmp_path / 'sweep'}",
+            "--benchmark",
+            *flags,
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert named in result.stderr
+    assert not (tmp_path / "sweep").exists()
+
+
 def test_config_file_path_arg_and_missing_get_sweep():
     get_sweep = sweep.load_get_sweep(os.path.join(REPO, "configs", "regression.py:plain"))
     assert len(get_sweep()) == 8
