@@ -8,7 +8,7 @@ diverged (NaN or Inf). Exit code 1: anything else.
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from typing import Any
 
 from absl import flags
@@ -34,7 +34,9 @@ def parse_flags_or_exit(argv: list[str]) -> list[str]:
         sys.exit(EXIT_BAD_INPUT)
     except (KeyError, AttributeError, TypeError, ValueError) as e:
         # ml_collections raises these for unknown fields and wrong types in --config.x=y.
-        print(f"error: {describe_bad_override(argv, e)}", file=sys.stderr)
+        # ml_collections defines a flag for each override of an existing field: those are valid.
+        known = set(flags.FLAGS)
+        print(f"error: {describe_bad_override(argv, e, known)}", file=sys.stderr)
         sys.exit(EXIT_BAD_INPUT)
     # absl's INFO lines (Orbax's per-checkpoint reports, TFDS, JAX's platform probe: over a
     # hundred per run) would bury the progress bar; warnings still show, `--verbosity=0`
@@ -51,7 +53,7 @@ def parse_flags_or_exit(argv: list[str]) -> list[str]:
     return remaining
 
 
-def describe_bad_override(argv: list[str], error: Exception) -> str:
+def describe_bad_override(argv: list[str], error: Exception, known: Collection[str] = ()) -> str:
     """A readable message for an override that ml_collections refused.
 
     An unknown field (a KeyError) is named with the override that caused it, and with
@@ -60,6 +62,10 @@ def describe_bad_override(argv: list[str], error: Exception) -> str:
     Args:
       argv: the command line.
       error: what ml_collections raised.
+      known: the names of the flags defined, among them "config.a.b" for each override of an
+        existing field: such an override is not the bad one, even where a field of its path
+        has the missing name (--config.model.dropout_rate beside a bad
+        --config.posterior.dropout_rate).
 
     Returns:
       The message.
@@ -74,6 +80,8 @@ def describe_bad_override(argv: list[str], error: Exception) -> str:
         name = arg.split("=", 1)[0].lstrip("-")
         parts = name.split(".")
         if len(parts) < 2 or missing not in parts[1:]:
+            continue
+        if name in known:
             continue
         path = ".".join(parts[1 : parts.index(missing, 1) + 1])
         hint = " ".join(text.splitlines()[1:])

@@ -463,6 +463,14 @@ def test_bad_override_messages_name_the_field_and_the_flag():
         "bad config override: unknown config field 'zzz'"
     )
     assert describe_bad_override(argv, TypeError("bad type")) == "bad config override: bad type"
+    # A valid override (a flag ml_collections defined) whose path has the missing name is not
+    # the bad one.
+    argv = ["t.py", "--config.model.dropout_rate=0.1", "--config.posterior.dropout_rate=0.1"]
+    error = AttributeError(KeyError("'dropout_rate'"))
+    assert describe_bad_override(argv, error, {"config.model.dropout_rate"}) == (
+        "config field posterior.dropout_rate does not exist "
+        "(from --config.posterior.dropout_rate=0.1)"
+    )
 
 
 @pytest.mark.parametrize(
