@@ -10,6 +10,7 @@ import hypothesis.strategies as st
 import jax
 import jax.numpy as jnp
 import numpy as np
+import scipy.stats
 
 from bbb import posterior, priors
 
@@ -29,6 +30,31 @@ def _free_energy_terms(mu, rho, prior_params, log_sigma2, logit_pi):
 
 
 _value_and_grad = jax.jit(jax.value_and_grad(_free_energy_terms, argnums=(0, 1, 2, 3, 4)))
+
+
+def _numpy_terms(mu, rho, log_sigma_prior, log_sigma2, pi):
+    """The terms of `_free_energy_terms` in float64 numpy (scipy's densities), at its sample."""
+    q = posterior.MeanFieldGaussian({"w": jnp.asarray(mu)}, {"w": jnp.asarray(rho)})
+    w = np.asarray(q.sample(jax.random.key(0))["w"], np.float64)
+    mu, rho = np.asarray(mu, np.float64), np.asarray(rho, np.float64)
+    sigma = np.logaddexp(0.0, rho)
+    sigma_p, sigma2 = math.exp(log_sigma_prior), math.exp(log_sigma2)
+    log_q = scipy.stats.norm.logpdf(w, mu, sigma)
+    log_mixture = np.logaddexp(
+        math.log(pi) + scipy.stats.norm.logpdf(w, 0.0, 1.0),
+        math.log1p(-pi) + scipy.stats.norm.logpdf(w, 0.0, sigma2),
+    )
+    closed_kl = np.log(sigma_p / sigma) + (sigma**2 + mu**2) / (2 * sigma_p**2) - 0.5
+    log_p_mu = scipy.stats.norm.logpdf(mu, 0.0, sigma_p)
+    return [log_q, -log_mixture, closed_kl, log_p_mu]
+
+
+def _assert_value_matches_numpy(value, terms):
+    """float32 against float64: within 1e-4 of the terms' total magnitude, so that a wrong sign
+    or scale of any term that is not negligible against the others shows."""
+    expected = sum(float(np.sum(t)) for t in terms)
+    magnitude = sum(float(np.sum(np.abs(t))) for t in terms)
+    assert abs(float(value) - expected) <= 1e-4 * magnitude, (float(value), expected, magnitude)
 
 
 @hypothesis.settings(max_examples=60, deadline=None)
@@ -54,6 +80,11 @@ def test_everything_finite_at_extremes(seed, rho_low, mu_scale, log_sigma2, pi, 
     assert np.isfinite(float(value))
     for g in grads:
         assert np.all(np.isfinite(np.asarray(g)))
+    # The float32 parameters' own values, as the function saw them.
+    f32 = lambda v: float(np.float32(v))
+    pi32 = 1.0 / (1.0 + math.exp(-f32(math.log(pi / (1 - pi)))))
+    terms = _numpy_terms(mu, rho, f32(log_sigma_prior), f32(log_sigma2), pi32)
+    _assert_value_matches_numpy(value, terms)
 
 
 def test_extremes_by_hand():
@@ -66,3 +97,4 @@ def test_extremes_by_hand():
         )
         assert np.isfinite(float(value))
         assert all(np.all(np.isfinite(np.asarray(g))) for g in grads)
+        _assert_value_matches_numpy(value, _numpy_terms(mu, rho, -10.0, -10.0, 0.5))
