@@ -411,25 +411,30 @@ def test_slurm_task_that_is_not_an_integer_is_a_config_error(tmp_path, monkeypat
         sweep.run_sweep(_tiny_config(), FAKE_SWEEP, str(tmp_path / "s"))
 
 
-def test_script_reads_get_sweep_and_exits_2_on_a_bad_one(tmp_path):
-    config_file = tmp_path / "bad_sweep.py"
-    config_file.write_text(
-        "from configs.regression import get_config\n\n\n"
-        "def get_sweep():\n    return [{'prior.sigma': 0.5}, {'optim.learning_rat': 1e-3}]\n"
-    )
-    result = subprocess.run(
+def _sweep_script(config_file, workdir, *flags) -> subprocess.CompletedProcess:
+    """scripts/sweep.py with a config file, a workdir and `flags`, run from the repo."""
+    return subprocess.run(
         [
             sys.executable,
             os.path.join(REPO, "scripts", "sweep.py"),
             f"--config={config_file}",
-            f"--workdir={tmp_path / 'sweep'}",
-            "--list",
+            f"--workdir={workdir}",
+            *flags,
         ],
         cwd=REPO,
         capture_output=True,
         text=True,
         env={**os.environ, "PYTHONPATH": REPO},
     )
+
+
+def test_script_reads_get_sweep_and_exits_2_on_a_bad_one(tmp_path):
+    config_file = tmp_path / "bad_sweep.py"
+    config_file.write_text(
+        "from configs.regression import get_config\n\n\n"
+        "def get_sweep():\n    return [{'prior.sigma': 0.5}, {'optim.learning_rat': 1e-3}]\n"
+    )
+    result = _sweep_script(config_file, tmp_path / "sweep", "--list")
     assert result.returncode == 2, result.stderr[-2000:]
     assert "sweep[1].optim.learning_rat" in result.stderr
     assert "did you mean 'optim.learning_rate'" in result.stderr
@@ -447,19 +452,8 @@ def test_script_reads_get_sweep_and_exits_2_on_a_bad_one(tmp_path):
 )
 def test_benchmark_refuses_flags_it_would_ignore(tmp_path, flags, named):
     """--benchmark trains every member both ways; --list (say) would have been ignored."""
-    result = subprocess.run(
-        [
-            sys.executable,
-            os.path.join(REPO, "scripts", "sweep.py"),
-            f"--config={os.path.join(REPO, 'configs', 'regression.py')}",
-            f"--workdir={tmp_path / 'sweep'}",
-            "--benchmark",
-            *flags,
-        ],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-    )
+    config_file = os.path.join(REPO, "configs", "regression.py")
+    result = _sweep_script(config_file, tmp_path / "sweep", "--benchmark", *flags)
     assert result.returncode == 2, result.stderr[-2000:]
     assert named in result.stderr
     assert not (tmp_path / "sweep").exists()
