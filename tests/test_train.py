@@ -540,3 +540,44 @@ def test_global_norm_is_the_euclidean_norm_of_all_leaves():
     np.testing.assert_allclose(
         float(train.global_norm(tree)), float(optax.tree.norm(tree)), rtol=1e-6
     )
+
+
+def test_evaluate_against_numpy_from_the_same_samples():
+    """error, NLL (−log of the mean probability, not the mean log-probability) and the
+    mean-weights error, over exactly N = 7 examples in evaluation chunks of 3."""
+    from bbb import predict as predict_lib
+
+    config = test_config.get_config()
+    config.eval.batch_size, config.eval.num_samples = 3, 4
+    config.posterior.init_rho = -1.0  # Samples far apart: log-mean and mean-log differ.
+    experiment = train.build(config, num_train=64, input_shape=(28, 28, 1))
+    params = train.init_state(experiment, jax.random.key(0)).params
+    rng = np.random.default_rng(3)
+    x = jnp.asarray(rng.uniform(size=(7, 28, 28, 1)), jnp.float32)
+    y = jnp.asarray(rng.integers(0, 10, 7), jnp.int32)
+    key = jax.random.key(5)
+    result = {k: float(v) for k, v in train.evaluate(experiment, params, (x, y), key).items()}
+    prediction = predict_lib.predict_in_batches(
+        experiment.model, params["posterior"], x, key, 4, batch_size=3, estimator="reparam"
+    )
+    samples = np.asarray(prediction.samples, np.float64)  # [K, N, C] probabilities
+    assert samples.shape == (4, 7, 10)
+    labels = np.asarray(y)
+    picked = samples[:, np.arange(7), labels]  # [K, N]
+    nll = -np.mean(np.log(picked.mean(axis=0)))
+    assert result["nll"] == pytest.approx(nll, rel=1e-5)
+    assert nll < -np.mean(np.log(picked)) - 1e-3  # Jensen: the two readings differ here.
+    assert result["error"] == pytest.approx(np.mean(samples.mean(0).argmax(-1) != labels))
+    mean_weights = np.asarray(prediction.mean_weights)
+    assert result["error_mean_weights"] == pytest.approx(np.mean(mean_weights.argmax(-1) != labels))
+
+
+def test_best_validation_keeps_the_earliest_lowest_and_its_test_error():
+    from bbb.workdir import History
+
+    history = History()
+    for epoch, (val, test) in enumerate([(0.3, 0.31), (0.2, 0.21), (0.2, 0.19), (0.25, 0.1)], 1):
+        history.update_best({"epoch": epoch, "eval/val_error": val, "eval/test_error": test})
+        history.update_best({"epoch": epoch})  # An epoch without evaluation changes nothing.
+    assert (history.best_val_error, history.best_epoch) == (0.2, 2)
+    assert history.test_error_at_best_val == 0.21
