@@ -36,10 +36,12 @@ def _numpy_terms(mu, rho, log_sigma_prior, log_sigma2, pi):
     """The terms of `_free_energy_terms` in float64 numpy (scipy's densities), at its sample."""
     q = posterior.MeanFieldGaussian({"w": jnp.asarray(mu)}, {"w": jnp.asarray(rho)})
     w = np.asarray(q.sample(jax.random.key(0))["w"], np.float64)
+    eps = np.asarray(q.sample_noise(jax.random.key(0))["w"], np.float64)
     mu, rho = np.asarray(mu, np.float64), np.asarray(rho, np.float64)
     sigma = np.logaddexp(0.0, rho)
     sigma_p, sigma2 = math.exp(log_sigma_prior), math.exp(log_sigma2)
-    log_q = scipy.stats.norm.logpdf(w, mu, sigma)
+    # log q at w = μ + σε from ε itself: (w − μ) / σ in floats is lost to rounding when σ ≪ |μ|.
+    log_q = scipy.stats.norm.logpdf(eps) - np.log(sigma)
     log_mixture = np.logaddexp(
         math.log(pi) + scipy.stats.norm.logpdf(w, 0.0, 1.0),
         math.log1p(-pi) + scipy.stats.norm.logpdf(w, 0.0, sigma2),
