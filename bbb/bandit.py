@@ -69,7 +69,13 @@ import optax
 
 from bbb import objective as objective_lib
 from bbb import posterior as posterior_lib
-from bbb.errors import ConfigError, check_choice, check_non_negative, check_positive
+from bbb.errors import (
+    ConfigError,
+    check_choice,
+    check_non_negative,
+    check_positive,
+    check_probability,
+)
 from bbb.models import make_model
 from bbb.priors import make_prior
 from bbb.workdir import flatten_config
@@ -499,11 +505,6 @@ class Experiment:
         return names + [f"ε-greedy {100 * e:g}%" for e in self.epsilons]
 
 
-def _check_probability(field: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value <= 1:
-        raise ConfigError(field, value, "a number in [0, 1]")
-
-
 def _make_learner(config: ml_collections.ConfigDict, model: nn.Module, bayesian: bool) -> Learner:
     likelihood = objective_lib.make_likelihood(config.likelihood)
     if bayesian:
@@ -571,9 +572,7 @@ def build(config: ml_collections.ConfigDict) -> Experiment:
             or not math.isfinite(value)
         ):
             raise ConfigError(f"rewards.{field}", value, "a finite number")
-    _check_probability(
-        "rewards.poisonous_bad_probability", config.rewards.poisonous_bad_probability
-    )
+    check_probability("rewards.poisonous_bad_probability", config.rewards.poisonous_bad_probability)
     rewards = Rewards(
         edible=float(config.rewards.edible),
         poisonous_bad=float(config.rewards.poisonous_bad),
@@ -582,7 +581,7 @@ def build(config: ml_collections.ConfigDict) -> Experiment:
     )
     epsilons = tuple(config.agents.epsilons)
     for i, epsilon in enumerate(epsilons):
-        _check_probability(f"agents.epsilons[{i}]", epsilon)
+        check_probability(f"agents.epsilons[{i}]", epsilon)
     if not isinstance(config.agents.thompson, bool):
         raise ConfigError("agents.thompson", config.agents.thompson, "True or False")
     if not epsilons and not config.agents.thompson:

@@ -43,6 +43,19 @@ def check_non_negative(field: str, value: Any, *, integer: bool = False) -> None
         raise ConfigError(field, value, "a non-negative " + ("integer" if integer else "number"))
 
 
+def check_integer_at_least(field: str, value: Any, minimum: int, why: str = "") -> None:
+    """Raises ConfigError unless `value` is an int >= `minimum`; `why` says what needs it."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        reason = f" ({why})" if why else ""
+        raise ConfigError(field, value, f"an integer of at least {minimum}{reason}")
+
+
+def check_probability(field: str, value: Any) -> None:
+    """Raises ConfigError unless `value` is a number in [0, 1]."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value <= 1:
+        raise ConfigError(field, value, "a number in [0, 1]")
+
+
 def check_open_interval(field: str, value: Any, low: float, high: float) -> None:
     """Raises ConfigError unless low < value < high."""
     if isinstance(value, bool) or not isinstance(value, int | float) or not low < value < high:

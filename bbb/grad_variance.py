@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from bbb import objective as objective_lib
-from bbb.errors import ConfigError, check_choice
+from bbb.errors import check_choice, check_integer_at_least
 
 PyTree = Any
 ESTIMATORS = ("reparam", "per_example", "local_reparam", "flipout")
@@ -117,8 +117,7 @@ def gradient_variance(
 
 def check_num_draws(num_draws: int) -> None:
     """Raises ConfigError unless `num_draws` is an integer ≥ 2 (a variance needs two draws)."""
-    if isinstance(num_draws, bool) or not isinstance(num_draws, int) or num_draws < 2:
-        raise ConfigError("num_draws", num_draws, "an integer of at least 2 (a sample variance)")
+    check_integer_at_least("num_draws", num_draws, 2, "a sample variance")
 
 
 def variance_table(results: dict[str, dict[str, float]]) -> str:

@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bbb.errors import ConfigError
+from bbb.errors import check_choice, check_probability
 from bbb.posterior import MeanFieldGaussian, PointEstimate, count_params
 
 PyTree = Any
@@ -292,13 +292,9 @@ PAPER_TABLE_2 = {0.0: 0.0124, 0.5: 0.0124, 0.75: 0.0124, 0.95: 0.0129, 0.98: 0.0
 def check_fractions_and_criteria(fractions: Sequence[Any], criteria: Sequence[str]) -> None:
     """Raises ConfigError naming `--fractions` or `--criteria` unless each value is allowed."""
     for fraction in fractions:
-        if isinstance(fraction, bool) or not isinstance(fraction, (int, float)):
-            raise ConfigError("--fractions", fraction, "numbers in [0, 1]")
-        if not 0.0 <= fraction <= 1.0:
-            raise ConfigError("--fractions", fraction, "numbers in [0, 1]")
+        check_probability("--fractions", fraction)
     for criterion in criteria:
-        if criterion not in CRITERIA:
-            raise ConfigError("--criteria", criterion, f"any of {', '.join(CRITERIA)}")
+        check_choice("--criteria", criterion, CRITERIA)
 
 
 def pruning_experiment(

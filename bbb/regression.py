@@ -20,7 +20,7 @@ import numpy as np
 
 from bbb import predict as predict_lib
 from bbb import train
-from bbb.errors import ConfigError
+from bbb.errors import check_integer_at_least
 
 X_PLOT = (-0.2, 1.2)  # The plotted range (the paper's Figure 5).
 X_IN, X_OUT = 0.25, 1.0  # Where the band is compared: inside the data, and far outside it.
@@ -143,8 +143,7 @@ def regression_experiment(
     Raises:
       ConfigError: `num_samples` is not an integer of at least 2, before anything is trained.
     """
-    if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 2:
-        raise ConfigError("num_samples", num_samples, "an integer of at least 2 (a band)")
+    check_integer_at_least("num_samples", num_samples, 2, "a band")
     os.makedirs(os.path.join(workdir, "plots"), exist_ok=True)
     grid = np.linspace(*X_PLOT, 281)
     bands, results = {}, {}

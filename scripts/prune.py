@@ -34,7 +34,7 @@ def main(argv):
             try:
                 fractions.append(float(text))
             except ValueError:
-                raise ConfigError("--fractions", text, "numbers in [0, 1]") from None
+                raise ConfigError("--fractions", text, "a number in [0, 1]") from None
         pruning.pruning_experiment(_WORKDIR.value, tuple(fractions), tuple(_CRITERIA.value))
 
     cli.run_or_exit(run)
