@@ -73,6 +73,7 @@ import numpy as np
 from bbb import hostmem
 from bbb import posterior as posterior_lib
 from bbb import train as train_lib
+from bbb import workdir as workdir_lib
 from bbb.errors import ConfigError, check_choice, check_non_negative, check_positive
 from bbb.estimators import ESTIMATORS
 from bbb.models import DTYPES
@@ -1369,7 +1370,7 @@ def run(
         check_peer(peer_python, peer_threads)
     if json_path and not list_only:  # The records of an hour's timing must have somewhere to go.
         folder = os.path.dirname(os.path.abspath(json_path))
-        if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
+        if not os.path.isdir(folder) or not workdir_lib.can_create_files(folder):
             raise ConfigError("--json", json_path, "a file in an existing, writable folder")
     if list_only:
         if ablation:

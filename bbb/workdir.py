@@ -80,7 +80,7 @@ def write_text_atomically(path: str, text: str) -> None:
     os.replace(temporary, path)
 
 
-def _can_create_files(folder: str) -> bool:
+def can_create_files(folder: str) -> bool:
     """Whether a file can be created (and is then removed) in `folder`.
 
     `os.access` says yes to root on a read-only mount or a pseudo file system such as /proc;
@@ -120,7 +120,7 @@ def check_workdir(
     if not os.path.isdir(parent):
         raise WorkdirError(f"the parent folder of workdir {path} does not exist: create {parent}.")
     target = path if os.path.isdir(path) else parent
-    if not os.access(target, os.W_OK | os.X_OK) or not _can_create_files(target):
+    if not os.access(target, os.W_OK | os.X_OK) or not can_create_files(target):
         raise WorkdirError(
             f"workdir {path} is not writable ({target} denies writing): choose a --workdir "
             "under a folder you can write to."
