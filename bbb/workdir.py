@@ -389,11 +389,12 @@ class Run:
 
         step = self.manager.latest_step()
         if step is None:
-            history = History()
+            history, max_step = History(), 0
         else:
             abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, state)
             state, history = restore_checkpoint(self.manager, step, abstract)
-        self._load_records(max_step=int(state.step) if step is not None else 0)
+            max_step = int(state.step)
+        self._load_records(max_step=max_step)
         if self.is_writer:
             write_text_atomically(
                 os.path.join(self.workdir, "config.json"),
