@@ -838,7 +838,8 @@ def evaluate_splits(workdir: str, *, num_samples: int = 100, seed: int = 0) -> d
     Returns:
       {"workdir", "step", "num_samples", "seed", "validation": {...}, "test": {...}}, each split
       with the metrics of `bbb.train.evaluate` (error, error_mean_weights and nll for a
-      classifier) as floats.
+      classifier) as floats. As in `evaluate_run`, a dropout run's samples are MC-dropout
+      masks, and a point estimate without dropout is evaluated once ("num_samples": 1).
 
     Raises:
       WorkdirError: `workdir` holds no run or no checkpoint.
@@ -851,6 +852,8 @@ def evaluate_splits(workdir: str, *, num_samples: int = 100, seed: int = 0) -> d
     check_positive("num_samples", num_samples, integer=True)
     experiment, state = train.load_run(workdir)
     config = experiment.config.copy_and_resolve_references()
+    # As `evaluate_run`: dropout runs as MC dropout, and a fixed network once.
+    num_samples = 1 if is_deterministic(config) else num_samples
     config.eval.num_samples = num_samples
     experiment = dataclasses.replace(experiment, config=config)
     splits = train.load_data(config)
@@ -860,7 +863,13 @@ def evaluate_splits(workdir: str, *, num_samples: int = 100, seed: int = 0) -> d
     )
     for index, split in enumerate(("validation", "test")):
         data = tuple(jnp.asarray(a) for a in splits[split])
-        out = train.evaluate(experiment, state.params, data, jax.random.fold_in(key, index))
+        out = train.evaluate(
+            experiment,
+            state.params,
+            data,
+            jax.random.fold_in(key, index),
+            mc_dropout=uses_mc_dropout(config),
+        )
         result[split] = {k: float(v) for k, v in jax.device_get(out).items()}
     return result
 

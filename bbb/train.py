@@ -442,7 +442,12 @@ class StepwiseEpoch:
 
 
 def evaluate(
-    experiment: Experiment, params: PyTree, data: tuple[jax.Array, jax.Array], key: jax.Array
+    experiment: Experiment,
+    params: PyTree,
+    data: tuple[jax.Array, jax.Array],
+    key: jax.Array,
+    *,
+    mc_dropout: bool = False,
 ) -> dict[str, jax.Array]:
     """Error and NLL of the MC-averaged predictive, and error of the posterior-mean weights.
 
@@ -451,6 +456,8 @@ def evaluate(
       params: the trained pytree.
       data: (x [N, ...], y [N]).
       key: the key for the posterior samples.
+      mc_dropout: keep dropout on in the K samples (MC dropout). Training validates dropout
+        runs with dropout off, as the paper's dropout baseline; `scripts/evaluate.py` with it on.
 
     Returns:
       {"error", "error_mean_weights", "nll"} as scalars.
@@ -467,6 +474,7 @@ def evaluate(
         batch_size=config.eval.batch_size,
         classification=classification,
         estimator="reparam",
+        mc_dropout=mc_dropout,
     )
     if classification:
         probs = prediction.predictive  # [N, C]

@@ -221,6 +221,55 @@ def test_cli_workdir_without_checkpoint_exits_2(evaluated_run, tmp_path):
     assert not os.path.exists(workdir / "plots")
 
 
+@pytest.fixture(scope="module")
+def point_runs(tmp_path_factory):
+    """One-epoch MC-dropout and SGD runs: {"dropout": workdir, "sgd": workdir}."""
+    root = tmp_path_factory.mktemp("point_runs")
+    workdirs = {}
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(train, "load_data", _fake_splits)
+        for kind in ("dropout", "sgd"):
+            workdirs[kind] = str(root / kind)
+            train.train_and_evaluate(_tiny_config(kind), workdirs[kind])
+    return workdirs
+
+
+def test_dropout_runs_are_evaluated_as_mc_dropout_and_sgd_runs_once(point_runs):
+    dropout, sgd = (
+        evaluation.evaluate_run(
+            point_runs[kind], num_samples=4, data=_fake_evaluation_data(), progress=False
+        )
+        for kind in ("dropout", "sgd")
+    )
+    assert dropout["mc_dropout"] and not dropout["deterministic"]
+    assert dropout["num_samples"] == 4 and dropout["sample_counts"]["pool_size"] == 8
+    # Different dropout masks disagree; one fixed network cannot.
+    assert dropout["in_distribution"]["mutual_information"] > 1e-4
+    assert dropout["sample_counts"]["nll"]["std"][0] > 0
+    assert sgd["deterministic"] and not sgd["mc_dropout"]
+    assert sgd["num_samples"] == 1 and sgd["sample_counts"]["pool_size"] == 1
+    assert sgd["in_distribution"]["mutual_information"] == 0.0
+
+
+def test_evaluate_splits_uses_mc_dropout_and_evaluates_a_fixed_network_once(
+    point_runs, monkeypatch
+):
+    monkeypatch.setattr(train, "load_data", _fake_splits)
+    one, many = (
+        evaluation.evaluate_splits(point_runs["dropout"], num_samples=k, seed=3) for k in (1, 8)
+    )
+    assert many["num_samples"] == 8
+    for split in ("validation", "test"):
+        # More dropout masks change the predictive, not the network without dropout.
+        assert one[split]["nll"] != many[split]["nll"], split
+        assert one[split]["error_mean_weights"] == many[split]["error_mean_weights"], split
+    sgd_one, sgd_many = (
+        evaluation.evaluate_splits(point_runs["sgd"], num_samples=k, seed=3) for k in (1, 8)
+    )
+    assert sgd_many["num_samples"] == 1
+    assert sgd_many["test"] == sgd_one["test"]
+
+
 # Rotation -----------------------------------------------------------------------------------
 
 
