@@ -343,9 +343,18 @@ def test_classification_metrics_agree_with_the_individual_functions():
         result["nll"], -np.mean(np.log(predictive[np.arange(N), labels])), rtol=1e-5
     )
     np.testing.assert_allclose(result["ece"], _numpy_ece(predictive, labels, 15), atol=1e-5)
+    one_hot = np.eye(C)[labels]  # [N, C]
+    np.testing.assert_allclose(
+        result["brier"], np.mean(np.sum((predictive - one_hot) ** 2, -1)), rtol=1e-5
+    )
+    np.testing.assert_allclose(
+        result["adaptive_ece"], metrics.adaptive_calibration_error(predictive, labels), rtol=1e-6
+    )
+    assert abs(float(result["adaptive_ece"]) - float(result["ece"])) > 1e-3  # Not the same.
     total = _numpy_entropy(predictive)
     aleatoric = _numpy_entropy(p64).mean(axis=0)
     np.testing.assert_allclose(result["predictive_entropy"], total.mean(), rtol=1e-5)
+    np.testing.assert_allclose(result["expected_entropy"], aleatoric.mean(), rtol=1e-5)
     np.testing.assert_allclose(result["mutual_information"], (total - aleatoric).mean(), rtol=1e-4)
 
 
@@ -366,9 +375,13 @@ def test_ood_metrics_detect_disagreeing_samples():
     entropy_in = _numpy_entropy(probs_in.mean(axis=0))
     entropy_out = _numpy_entropy(probs_out.astype(np.float64).mean(axis=0))
     y_true = np.r_[np.zeros(N), np.ones(N_OUT)]
+    entropies = np.r_[entropy_in, entropy_out]
+    np.testing.assert_allclose(result["auroc_entropy"], roc_auc_score(y_true, entropies), atol=1e-4)
     np.testing.assert_allclose(
-        result["auroc_entropy"], roc_auc_score(y_true, np.r_[entropy_in, entropy_out]), atol=1e-4
+        result["aupr_entropy"], average_precision_score(y_true, entropies), atol=1e-4
     )
+    # Entropy does not separate the sets fully, so AUROC and AP differ and a swap would show.
+    assert abs(float(result["aupr_entropy"]) - float(result["auroc_entropy"])) > 1e-3
 
 
 def test_functions_give_the_same_result_with_and_without_jit():
