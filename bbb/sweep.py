@@ -70,6 +70,7 @@ VECTORIZABLE_FIELDS = (
 # Priors whose hyperparameters can be traced (their `learnable` form reads them from arrays).
 _TRACEABLE_PRIORS = (Gaussian, ScaleMixture)
 SLURM_TASK_VARIABLE = "SLURM_ARRAY_TASK_ID"
+SWEEP_FILE = "sweep.json"  # The members and their sub-workdirs, in the sweep's folder.
 
 
 @dataclasses.dataclass(frozen=True)
@@ -201,6 +202,13 @@ def _canonical(overrides: dict[str, Any]) -> str:
     return json.dumps(sorted(overrides.items()), default=repr)
 
 
+def _equals_base(value: Any, current: Any) -> bool:
+    """Whether a normalised override `value` equals the base config's `current` value."""
+    if isinstance(current, tuple | list):
+        current = tuple(current)
+    return type(value) is type(current) and value == current
+
+
 def validate_sweep(base: ml_collections.ConfigDict, sweep: Any) -> list[dict[str, Any]]:
     """Checks every member's overrides against the base config, before any compute.
 
@@ -233,12 +241,17 @@ def validate_sweep(base: ml_collections.ConfigDict, sweep: Any) -> list[dict[str
             if key not in fields:
                 raise _unknown_field(where, key, value, list(fields))
             overrides[key] = _check_value(where, key, value, fields[key])
-        canonical = _canonical(overrides)
+        # Compared as the configs they make: an override equal to the base value changes
+        # nothing, so {"seed": 0} repeats {} when the base seed is 0.
+        canonical = _canonical(
+            {k: v for k, v in overrides.items() if not _equals_base(v, fields[k])}
+        )
         if canonical in seen:
             raise ConfigError(
                 where,
                 entry,
-                f"members that differ from each other; it repeats sweep[{seen[canonical]}]",
+                f"members that differ from each other; it makes the same config as "
+                f"sweep[{seen[canonical]}]",
             )
         seen[canonical] = index
         members.append(overrides)
@@ -320,8 +333,42 @@ def member_names(members: Sequence[dict[str, Any]]) -> list[str]:
     ]
 
 
+def _keep_recorded_names(
+    workdir: str, overrides: Sequence[dict[str, Any]], names: list[str]
+) -> list[str]:
+    """`names`, but a member that the sweep's `SWEEP_FILE` already lists keeps its recorded name.
+
+    `member_names` widens every member's digits when two would collide, so a member added to
+    a sweep could rename the others and orphan their runs; the names already on disk win. A new
+    member whose name a recorded member holds gets a hash suffix.
+    """
+    path = os.path.join(workdir, SWEEP_FILE)
+    try:
+        with open(path) as f:
+            recorded = {_canonical(e["overrides"]): e["workdir"] for e in json.load(f)}
+    except (OSError, ValueError, TypeError, KeyError):
+        return names
+    kept = [recorded.get(_canonical(o)) for o in overrides]
+    taken = {name for name in kept if name is not None}
+    result = []
+    for member, (name, old) in enumerate(zip(names, kept, strict=True)):
+        if old is not None:
+            result.append(old)
+        elif name in taken:
+            digest = hashlib.sha1(_canonical(overrides[member]).encode()).hexdigest()[:8]
+            result.append(f"{name}-{digest}")
+        else:
+            result.append(name)
+    return result
+
+
 def make_members(
-    base: ml_collections.ConfigDict, sweep: Any, workdir: str, *, build: bool = True
+    base: ml_collections.ConfigDict,
+    sweep: Any,
+    workdir: str,
+    *,
+    build: bool = True,
+    check_workdirs: bool = True,
 ) -> list[Member]:
     """Validates the sweep and every member's full config, and names their sub-workdirs.
 
@@ -333,6 +380,7 @@ def make_members(
       workdir: the sweep's folder.
       build: also validate each member's full config with `train.build` (an abstract trace
         of one step); off for listing and collecting.
+      check_workdirs: also check that `workdir` and the members' sub-workdirs can take them.
 
     Returns:
       The members, in sweep order.
@@ -342,8 +390,9 @@ def make_members(
       WorkdirError: a member's sub-workdir holds a run of a different config.
     """
     overrides = validate_sweep(base, sweep)
-    names = member_names(overrides)
-    workdir_lib.check_workdir(workdir, base)
+    names = _keep_recorded_names(workdir, overrides, member_names(overrides))
+    if check_workdirs:
+        workdir_lib.check_workdir(workdir, base)
     members = []
     traced = set()  # Members that differ only in vectorisable numbers trace the same step.
     for index, (member_overrides, name) in enumerate(zip(overrides, names, strict=True)):
@@ -358,7 +407,7 @@ def make_members(
             except ConfigError as e:
                 raise ConfigError(f"sweep[{index}].{e.field}", e.value, e.allowed) from e
         member = Member(index, member_overrides, config, name, os.path.join(workdir, name))
-        if os.path.isdir(workdir):
+        if check_workdirs and os.path.isdir(workdir):
             workdir_lib.check_workdir(member.workdir, config)
         members.append(member)
     return members
@@ -972,7 +1021,7 @@ def results_table(members: Sequence[Member]) -> tuple[list[dict[str, Any]], list
     rows, unfinished = [], []
     for member in members:
         summary = read_summary(member.workdir)
-        if summary is None:
+        if summary is None or not member.finished:  # A summary of fewer epochs is stale.
             unfinished.append(member)
             continue
         metric = _metric_name(summary)
@@ -1106,7 +1155,7 @@ def _plot_results(workdir: str, rows: list[dict[str, Any]], members: Sequence[Me
 def _write_sweep_file(workdir: str, members: Sequence[Member]) -> None:
     os.makedirs(workdir, exist_ok=True)
     entries = [{"member": m.index, "workdir": m.name, "overrides": m.overrides} for m in members]
-    write_text_atomically(os.path.join(workdir, "sweep.json"), json.dumps(entries, indent=2) + "\n")
+    write_text_atomically(os.path.join(workdir, SWEEP_FILE), json.dumps(entries, indent=2) + "\n")
 
 
 def run_sweep(
@@ -1141,7 +1190,10 @@ def run_sweep(
     """
     if sum((list_only, collect, member is not None)) > 1:
         raise ConfigError("--list/--collect/--member", True, "at most one of them")
-    members = make_members(base, sweep, workdir, build=not (list_only or collect))
+    # Listing writes nothing, so it needs no writable folder.
+    members = make_members(
+        base, sweep, workdir, build=not (list_only or collect), check_workdirs=not list_only
+    )
     if list_only:
         text = list_members(members)
         print(text)
@@ -1157,6 +1209,8 @@ def run_sweep(
         raise ConfigError(
             "--vectorize", True, "not with --member or $SLURM_ARRAY_TASK_ID (one member per task)"
         )
+    if vectorize:
+        group_members(members)  # Refuses what cannot be vectorised before anything is written.
     _write_sweep_file(workdir, members)
     if chosen is not None:
         run_member(chosen, stop_after_epochs=stop_after_epochs)
@@ -1199,6 +1253,8 @@ def benchmark(
 
     check_positive("--benchmark_repeats", repeats, integer=True)
     root = os.path.join(workdir, "benchmark")
+    # Every member, and whether they can be vectorised, before the first folder or run.
+    group_members(make_members(base, sweep, root, check_workdirs=False))
     os.makedirs(root, exist_ok=True)
     times: dict[str, list[float]] = {"sequential": [], "vectorized": []}
     for repeat in range(repeats):

@@ -355,8 +355,42 @@ def test_finished_members_are_skipped(tmp_path, fake_training):
     sweep.run_sweep(_tiny_config(), FAKE_SWEEP, workdir)
     assert sorted(fake_training) == sorted(sweep.member_names(FAKE_SWEEP))
     assert fake_training.count("prior.sigma=1,seed=3") == 1
+    runs = [os.path.join(workdir, name) for name in sweep.member_names(FAKE_SWEEP)]
+    before = [_digest(run) for run in runs]
     sweep.run_sweep(_tiny_config(), FAKE_SWEEP, workdir, vectorize=True)
-    assert len(fake_training) == 3  # Nothing left to train, vectorised or not.
+    # Nothing left to train, vectorised or not (a vectorised run would rewrite the members'
+    # files; it does not call the stub).
+    assert len(fake_training) == 3
+    assert [_digest(run) for run in runs] == before
+
+
+def test_a_summary_of_fewer_epochs_is_not_finished(tmp_path, fake_training):
+    workdir = str(tmp_path / "sweep")
+    sweep.run_sweep(_tiny_config(), FAKE_SWEEP, workdir)
+    longer = _tiny_config()
+    longer.num_epochs += 2  # Resumable: the members' 3-epoch summaries are now stale.
+    text = sweep.run_sweep(longer, FAKE_SWEEP, workdir, collect=True)
+    assert "0 of 3 members finished" in text
+    assert [m.finished for m in sweep.make_members(longer, FAKE_SWEEP, workdir, build=False)] == [
+        False
+    ] * 3
+
+
+def test_members_keep_their_recorded_names_when_the_sweep_grows(tmp_path, fake_training):
+    workdir = str(tmp_path / "sweep")
+    grid = [{"optim.learning_rate": 0.0012345}, {"optim.learning_rate": 0.01}]
+    sweep.run_sweep(_tiny_config(), grid, workdir)
+    assert fake_training == ["optim.learning_rate=0.00123", "optim.learning_rate=0.01"]
+    # Alone, the grown sweep would widen the first name to 0.001234; it keeps its folder.
+    grown = [*grid, {"optim.learning_rate": 0.0012349}]
+    assert sweep.member_names(grown)[0] == "optim.learning_rate=0.001234"
+    sweep.run_sweep(_tiny_config(), grown, workdir)
+    assert fake_training[2:] == ["optim.learning_rate=0.001235"]  # Only the new one trains.
+    # A new member whose name a recorded member holds gets a suffix instead.
+    clash = [*grid, {"optim.learning_rate": 0.00123}]
+    names = [m.name for m in sweep.make_members(_tiny_config(), clash, workdir, build=False)]
+    assert names[:2] == fake_training[:2]
+    assert names[2].startswith("optim.learning_rate=0.00123-") and len(set(names)) == 3
 
 
 def test_collect_tolerates_missing_and_unfinished_members(tmp_path, fake_training):
@@ -383,7 +417,9 @@ def test_collect_tolerates_missing_and_unfinished_members(tmp_path, fake_trainin
         ([{"num_epochs": 2.5}], {}, "sweep[0].num_epochs=2.5"),
         ([{"prior.sigma": "wide"}], {}, "sweep[0].prior.sigma='wide'"),
         ([], {}, "sweep=[]"),
-        ([{"prior.sigma": 1}, {"prior.sigma": 1.0}], {}, "repeats sweep[0]"),
+        ([{"prior.sigma": 1}, {"prior.sigma": 1.0}], {}, "same config as sweep[0]"),
+        ([{"seed": 0}, {}], {}, "sweep[1]={} is invalid: allowed is members that differ"),
+        ([{"prng_impl": "rbg"}], {"vectorize": True}, "sweep[0].prng_impl='rbg'"),
         (["prior.sigma=0.5"], {}, "sweep[0]='prior.sigma=0.5'"),
         ([{"prior.sigma": 0.5}, {"prior.sigma": -1.0}], {}, "sweep[1].prior.sigma=-1.0"),
         ([{"batch_size": 5000}], {}, "sweep[0].batch_size=5000"),
@@ -448,6 +484,8 @@ def test_script_reads_get_sweep_and_exits_2_on_a_bad_one(tmp_path):
         (["--collect"], "--collect"),
         (["--member=0"], "--member"),
         (["--benchmark_repeats=0"], "--benchmark_repeats"),
+        # Refused before the one-by-one half trains every member.
+        (["--config.prng_impl=rbg", "--config.num_epochs=1"], "sweep[0].prng_impl"),
     ],
 )
 def test_benchmark_refuses_flags_it_would_ignore(tmp_path, flags, named):
