@@ -15,6 +15,7 @@ up to the order of floating-point sums.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import math
 import os
@@ -122,6 +123,20 @@ def make_optimizer(config: ml_collections.ConfigDict, steps_per_epoch: int, num_
         schedule = optax.cosine_decay_schedule(lr, max(total - warmup, 1))
     else:
         check_positive("optim.step_factor", config.step_factor)
+        epochs = config.step_epochs
+        if (
+            not isinstance(epochs, tuple | list)
+            or not epochs
+            or any(isinstance(e, bool) or not isinstance(e, int | float) for e in epochs)
+            or not config.warmup_epochs < epochs[0]
+            or any(a >= b for a, b in itertools.pairwise(epochs))
+        ):
+            raise ConfigError(
+                "optim.step_epochs",
+                epochs,
+                f"a non-empty increasing tuple of epochs after the warm-up's "
+                f"{config.warmup_epochs}, such as (50, 75)",
+            )
         boundaries = {
             int(e * steps_per_epoch) - warmup: config.step_factor for e in config.step_epochs
         }
@@ -133,7 +148,11 @@ def make_optimizer(config: ml_collections.ConfigDict, steps_per_epoch: int, num_
     if config.name == "sgd":
         tx = optax.sgd(schedule)
     elif config.name == "momentum":
-        check_non_negative("optim.momentum", config.momentum)
+        momentum = config.momentum
+        if isinstance(momentum, bool) or not (
+            isinstance(momentum, int | float) and 0 <= momentum < 1
+        ):
+            raise ConfigError("optim.momentum", momentum, "a number in [0, 1)")
         tx = optax.sgd(schedule, momentum=config.momentum)
     else:
         tx = optax.adam(schedule)
@@ -172,6 +191,10 @@ def build(
     if config.batch_size > num_train:
         raise ConfigError("batch_size", config.batch_size, f"at most the {num_train} examples")
     check_choice("prng_impl", config.prng_impl, PRNG_IMPLS)
+    if isinstance(config.seed, bool) or not (
+        isinstance(config.seed, int) and -(2**63) <= config.seed < 2**63
+    ):
+        raise ConfigError("seed", config.seed, "an integer in [-2**63, 2**63) (a 64-bit seed)")
     check_choice("epoch_loop", config.get("epoch_loop", "scan"), EPOCH_LOOPS)
     check_choice("posterior.name", config.posterior.name, POSTERIORS)
     check_choice("posterior.estimator", config.posterior.estimator, ESTIMATORS)
@@ -503,6 +526,8 @@ def evaluate(
 # (N of the training + validation pool, example shape). [regression] toy_regression: 1500 points
 # x ~ U[0, 0.5] (bbb/data/regression.py); data.num_train of them train, the rest validate.
 DATASETS = {"mnist": (60000, (28, 28, 1)), "toy_regression": (1500, (1,))}
+# (the likelihood its labels take, model.num_outputs): ten classes, or one real target.
+DATASET_TARGETS = {"mnist": ("categorical", 10), "toy_regression": ("gaussian", 1)}
 
 
 def dataset_spec(config: ml_collections.ConfigDict) -> tuple[int, tuple[int, ...]]:
@@ -524,6 +549,15 @@ def dataset_spec(config: ml_collections.ConfigDict) -> tuple[int, tuple[int, ...
     ):
         raise ConfigError("data.num_train", data.num_train, f"an integer in [1, {total - 1}]")
     check_positive("data.pixel_scale", data.pixel_scale)
+    likelihood, outputs = DATASET_TARGETS[data.name]
+    if config.likelihood.name != likelihood:
+        raise ConfigError(
+            "likelihood.name", config.likelihood.name, f"{likelihood!r} for data.name={data.name!r}"
+        )
+    if config.model.num_outputs != outputs:
+        raise ConfigError(
+            "model.num_outputs", config.model.num_outputs, f"{outputs} for data.name={data.name!r}"
+        )
     num_train = min(data.train_subset, data.num_train) if data.train_subset else data.num_train
     return num_train, shape
 
@@ -608,15 +642,24 @@ def compile_evaluate(experiment: Experiment) -> Callable:
 
 
 def check_finite(metrics: dict[str, np.ndarray], first_step: int) -> None:
-    """Raises TrainingDivergedError naming the first step and metric that is NaN or Inf."""
+    """Raises TrainingDivergedError naming the first step that has a NaN or Inf metric.
+
+    An overflow usually shows first in the gradient norm and a step later in the loss, so the
+    earliest step is found across all metrics (alphabetical order breaks ties).
+    """
+    first = None  # (index, name, value)
     for name, values in sorted(metrics.items()):
-        bad = np.flatnonzero(~np.isfinite(np.asarray(values)))
-        if bad.size:
-            raise TrainingDivergedError(
-                f"training diverged: metric train/{name} is {values[bad[0]]} at step "
-                f"{first_step + int(bad[0]) + 1}. Lower optim.learning_rate or check the data; "
-                "the last good checkpoint is kept."
-            )
+        values = np.asarray(values)
+        bad = np.flatnonzero(~np.isfinite(values))
+        if bad.size and (first is None or bad[0] < first[0]):
+            first = (int(bad[0]), name, values[bad[0]])
+    if first is not None:
+        index, name, value = first
+        raise TrainingDivergedError(
+            f"training diverged: metric train/{name} is {value} at step {first_step + index + 1}. "
+            "This workdir keeps its last good checkpoint, if it has one; start again in a new "
+            "--workdir with a lower optim.learning_rate, or check the data."
+        )
 
 
 class PreemptionWatcher:

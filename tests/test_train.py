@@ -7,6 +7,7 @@ import glob
 import hashlib
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -359,8 +360,42 @@ BAD_VALUES = [
     ("data.name", "cifar10", "data.name"),
     ("data.num_train", 70000, "data.num_train"),
     ("likelihood.name", "poisson", "likelihood.name"),
+    ("likelihood.name", "gaussian", "likelihood.name"),  # MNIST's labels are classes.
+    ("model.num_outputs", 5, "model.num_outputs"),  # MNIST has ten.
     ("prng_impl", "mersenne", "prng_impl"),
+    ("seed", 2**63, "seed"),
 ]
+
+
+@pytest.mark.parametrize(
+    ("fields", "named"),
+    [
+        ({"schedule": "step", "step_epochs": ("x",)}, "optim.step_epochs"),
+        ({"schedule": "step", "step_epochs": (-3,)}, "optim.step_epochs"),
+        ({"schedule": "step", "step_epochs": (2, 2)}, "optim.step_epochs"),
+        ({"schedule": "step", "step_epochs": ()}, "optim.step_epochs"),
+        ({"schedule": "step", "step_epochs": (1,), "warmup_epochs": 1}, "optim.step_epochs"),
+        ({"name": "momentum", "momentum": 1.0}, "optim.momentum"),
+        ({"name": "momentum", "momentum": -0.1}, "optim.momentum"),
+    ],
+)
+def test_bad_optimiser_fields_are_named(fields, named):
+    config = test_config.get_config().optim
+    config.update(fields)
+    with pytest.raises(ConfigError, match=re.escape(named)):
+        train.make_optimizer(config, steps_per_epoch=4, num_epochs=3)
+    if "step_epochs" in fields:  # The same schedule with good epochs builds.
+        config.step_epochs, config.warmup_epochs = (1.5, 2), 0
+        train.make_optimizer(config, steps_per_epoch=4, num_epochs=3)
+
+
+def test_divergence_names_the_earliest_bad_step_of_any_metric():
+    metrics = {"elbo": [1.0, 1.0, np.nan, np.nan], "grad_norm": [1.0, np.inf, np.nan, np.nan]}
+    with pytest.raises(train.TrainingDivergedError, match=r"train/grad_norm is inf at step 66\."):
+        train.check_finite(metrics, 64)
+    with pytest.raises(train.TrainingDivergedError, match=r"train/elbo is nan at step 67\."):
+        train.check_finite({"elbo": metrics["elbo"], "loss": [1.0, 1.0, 1.0, np.nan]}, 64)
+    train.check_finite({"loss": [1.0, 2.0]}, 0)  # Finite: no error.
 
 
 @pytest.fixture(scope="module")
