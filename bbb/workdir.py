@@ -490,13 +490,16 @@ class Run:
         }
         summary = {k: v for k, v in summary.items() if v is not None}
         if self.is_writer:
-            with open(os.path.join(self.workdir, "summary.json"), "w") as f:
-                json.dump(summary, f, indent=2)
             if self.records:
                 _plot_training(self.workdir, self.records)
             arrays = _posterior_arrays(state.params)
             if arrays is not None:
                 _plot_histograms(self.workdir, *arrays)
+            # Last, and whole or not at all: its presence marks the run finished (a rerun
+            # returns it), so a kill while plotting or writing must leave no partial one.
+            write_text_atomically(
+                os.path.join(self.workdir, "summary.json"), json.dumps(summary, indent=2)
+            )
             print(summary_paragraph(summary, self.workdir))
         self.close()
         return summary

@@ -202,3 +202,26 @@ def test_corrupted_checkpoint_is_named_and_nothing_is_overwritten(tmp_path):
     assert _digest(workdir) == before
     with open(os.path.join(workdir, "config.json")) as f:
         assert json.load(f)["num_epochs"] == 2
+
+
+def test_a_crash_while_finishing_leaves_no_summary_and_the_rerun_finishes(tmp_path, monkeypatch):
+    """summary.json marks a finished run (a rerun returns it), so it is written last and whole."""
+    from bbb import workdir as workdir_lib
+
+    workdir = str(tmp_path / "wd")
+    summary_path = os.path.join(workdir, "summary.json")
+    plot = workdir_lib._plot_histograms
+
+    def crash(*args):
+        raise KeyboardInterrupt  # As a kill while the last plot is drawn.
+
+    monkeypatch.setattr(workdir_lib, "_plot_histograms", crash)
+    with pytest.raises(KeyboardInterrupt):
+        train.train_and_evaluate(test_config.get_config(), workdir)
+    assert not os.path.exists(summary_path)
+    monkeypatch.setattr(workdir_lib, "_plot_histograms", plot)
+    summary = train.train_and_evaluate(test_config.get_config(), workdir)  # Nothing to train.
+    with open(summary_path) as f:
+        assert json.load(f) == summary
+    assert summary["epochs"] == test_config.get_config().num_epochs
+    assert os.path.exists(os.path.join(workdir, "plots", "posterior_histograms.png"))
