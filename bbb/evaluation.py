@@ -328,6 +328,25 @@ def _metrics_of_sample_sets(
     return jax.lax.map(lambda m: _set_metrics(*m, labels), moments)
 
 
+def check_labels(labels: Any, num_classes: int) -> None:
+    """Raises ValueError unless every label is a class index in [0, num_classes).
+
+    Inside jit an out-of-range label cannot be refused: NLL would gather another class (−1
+    wraps to the last) or NaN while error and Brier count it as simply wrong.
+    """
+    labels = np.asarray(labels)
+    if labels.size and (
+        not np.issubdtype(labels.dtype, np.integer)
+        or labels.min() < 0
+        or labels.max() >= num_classes
+    ):
+        bad = labels[(labels < 0) | (labels >= num_classes) | (labels != np.floor(labels))]
+        raise ValueError(
+            f"labels must be class indices in [0, {num_classes}); got {labels.dtype} labels "
+            f"such as {bad[:3].tolist() if bad.size else labels[:3].tolist()}."
+        )
+
+
 def metrics_by_sample_count(
     samples_in: Array,
     samples_out: Array,
@@ -355,6 +374,7 @@ def metrics_by_sample_count(
       {"num_samples": counts, "num_sets": [G per K], and for each name in
       `SAMPLE_COUNT_METRICS`: {"mean": [...], "std": [...], "sem": [...]}}, lists of floats.
     """
+    check_labels(labels, samples_in.shape[-1])
     pool_size = samples_in.shape[0]
     if samples_out.shape[0] != pool_size:
         raise ValueError(f"pools differ: {pool_size} and {samples_out.shape[0]} samples.")
@@ -456,6 +476,7 @@ def evaluate(
     evaluator = make_dataset_evaluator(
         experiment.model, num_samples, mc_dropout=uses_mc_dropout(config)
     )
+    check_labels(data["in_distribution"][1], config.model.num_outputs)
     x_in, y_in = (jnp.asarray(a) for a in data["in_distribution"])
     x_out, y_out = (jnp.asarray(a) for a in data["out_of_distribution"])
     half_keys = jax.random.split(key, halves)

@@ -385,6 +385,11 @@ def _auroc_and_average_precision(scores_in: Array, scores_out: Array) -> tuple[A
     order, so these are cumulative counts read at the start and at the end of s's run.
     """
     num_in, num_out = scores_in.shape[0], scores_out.shape[0]
+    if num_in == 0 or num_out == 0:  # Shapes are static: refused while tracing.
+        raise ValueError(
+            f"OOD detection needs scores on both sides; got {num_in} in-distribution and "
+            f"{num_out} out-of-distribution scores."
+        )
     num_scores = num_in + num_out
     scores = jnp.concatenate([scores_in, scores_out])  # [N]
     is_out = jnp.concatenate([jnp.zeros(num_in, jnp.int32), jnp.ones(num_out, jnp.int32)])  # [N]

@@ -561,3 +561,37 @@ def test_evaluate_splits_rescores_validation_and_test_with_k_samples(evaluated_r
         assert one[split]["nll"] != many[split]["nll"]
     line = evaluation.splits_line(many)
     assert "K=8" in line and f"test error {100 * many['test']['error']:.2f}%" in line
+
+
+@pytest.mark.parametrize("labels", [[0, 1, 2, -1], [0, 1, 2, 3], [0.0, 1.0, 2.0, 1.0]])
+def test_labels_outside_the_classes_are_refused(labels):
+    """Inside jit, −1 would gather the last class for the NLL and 3 would give NaN, while the
+    error counted both as wrong; they are refused first."""
+    samples = _random_samples(0, 2, 4)[..., :3]  # [K, N, C = 3]
+    with pytest.raises(ValueError, match=r"class indices in \[0, 3\)"):
+        evaluation.metrics_by_sample_count(samples, samples, np.asarray(labels), [1])
+    evaluation.metrics_by_sample_count(samples, samples, np.asarray([0, 1, 2, 1]), [1])
+
+
+def test_sample_count_sets_are_capped_at_max_sets():
+    """Every real K_max = 100 evaluation caps K = 1 and 2 at MAX_SETS sets: the mean is over
+    the first `max_sets` sets, and its standard error divides by √max_sets."""
+    samples_in, samples_out = _random_samples(4, 8, 40), _random_samples(5, 8, 30)
+    labels = _labels(np.random.default_rng(6), 40)
+    sweep = evaluation.metrics_by_sample_count(
+        samples_in, samples_out, jnp.asarray(labels), [1, 2], max_sets=3
+    )
+    assert sweep["num_sets"] == [3, 3]
+    for k, column in ((1, 0), (2, 1)):
+        sets = [
+            _numpy_metrics(
+                samples_in[i * k : (i + 1) * k], samples_out[i * k : (i + 1) * k], labels
+            )
+            for i in range(3)
+        ]
+        for name in ("nll", "ece"):
+            values = [s[name] for s in sets]
+            std = np.std(values, ddof=1)
+            assert sweep[name]["mean"][column] == pytest.approx(np.mean(values), abs=1e-5)
+            assert sweep[name]["std"][column] == pytest.approx(std, abs=1e-5)
+            assert sweep[name]["sem"][column] == pytest.approx(std / math.sqrt(3), abs=1e-6)

@@ -402,3 +402,12 @@ def test_bad_shapes_raise():
         metrics.predictive_mean(np.ones((3, 4), np.float32))
     with pytest.raises(ValueError, match="labels"):
         metrics.nll(np.full((3, 4), 0.25, np.float32), np.zeros(5, np.int32))
+
+
+def test_ood_detection_without_scores_on_one_side_is_refused():
+    scores = np.asarray([0.1, 0.5], np.float32)
+    empty = np.zeros((0,), np.float32)
+    for scores_in, scores_out in ((empty, scores), (scores, empty)):
+        for area in (metrics.auroc, metrics.aupr):
+            with pytest.raises(ValueError, match="scores on both sides"):
+                area(scores_in, scores_out)
