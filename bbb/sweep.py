@@ -1143,7 +1143,8 @@ def _plot_results(workdir: str, rows: list[dict[str, Any]], members: Sequence[Me
     axes[1].set_xlabel("epoch")
     axes[1].set_ylabel(f"validation {metric}{unit}")
     axes[1].set_title("validation curves (best 10)")
-    axes[1].legend(fontsize=7, title="member")
+    if axes[1].get_lines():  # Members without validation records draw no curve.
+        axes[1].legend(fontsize=7, title="member")
     fig.tight_layout()
     fig.savefig(os.path.join(workdir, "results.png"), dpi=100)
     plt.close(fig)

@@ -502,3 +502,51 @@ def test_config_file_path_arg_and_missing_get_sweep():
     assert len(get_sweep()) == 8
     with pytest.raises(ConfigError, match="get_sweep"):
         sweep.load_get_sweep(os.path.join(REPO, "configs", "test.py"))
+
+
+def test_vectorized_learnable_priors_start_from_each_members_own_values(tmp_path):
+    """With a learned prior, each member's prior parameters start from its own σ and train
+    as in its one-by-one run."""
+    config = _tiny_config()
+    config.num_epochs = 1
+    config.prior.learnable = True
+    grid = [{}, {"prior.sigma": 0.25}]
+    vectorized, sequential = str(tmp_path / "vectorized"), str(tmp_path / "sequential")
+    sweep.run_sweep(config, grid, vectorized, vectorize=True)
+    sweep.run_sweep(config, grid, sequential)
+    priors = []
+    for name in sweep.member_names(grid):
+        together, one_by_one = (
+            train.load_run(os.path.join(root, name))[1].params["prior"]
+            for root in (vectorized, sequential)
+        )
+        for actual, expected in zip(
+            jax.tree_util.tree_leaves(together), jax.tree_util.tree_leaves(one_by_one), strict=True
+        ):
+            np.testing.assert_allclose(np.asarray(actual), np.asarray(expected), rtol=1e-5)
+        priors.append(np.concatenate([np.ravel(x) for x in jax.tree_util.tree_leaves(together)]))
+    assert priors[0].size and np.max(np.abs(priors[0] - priors[1])) > 0.5  # log 1 vs log ¼
+
+
+def test_classification_results_are_in_percent(tmp_path):
+    workdir = str(tmp_path / "sweep")
+    members = sweep.make_members(_tiny_config(), FAKE_SWEEP, workdir, build=False)
+    for member, error in zip(members, (0.015, 0.0125, 0.02), strict=True):
+        os.makedirs(member.workdir)
+        summary = {
+            "test_error": error,
+            "best_val_error": error,
+            "test_error_at_best_val": error + 0.001,
+            "best_epoch": 2,
+            "epochs": member.config.num_epochs,
+        }
+        with open(os.path.join(member.workdir, "summary.json"), "w") as f:
+            json.dump(summary, f)
+    text = sweep.write_results(workdir, members)
+    header, _, first, *_ = text.splitlines()
+    assert "best_val_error (%)" in header and "test_error_at_best_val (%)" in header
+    cells = [c.strip() for c in first.strip("|").split("|")]
+    assert cells[0] == "1" and "1.25" in cells and "1.35" in cells  # Best first, × 100.
+    with open(os.path.join(workdir, "results.csv")) as f:
+        row = next(csv.DictReader(f))
+    assert float(row["best_val_error"]) == 0.0125  # The CSV keeps fractions.
