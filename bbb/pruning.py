@@ -17,6 +17,7 @@ The compact export (`save_compact`) keeps a bit-packed mask and the kept μ and 
 from __future__ import annotations
 
 import fractions
+import io
 import json
 import math
 import os
@@ -28,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bbb.errors import check_choice, check_probability
+from bbb.errors import ConfigError, check_choice, check_probability
 from bbb.posterior import MeanFieldGaussian, PointEstimate, count_params
 
 PyTree = Any
@@ -179,8 +180,22 @@ def prune(
       A `PrunedGaussian` (μ = 0, ρ = PRUNED_RHO, mask = 0 at the removed weights; the others
       unchanged, so f = 0 changes nothing), or for a point estimate a `PointEstimate` with the
       removed weights set to 0.
+
+    Raises:
+      ValueError: `posterior` is already pruned by more than ⌊f·n⌋ weights (a removed weight
+        cannot come back: its μ and ρ are gone).
     """
     mask = prune_mask(posterior, fraction, criterion)
+    if isinstance(posterior, PrunedGaussian):
+        n = count_params(posterior.mu)
+        already = n - posterior.num_kept()
+        if already > num_removed(fraction, n):
+            raise ValueError(
+                f"the posterior already has {already} of its {n} weights removed; a fraction "
+                f"of at least {already / n:.6g} is needed, not {fraction}."
+            )
+        # The removed weights score 0 and go first; keep the old mask as well, whatever ties.
+        mask = jax.tree_util.tree_map(lambda new, old: new * np.asarray(old), mask, posterior.mask)
     mu = jax.tree_util.tree_map(
         lambda m, k: jnp.where(k > 0, m, jnp.zeros_like(m)), posterior.mu, mask
     )
@@ -229,8 +244,9 @@ def save_compact(path: str, posterior: PrunedGaussian) -> int:
     return os.path.getsize(path)
 
 
-def save_dense(path: str, posterior: MeanFieldGaussian) -> int:
-    """Writes every μ and ρ, uncompressed npz: the dense reference for `save_compact`.
+def save_dense(path: str, posterior: MeanFieldGaussian | PointEstimate) -> int:
+    """Writes every μ and ρ (μ only for a point estimate), uncompressed npz: the dense
+    reference for `save_compact`.
 
     Args:
       path: the .npz file.
@@ -240,15 +256,24 @@ def save_dense(path: str, posterior: MeanFieldGaussian) -> int:
       The file's size in bytes.
     """
     arrays = {}
-    for name, mu, rho in zip(
-        _names(posterior.mu),
-        jax.tree_util.tree_leaves(posterior.mu),
-        jax.tree_util.tree_leaves(posterior.rho),
-        strict=True,
-    ):
-        arrays[f"{name}:mu"], arrays[f"{name}:rho"] = np.asarray(mu), np.asarray(rho)
+    names = _names(posterior.mu)
+    for name, mu in zip(names, jax.tree_util.tree_leaves(posterior.mu), strict=True):
+        arrays[f"{name}:mu"] = np.asarray(mu)
+    if isinstance(posterior, MeanFieldGaussian):
+        for name, rho in zip(names, jax.tree_util.tree_leaves(posterior.rho), strict=True):
+            arrays[f"{name}:rho"] = np.asarray(rho)
     np.savez(path, **arrays)
     return os.path.getsize(path)
+
+
+def compressed_size(posterior: MeanFieldGaussian | PointEstimate) -> int:
+    """Bytes of every μ and ρ as a compressed npz (in memory): what compression alone saves."""
+    buffer = io.BytesIO()
+    arrays = [np.asarray(x) for x in jax.tree_util.tree_leaves(posterior.mu)]
+    if isinstance(posterior, MeanFieldGaussian):
+        arrays += [np.asarray(x) for x in jax.tree_util.tree_leaves(posterior.rho)]
+    np.savez_compressed(buffer, *arrays)
+    return buffer.getbuffer().nbytes
 
 
 def load_compact(path: str) -> PrunedGaussian:
@@ -326,6 +351,8 @@ def pruning_experiment(
 
     check_fractions_and_criteria(fractions_removed, criteria)
     experiment, state = train.load_run(workdir)
+    if not experiment.free_energy.likelihood.is_classification:
+        raise ConfigError("--workdir", workdir, "a classification run (pruning reports test error)")
     splits = train.load_data(experiment.config)
     test = tuple(jnp.asarray(a) for a in splits["test"])
     posterior = state.params["posterior"]
@@ -337,6 +364,7 @@ def pruning_experiment(
     os.makedirs(out_dir, exist_ok=True)
     os.makedirs(os.path.join(workdir, "plots"), exist_ok=True)
     dense_bytes = save_dense(os.path.join(out_dir, "dense.npz"), posterior)
+    dense_compressed_bytes = compressed_size(posterior)
     n = count_params(posterior.mu)
     rows = []
     for criterion in criteria:
@@ -357,30 +385,52 @@ def pruning_experiment(
                 row["compact_bytes"] = save_compact(path, pruned)
             rows.append(row)
     with open(os.path.join(workdir, "pruning.json"), "w") as f:
-        json.dump({"num_weights": n, "dense_bytes": dense_bytes, "rows": rows}, f, indent=2)
+        json.dump(
+            {
+                "num_weights": n,
+                "dense_bytes": dense_bytes,
+                "dense_compressed_bytes": dense_compressed_bytes,
+                "rows": rows,
+            },
+            f,
+            indent=2,
+        )
     with open(os.path.join(workdir, "pruning.md"), "w") as f:
-        f.write(pruning_table(rows, n, dense_bytes))
+        f.write(pruning_table(rows, n, dense_bytes, dense_compressed_bytes))
     plot_pruning(rows, os.path.join(workdir, "plots", "pruning.png"))
     return rows
 
 
-def pruning_table(rows: list[dict[str, Any]], num_weights: int, dense_bytes: int) -> str:
+def pruning_table(
+    rows: list[dict[str, Any]],
+    num_weights: int,
+    dense_bytes: int,
+    dense_compressed_bytes: int | None = None,
+) -> str:
     """The rows as a Markdown table, with the paper's Table 2 error beside each fraction.
 
     Args:
       rows: from `pruning_experiment`.
       num_weights: n.
-      dense_bytes: the size of the dense μ, ρ export.
+      dense_bytes: the size of the dense μ, ρ export (uncompressed npz).
+      dense_compressed_bytes: the same arrays compressed, as the compact export is.
 
     Returns:
-      Markdown text.
+      Markdown text. Compact sizes are given as a share of the dense export; the compact files
+      are compressed, so even 0% removed is smaller, by what compression alone saves (the
+      compressed dense size is in the first line).
     """
+    compressed = (
+        f", {dense_compressed_bytes / 1e6:.2f} MB compressed as the compact files are"
+        if dense_compressed_bytes
+        else ""
+    )
     lines = [
         f"Pruning {num_weights} weights (kernels and biases ranked together); dense μ, ρ: "
-        f"{dense_bytes / 1e6:.2f} MB (uncompressed npz).",
+        f"{dense_bytes / 1e6:.2f} MB (uncompressed npz{compressed}).",
         "",
         "| criterion | removed | weights left | test error (MC) | test error (mean weights) "
-        "| test NLL | compact size | paper, SNR (Table 2, 2×1200) |",
+        "| test NLL | compact size (% of dense) | paper, SNR (Table 2, 2×1200) |",
         "|--|--|--|--|--|--|--|--|",
     ]
     for r in rows:

@@ -87,6 +87,32 @@ def test_pruning_again_counts_the_weights_already_removed(posterior, criterion):
     assert np.all(sample[~removed_twice] != 0.0)
 
 
+def test_pruning_again_to_a_smaller_fraction_is_refused(posterior):
+    """A removed weight cannot come back (its μ and ρ are gone): 0.25 after 0.5 is refused."""
+    once = pruning.prune(posterior, 0.5, "snr")
+    with pytest.raises(ValueError, match=r"already has \d+ of its \d+ weights removed"):
+        pruning.prune(once, 0.25, "snr")
+    assert pruning.prune(once, 0.5, "snr").num_kept() == once.num_kept()
+
+
+@pytest.mark.parametrize("fraction", [0.25, 0.5, 0.75])
+def test_ties_at_the_threshold_remove_exactly_the_fraction(fraction):
+    """|μ| in four tied groups of 25: the cut falls inside a tie, and ⌊f·n⌋ + 1 weights tie
+    with the last one removed; exactly ⌊f·n⌋ go, the earliest of the tied ones first."""
+    values = np.repeat(np.asarray([0.1, 0.2, 0.3, 0.4], np.float32), 25)  # n = 100
+    values = np.random.default_rng(0).permutation(values) * np.where(np.arange(100) % 2, 1, -1)
+    mu = {"kernel": jnp.asarray(values.reshape(10, 10))}
+    point = PointEstimate(mu=mu)
+    k = math.floor(fraction * 100) - 3  # Inside a group of ties.
+    mask = _flat(pruning.prune_mask(point, k / 100, "magnitude"))
+    removed = np.flatnonzero(mask == 0)
+    assert removed.size == k
+    threshold = np.sort(np.abs(values))[k - 1]
+    assert np.all(np.abs(values[removed]) <= threshold)
+    tied = np.flatnonzero(np.abs(values) == threshold)
+    assert np.all(np.isin(tied[: np.sum(np.isin(tied, removed))], removed))  # Earliest first.
+
+
 def test_snr_and_magnitude_rank_differently(posterior):
     snr = _flat(pruning.prune(posterior, 0.5, "snr").mask)
     magnitude = _flat(pruning.prune(posterior, 0.5, "magnitude").mask)
@@ -191,8 +217,51 @@ def test_pruning_experiment_writes_table_plot_and_exports(tiny_run):
     with open(os.path.join(workdir, "pruning.md")) as f:
         table = f.read()
     assert "| snr | 98% |" in table and "1.39%" in table
+    assert saved["dense_compressed_bytes"] < saved["dense_bytes"]
+    assert "compressed as the compact files are" in table
     for r in rows:
         assert 0.0 <= r["test_error"] <= 1.0 and np.isfinite(r["test_nll"])
+
+
+def test_each_row_evaluates_its_own_pruned_network(tiny_run):
+    """The 98% rows against the pruned network evaluated by hand (not the dense one)."""
+    workdir, rows = tiny_run
+    experiment, state = train.load_run(workdir)
+    test = tuple(jnp.asarray(a) for a in _fake_mnist(None)["test"])
+    posterior = state.params["posterior"]
+    for row in (rows[2], rows[5]):
+        pruned = pruning.prune(posterior, row["fraction_removed"], row["criterion"])
+        params = {**state.params, "posterior": pruned}
+        result = train.evaluate(experiment, params, test, jax.random.key(0))
+        assert row["test_nll"] == pytest.approx(float(result["nll"]), rel=1e-5)
+        assert abs(row["test_nll"] - rows[0]["test_nll"]) > 1e-3  # Pruning changed it.
+
+
+def test_a_point_estimate_run_is_pruned_by_magnitude(tmp_path, fast_compile):
+    config = test_config.get_config()
+    config.num_epochs = 1
+    config.data.train_subset, config.data.eval_subset, config.eval.batch_size = 256, 128, 128
+    config.posterior.name, config.prior.name = "point", "flat"
+    workdir = str(tmp_path / "sgd")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(train, "load_data", _fake_mnist)
+        train.train_and_evaluate(config, workdir)
+        rows = pruning.pruning_experiment(workdir, (0.0, 0.5))
+    assert [r["criterion"] for r in rows] == ["magnitude", "magnitude"]
+    assert os.path.exists(os.path.join(workdir, "pruned", "dense.npz"))
+
+
+def test_a_regression_run_is_refused_before_anything_is_written(tmp_path, monkeypatch):
+    from bbb.errors import ConfigError
+    from configs import regression as regression_config
+
+    config = regression_config.get_config()
+    experiment = train.build(config, *train.dataset_spec(config))
+    state = jax.eval_shape(lambda: train.init_state(experiment, jax.random.key(0)))
+    monkeypatch.setattr(train, "load_run", lambda workdir: (experiment, state))
+    with pytest.raises(ConfigError, match="a classification run"):
+        pruning.pruning_experiment(str(tmp_path))
+    assert os.listdir(tmp_path) == []
 
 
 def test_fraction_zero_matches_the_unpruned_evaluation(tiny_run):
