@@ -208,9 +208,23 @@ class Flat(Prior):
         return jnp.zeros_like(w)
 
 
+# Scales the float32 log densities handle: (w / σ)² stays finite for |w| up to ~10⁴, where
+# below ~1e-19 it overflows and 0 · inf gives NaN log densities and gradients at w = 0.
+_MIN_SCALE, _MAX_SCALE = 1e-15, 1e15
+
+
+def _check_scale(field: str, value: float) -> None:
+    """Raises ConfigError unless `value` is a number in [1e-15, 1e15]."""
+    check_positive(field, value)
+    if not _MIN_SCALE <= value <= _MAX_SCALE:
+        raise ConfigError(
+            field, value, f"a scale in [{_MIN_SCALE:g}, {_MAX_SCALE:g}] (float32 log densities)"
+        )
+
+
 def gaussian(sigma: float = 1.0, learnable: bool = False) -> Gaussian:
     """The Gaussian prior N(0, σ²)."""
-    check_positive("prior.sigma", sigma)
+    _check_scale("prior.sigma", sigma)
     return Gaussian(sigma=float(sigma), learnable=bool(learnable))
 
 
@@ -222,8 +236,8 @@ def scale_mixture(
 ) -> ScaleMixture:
     """The scale-mixture prior π N(0, σ1²) + (1 − π) N(0, σ2²)."""
     check_open_interval("prior.pi", pi, 0.0, 1.0)
-    check_positive("prior.sigma1", sigma1)
-    check_positive("prior.sigma2", sigma2)
+    _check_scale("prior.sigma1", sigma1)
+    _check_scale("prior.sigma2", sigma2)
     return ScaleMixture(
         pi=float(pi), sigma1=float(sigma1), sigma2=float(sigma2), learnable=bool(learnable)
     )
@@ -231,14 +245,14 @@ def scale_mixture(
 
 def laplace(scale: float = 1.0) -> Laplace:
     """The Laplace prior with scale b."""
-    check_positive("prior.scale", scale)
+    _check_scale("prior.scale", scale)
     return Laplace(scale=float(scale))
 
 
 def student_t(df: float = 3.0, scale: float = 1.0) -> StudentT:
     """Student's t prior with `df` degrees of freedom and scale `scale`."""
     check_positive("prior.df", df)
-    check_positive("prior.scale", scale)
+    _check_scale("prior.scale", scale)
     return StudentT(df=float(df), scale=float(scale))
 
 

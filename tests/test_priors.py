@@ -439,3 +439,21 @@ def test_custom_factory_missing_a_field_or_failing_on_import_names_it(tmp_path, 
     with pytest.raises(ConfigError) as info:
         priors.make_prior({"name": "broken_prior:factory"})
     assert info.value.field == "prior.name" and "boom at import" in str(info.value)
+
+
+def test_the_extreme_allowed_scales_give_finite_log_densities_and_gradients():
+    """At the scales the config accepts, the float32 log density and its gradient are finite
+    from w = 0 to |w| = 10⁴ (below ~1e-19, (w / σ)² overflowed and 0 · inf gave NaN at 0)."""
+    w = jnp.asarray([0.0, 1e-16, 1e-3, 1.0, -1e4], jnp.float32)
+    for prior in (
+        priors.scale_mixture(pi=0.5, sigma1=1e15, sigma2=1e-15),
+        priors.gaussian(sigma=1e-15),
+        priors.gaussian(sigma=1e15),
+    ):
+        values = prior.log_density({}, w)
+        grads = jax.vmap(jax.grad(lambda x, p=prior: p.log_density({}, x)))(w)
+        assert np.all(np.isfinite(np.asarray(values))), prior
+        assert np.all(np.isfinite(np.asarray(grads))), prior
+    for bad in (1e-16, 1e16):
+        with pytest.raises(ConfigError, match=r"prior.sigma2.*a scale in \[1e-15, 1e\+15\]"):
+            priors.scale_mixture(sigma2=bad)

@@ -403,6 +403,7 @@ BAD_VALUES = [
     ("prior.name", "no_such_module:prior", "prior.name"),
     ("prior.sigma1", -1.0, "prior.sigma1"),
     ("prior.sigma2", 0.0, "prior.sigma2"),
+    ("prior.sigma2", 1e-20, "prior.sigma2"),  # (w / σ2)² overflows float32: NaN at w = 0.
     ("prior.pi", 1.5, "prior.pi"),
     ("prior.pi", 0.0, "prior.pi"),
     ("objective.num_samples", 0, "objective.num_samples"),
