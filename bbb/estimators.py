@@ -105,23 +105,56 @@ def _own_variables(module: nn.Module, collection: str) -> dict[str, Any]:
 
 
 def _make_interceptor(estimator: str, generator: str):
+    """The method interceptor of one `apply_local` call: each Dense / Conv layer that holds σ is
+    replaced by its stochastic form; anything else that holds σ raises `ConfigError`."""
+    called = set()  # The layers sampled so far in this application of the model.
+
+    def refuse(module: nn.Module, why: str) -> ConfigError:
+        path = "/".join(module.scope.path) if module.scope is not None else module.name
+        return ConfigError(
+            "posterior.estimator",
+            estimator,
+            f"'reparam' for the model's layer {path!r} of type {type(module).__name__}: {why}",
+        )
+
     def interceptor(next_fun, args, kwargs, context):
         module = context.module
-        if context.method_name != "__call__" or not _own_variables(module, "sigma"):
+        method = context.method_name
+        if method == "setup" or (method.startswith("_") and method != "__call__"):
+            return next_fun(*args, **kwargs)
+        if not _own_variables(module, "sigma"):
             return next_fun(*args, **kwargs)
         is_dense = isinstance(module, nn.Dense)
         is_conv = isinstance(module, nn.Conv)
-        if estimator == "local_reparam" and is_dense:
-            return _local_reparam(module, next_fun(*args, **kwargs), args[0], generator)
-        if estimator == "flipout" and (is_dense or is_conv):
-            return _flipout(module, next_fun(*args, **kwargs), args[0], generator)
-        path = "/".join(module.scope.path) if module.scope is not None else module.name
-        raise ConfigError(
-            "posterior.estimator",
-            estimator,
-            f"'reparam' for the model's layer {path!r} of type {type(module).__name__}; "
-            f"{estimator!r} supports {SUPPORTED_LAYERS[estimator]} only",
+        supported = (estimator == "local_reparam" and is_dense) or (
+            estimator == "flipout" and (is_dense or is_conv)
         )
+        if method != "__call__":
+            # E.g. nn.Embed.attend (tied output weights): it would run on μ, without noise.
+            raise refuse(module, f"{estimator!r} samples layers through __call__, not {method}")
+        if not supported:
+            raise refuse(module, f"{estimator!r} supports {SUPPORTED_LAYERS[estimator]} only")
+        path = module.scope.path if module.scope is not None else (module.name,)
+        if path in called:
+            # Two calls would draw independent noise for what is one weight sample.
+            raise refuse(
+                module,
+                "its weights are used twice (shared), and each call would "
+                "draw the pre-activations' noise independently",
+            )
+        called.add(path)
+        x = args[0]
+        if estimator == "local_reparam":
+            if x.ndim != 2:
+                # Positions of one example share one weight sample: their pre-activations are
+                # correlated, which one independent draw per output cannot give.
+                raise refuse(
+                    module,
+                    f"'local_reparam' needs inputs [batch, features]; this layer gets {x.ndim}-D "
+                    f"inputs {tuple(x.shape)} ('flipout' keeps its signs constant over positions)",
+                )
+            return _local_reparam(module, next_fun(*args, **kwargs), x, generator)
+        return _flipout(module, next_fun(*args, **kwargs), x, generator)
 
     return interceptor
 

@@ -87,6 +87,39 @@ def test_dense_pre_activations_have_the_analytic_mean_and_variance(
         np.testing.assert_allclose(correlation, 1.0, atol=1e-6)
     else:
         assert np.max(np.abs(correlation)) < 5.0 / np.sqrt(NUM_SAMPLES), correlation
+    if estimator == "flipout":
+        # The output signs alone decorrelate the deviations but not their sizes: without the
+        # input signs, the two rows' squared deviations would be equal (correlation 1).
+        deviation = samples[:, :2, :] - mean[:2]  # [S, 2, F]
+        squares = np.array(
+            [np.corrcoef(deviation[:, 0, j] ** 2, deviation[:, 1, j] ** 2)[0, 1] for j in range(4)]
+        )
+        assert np.max(squares) < 0.8, squares
+
+
+class _TwoHeads(nn.Module):
+    """Two Dense layers of one width on the same input, side by side."""
+
+    @nn.compact
+    def __call__(self, x):
+        return jnp.concatenate([nn.Dense(4, name="a")(x), nn.Dense(4, name="b")(x)], axis=-1)
+
+
+@pytest.mark.parametrize("noise", ["jax", "hash"])
+@pytest.mark.parametrize("estimator", estimators.ESTIMATORS)
+def test_layers_draw_independent_noise(estimator, noise, dense_posterior):
+    """Two layers with the same μ, σ and input: their outputs must be uncorrelated (the hash
+    stream of one key is the same whatever the length, so one key for both would make them
+    equal)."""
+    layer = jax.tree_util.tree_map(np.asarray, dense_posterior.mu)
+    rho = jax.tree_util.tree_map(np.asarray, dense_posterior.rho)
+    posterior = MeanFieldGaussian(
+        mu={"a": layer, "b": layer}, rho={"a": rho, "b": rho}, noise=noise
+    )
+    samples = _output_samples(_TwoHeads(), posterior, X_DENSE, estimator)  # [S, B, 8]
+    for j in range(4):
+        correlation = np.corrcoef(samples[:, 0, j], samples[:, 0, 4 + j])[0, 1]
+        assert abs(correlation) < 5.0 / np.sqrt(NUM_SAMPLES), (j, correlation)
 
 
 # Conv -------------------------------------------------------------------------------------
@@ -340,6 +373,58 @@ def test_unsupported_parametrised_layers_raise(model, layer, estimator):
     assert info.value.field == "posterior.estimator" and info.value.value == estimator
     assert layer in str(info.value)
     assert _abstract_loss(model, x, "reparam").shape == ()
+
+
+class _DenseOverPositions(nn.Module):
+    """A Dense layer applied to every position of [B, T, F] inputs."""
+
+    @nn.compact
+    def __call__(self, x):
+        return nn.Dense(3)(nn.Dense(4)(x.reshape(x.shape[0], 5, 1)).sum(axis=1))
+
+
+class _SharedDense(nn.Module):
+    """One Dense layer's weights used twice."""
+
+    @nn.compact
+    def __call__(self, x):
+        layer = nn.Dense(5)
+        return nn.Dense(3)(layer(jnp.tanh(layer(x))))
+
+
+class _TiedEmbedding(nn.Module):
+    """Output logits from the embedding's own weights (nn.Embed.attend)."""
+
+    @nn.compact
+    def __call__(self, x):
+        embed = nn.Embed(3, 5)
+        return embed.attend(nn.Dense(5)(x))
+
+
+@pytest.mark.parametrize(
+    "model, estimator, words",
+    [
+        # Positions share a weight sample; independent draws per output would not.
+        (_DenseOverPositions(), "local_reparam", "3-D inputs"),
+        (_SharedDense(), "local_reparam", "used twice"),
+        (_SharedDense(), "flipout", "used twice"),
+        (_TiedEmbedding(), "local_reparam", "not attend"),
+        (_TiedEmbedding(), "flipout", "not attend"),
+    ],
+)
+def test_layers_whose_noise_the_estimator_would_get_wrong_raise(model, estimator, words):
+    x = np.zeros((2, 5), np.float32)
+    with pytest.raises(ConfigError, match=words) as info:
+        _abstract_loss(model, x, estimator)
+    assert info.value.field == "posterior.estimator" and info.value.value == estimator
+    assert _abstract_loss(model, x, "reparam").shape == ()
+
+
+def test_flipout_takes_dense_layers_over_positions():
+    """Flipout's signs are per example and feature, constant over positions: allowed."""
+    assert (
+        _abstract_loss(_DenseOverPositions(), np.zeros((2, 5), np.float32), "flipout").shape == ()
+    )
 
 
 def test_apply_local_rejects_other_estimators(mlp_posterior):

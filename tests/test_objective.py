@@ -241,6 +241,21 @@ def test_point_estimate_loss_is_penalised_negative_log_likelihood():
     assert float(metrics["sigma_mean"]) == 0.0
 
 
+def test_dropout_is_on_in_the_training_loss():
+    """The dropout baseline trains with dropout: its loss at fixed μ changes with the key, and
+    equals the dropout-free loss on no key (a loss taken with train=False would)."""
+    model = models.MLP(hidden_sizes=MODEL.hidden_sizes, num_outputs=NUM_CLASSES, dropout_rate=0.5)
+    post = PointEstimate(mu=numpy_params(MODEL, X[:1], seed=1, scale=1.5))
+    with_dropout = _free_energy(model=model, prior=priors.flat())
+    without = _free_energy(prior=priors.flat())
+    params = with_dropout.init_params(post)
+    batch = (X[:8], Y[:8])
+    losses = [float(with_dropout(params, batch, jax.random.key(k), 1.0)[0]) for k in range(4)]
+    plain = float(without(params, batch, jax.random.key(0), 1.0)[0])
+    assert len(set(losses)) == 4
+    assert all(abs(loss - plain) > 1e-4 for loss in losses)
+
+
 def test_loss_does_not_depend_on_batch_size_in_expectation():
     """Per-example noise (local_reparam): equal means over many keys, within MC error."""
     estimator = "local_reparam"
