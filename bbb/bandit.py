@@ -75,6 +75,7 @@ from bbb.errors import (
     check_non_negative,
     check_positive,
     check_probability,
+    check_seed,
 )
 from bbb.models import make_model
 from bbb.priors import make_prior
@@ -547,8 +548,7 @@ def build(config: ml_collections.ConfigDict) -> Experiment:
     Raises:
       ConfigError: naming the first bad field.
     """
-    if not isinstance(config.seed, int) or isinstance(config.seed, bool) or config.seed < 0:
-        raise ConfigError("seed", config.seed, "a non-negative integer")
+    check_seed("seed", config.seed)
     for field in ("num_steps", "num_seeds", "buffer_size", "num_updates", "batch_size"):
         check_positive(field, config[field], integer=True)
     for field in ("chunk_steps", "update_every", "checkpoint_every_chunks"):
@@ -582,10 +582,16 @@ def build(config: ml_collections.ConfigDict) -> Experiment:
     epsilons = tuple(config.agents.epsilons)
     for i, epsilon in enumerate(epsilons):
         check_probability(f"agents.epsilons[{i}]", epsilon)
+    names = [f"{100 * e:g}%" for e in epsilons]  # As the agents are named in the results.
+    if len(set(names)) != len(names):
+        raise ConfigError(
+            "agents.epsilons", epsilons, "distinct values (each agent's results go by its ε)"
+        )
     if not isinstance(config.agents.thompson, bool):
         raise ConfigError("agents.thompson", config.agents.thompson, "True or False")
     if not epsilons and not config.agents.thompson:
         raise ConfigError("agents.epsilons", epsilons, "at least one ε when agents.thompson=False")
+    check_choice("model.name", config.model.name, ("mlp",))  # f(context, one-hot action).
     if config.model.num_outputs != 1:
         raise ConfigError("model.num_outputs", config.model.num_outputs, "1 (the expected reward)")
     check_choice("posterior.noise", config.posterior.noise, posterior_lib.NOISE_GENERATORS)
@@ -835,8 +841,10 @@ def results_table(summary: dict[str, dict[str, Any]], num_steps: int, num_seeds:
 
 REFERENCE_AGENT = "BBB (Thompson)"
 # Config fields that do not change what an agent meets or does: where the data are, how the
-# run logs and checkpoints, which agents ran beside it (an agent's streams depend only on the
-# root seed, the seed's index and its own index), and the seeds themselves.
+# run logs and checkpoints, which agents ran beside it, and the seeds themselves. (An agent's
+# acting and update keys depend on the root seed, the seed's index and the agent's position in
+# the run's list of agents: pooling two runs that hold one agent at different positions on a
+# shared seed is refused, since their records of that agent disagree.)
 _POOL_IGNORED = ("seed", "num_seeds", "progress", "chunk_steps", "checkpoint_every_chunks")
 _POOL_IGNORED_PREFIXES = ("agents.", "data.")
 

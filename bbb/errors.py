@@ -60,3 +60,13 @@ def check_open_interval(field: str, value: Any, low: float, high: float) -> None
     """Raises ConfigError unless low < value < high."""
     if isinstance(value, bool) or not isinstance(value, int | float) or not low < value < high:
         raise ConfigError(field, value, f"a number strictly between {low} and {high}")
+
+
+def check_seed(field: str, value: Any) -> None:
+    """Raises ConfigError unless `value` is an integer in [0, 2³²).
+
+    JAX keys a seed by its low 32 bits (with 64-bit types off, as here): 2³² would repeat seed
+    0 and −1 seed 2³² − 1, so two "different" runs would be the same.
+    """
+    if isinstance(value, bool) or not (isinstance(value, int) and 0 <= value < 2**32):
+        raise ConfigError(field, value, "an integer in [0, 2**32) (JAX keys seeds by 32 bits)")

@@ -36,7 +36,7 @@ from bbb import objective as objective_lib
 from bbb import parallel
 from bbb import posterior as posterior_lib
 from bbb import predict as predict_lib
-from bbb.errors import ConfigError, check_choice, check_non_negative, check_positive
+from bbb.errors import ConfigError, check_choice, check_non_negative, check_positive, check_seed
 from bbb.estimators import ESTIMATORS
 from bbb.models import make_model
 from bbb.priors import make_prior
@@ -191,10 +191,7 @@ def build(
     if config.batch_size > num_train:
         raise ConfigError("batch_size", config.batch_size, f"at most the {num_train} examples")
     check_choice("prng_impl", config.prng_impl, PRNG_IMPLS)
-    if isinstance(config.seed, bool) or not (
-        isinstance(config.seed, int) and -(2**63) <= config.seed < 2**63
-    ):
-        raise ConfigError("seed", config.seed, "an integer in [-2**63, 2**63) (a 64-bit seed)")
+    check_seed("seed", config.seed)
     check_choice("epoch_loop", config.get("epoch_loop", "scan"), EPOCH_LOOPS)
     check_choice("posterior.name", config.posterior.name, POSTERIORS)
     check_choice("posterior.estimator", config.posterior.estimator, ESTIMATORS)

@@ -261,15 +261,24 @@ class _ReportKLWeight:
         return loss, {**metrics, "kl": jnp.asarray(kl_weight, jnp.float32)}
 
 
-@pytest.mark.parametrize("kl_data_size, expected", [("buffer", 1 / 256), ("interactions", 1 / 300)])
-def test_kl_weight_is_one_over_the_buffer_or_the_interactions(kl_data_size, expected):
-    """After 300 interactions in a buffer of 256: 1/N with N = 256 (the buffer's) or 300."""
+@pytest.mark.parametrize(
+    "kl_data_size, count, expected",
+    [
+        ("buffer", 300, 1 / 256),
+        ("interactions", 300, 1 / 300),
+        ("buffer", 100, 1 / 100),  # Not yet full: what it holds, not its capacity.
+        ("interactions", 100, 1 / 100),
+    ],
+)
+def test_kl_weight_is_one_over_the_buffer_or_the_interactions(kl_data_size, count, expected):
+    """After `count` interactions in a buffer of 256: 1/N with N = min(count, 256) (the
+    buffer's) or count."""
     experiment = bandit.build(small_config(**{"objective.kl_data_size": kl_data_size}))
     learner = experiment.thompson
     reporting = dataclasses.replace(learner, free_energy=_ReportKLWeight(learner.free_energy))
     state = bandit.init_agent(experiment, learner, jax.random.key(0), True, 2)
     assert state.buffer.capacity == 256
-    state = state.replace(buffer=state.buffer.replace(count=jnp.int32(300)))
+    state = state.replace(buffer=state.buffer.replace(count=jnp.int32(count)))
     contexts = synthetic_problem().contexts
     _, metrics = jax.jit(reporting.update)(state, contexts, jax.random.key(1))
     assert float(metrics["kl"]) == pytest.approx(expected, rel=1e-6)
@@ -367,6 +376,62 @@ def test_pool_script_writes_the_table_and_names_a_bad_workdir(tmp_path):
     assert bad.returncode == 2 and "nothing" in bad.stderr and "finished run" in bad.stderr
 
 
+def test_agents_share_what_a_seed_fixes_and_nothing_else():
+    """Three seeds, four agents: within a seed every agent has the same environment key (the
+    same mushrooms) and the same initial weights; every agent and seed has its own acting
+    key; each ε sits in its agent's rows (agent a of seed s at row a·S + s)."""
+    experiment = bandit.build(small_config(num_seeds=3))
+    thompson, greedy = bandit._families(experiment, synthetic_problem())
+    seeds = 3
+    assert greedy.names == ["ε-greedy 5%", "ε-greedy 1%", "ε-greedy 0%"]
+    env = np.asarray(jax.random.key_data(greedy.env_keys))  # [3 · S, 2]
+    np.testing.assert_array_equal(
+        env, np.tile(np.asarray(jax.random.key_data(thompson.env_keys)), (3, 1))
+    )
+    assert len({tuple(row) for row in env[:seeds]}) == seeds
+    np.testing.assert_allclose(np.asarray(greedy.epsilons), np.repeat([0.05, 0.01, 0.0], seeds))
+    keys = np.concatenate(
+        [np.asarray(jax.random.key_data(f.agent_keys)) for f in (thompson, greedy)]
+    )
+    assert len({tuple(row) for row in keys}) == 4 * seeds
+    mu = thompson.states.params["posterior"].mu
+    point = greedy.states.params["posterior"].mu
+    for leaf_mu, leaf_point in zip(
+        jax.tree_util.tree_leaves(mu), jax.tree_util.tree_leaves(point), strict=True
+    ):
+        for a in range(3):  # Every ε-greedy agent starts where BBB's μ starts, seed by seed.
+            np.testing.assert_array_equal(leaf_point[a * seeds : (a + 1) * seeds], leaf_mu)
+        if leaf_mu.ndim == 3:  # Kernels [S, in, out] (biases start at 0 on every seed).
+            assert not np.array_equal(leaf_mu[0], leaf_mu[1])  # Seeds differ.
+
+
+def test_thompson_draws_a_new_sample_at_every_interaction(monkeypatch):
+    """`interact` asks the learner for values with a key of its own interaction t."""
+    experiment = bandit.build(small_config())
+    learner = experiment.thompson
+    state = bandit.init_agent(experiment, learner, jax.random.key(0), True, 2)
+    seen = []
+    values = bandit.Learner.values
+
+    def spy(self, params, features, key):
+        seen.append(tuple(np.asarray(jax.random.key_data(key))))
+        return values(self, params, features, key)
+
+    monkeypatch.setattr(bandit.Learner, "values", spy)
+    for t in range(3):
+        bandit.interact(
+            learner,
+            experiment.rewards,
+            synthetic_problem(),
+            state,
+            jnp.int32(t),
+            jax.random.key(1),
+            jax.random.key(2),
+            jnp.float32(0.0),
+        )
+    assert len(seen) == 3 and len(set(seen)) == 3
+
+
 def test_agents_of_one_seed_meet_the_same_mushrooms():
     problem = synthetic_problem(1000)
     draw = jax.vmap(lambda k, t: bandit.draw_mushroom(PAPER, problem, k, t), in_axes=(None, 0))
@@ -395,6 +460,9 @@ def test_agents_of_one_seed_meet_the_same_mushrooms():
         ("prior.name", "nonsense"),
         ("optim.learning_rate", -1.0),
         ("objective.kl_data_size", "everything"),
+        ("seed", 2**32),  # JAX keys seeds by 32 bits: this would repeat seed 0.
+        ("model.name", "lenet"),
+        ("agents.epsilons", (0.0, 0.0)),  # One agent would vanish from the results.
     ],
 )
 def test_bad_config_names_the_field(field, value):

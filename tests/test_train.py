@@ -431,7 +431,7 @@ BAD_VALUES = [
     ("likelihood.name", "gaussian", "likelihood.name"),  # MNIST's labels are classes.
     ("model.num_outputs", 5, "model.num_outputs"),  # MNIST has ten.
     ("prng_impl", "mersenne", "prng_impl"),
-    ("seed", 2**63, "seed"),
+    ("seed", 2**32, "seed"),  # JAX keys seeds by 32 bits: this would repeat seed 0.
 ]
 
 
