@@ -542,6 +542,14 @@ class PointEstimate:
         """Returns (`mu`, 0)."""
         return self.mu, jnp.float32(0.0)
 
+    def sample_noise(self, key: jax.Array) -> PyTree:
+        """Zeros like `mu`: a point mass has no noise (so flipout's ΔW = σ ∘ ε is 0 too)."""
+        return jax.tree_util.tree_map(jnp.zeros_like, self.mu)
+
+    def reparameterize(self, eps: PyTree) -> tuple[PyTree, jax.Array]:
+        """Returns (`mu`, 0) whatever `eps`, as `sample_and_log_prob`."""
+        return self.mu, jnp.float32(0.0)
+
     def num_weights(self) -> int:
         """The number of parameters."""
         return count_params(self.mu)

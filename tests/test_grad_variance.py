@@ -83,7 +83,14 @@ def test_likelihood_term_leaves_out_the_kl_and_only_the_kl(problem):
 
     layer = "['Dense_0']['kernel']"
     assert measure(hot, "likelihood") == pytest.approx(measure(mc, "likelihood"), rel=1e-5)
-    assert measure(hot, "free_energy")[layer] > 10 * measure(mc, "free_energy")[layer]
+    hot_variance = measure(hot, "free_energy")[layer]
+    assert hot_variance > 10 * measure(mc, "free_energy")[layer]
+    # The KL's share of the minibatch loss is M π_i T KL / N with π_i = 1/M: its gradient noise
+    # T σ ε / (N σ_p²) has variance (T / N)² σ² here, whatever M (a KL weighted M times too
+    # heavily would give M² = 64 times that).
+    sigma = np.asarray(params["posterior"].stddev()["Dense_0"]["kernel"], np.float64)
+    expected = (1000.0 / 256) ** 2 * np.mean(np.square(sigma))
+    assert hot_variance == pytest.approx(expected, rel=0.15)
     closed = measure(fe, "free_energy")
     assert closed == pytest.approx(measure(fe, "likelihood"), rel=1e-4)
     results = {"free_energy": {"reparam": closed}, "likelihood": {"reparam": closed}}
@@ -179,3 +186,20 @@ def test_per_example_keeps_the_runs_samples_and_needs_two_draws(problem):
                 batch_size=8,
                 num_draws=bad,
             )
+
+
+def test_every_estimator_sees_the_same_minibatches(problem):
+    """A point estimate has no noise, so every estimator's gradients are the likelihood's on
+    the minibatches drawn: equal variances mean equal minibatches (the comparison between
+    estimators would otherwise carry the minibatches' own variance)."""
+    fe, params, data = problem
+    point = {**params, "posterior": posterior.PointEstimate(params["posterior"].mu)}
+    results = [
+        grad_variance.gradient_variance(
+            fe, point, data, jax.random.key(4), estimator=e, batch_size=8, num_draws=20
+        )
+        for e in ("reparam", "per_example", "local_reparam", "flipout")
+    ]
+    assert results[0]["['Dense_0']['kernel']"] > 1e-8
+    for other in results[1:]:
+        assert other == pytest.approx(results[0], rel=1e-4)
