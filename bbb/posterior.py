@@ -22,6 +22,7 @@ import jax.numpy as jnp
 from jax.extend.core import Primitive
 from jax.interpreters import ad, batching, mlir
 
+from bbb.errors import check_choice
 from bbb.special import horner, materialize, softplus
 
 PyTree = Any
@@ -107,6 +108,7 @@ def standard_normal(
     The per-example noise of the local reparameterisation comes from here, so that
     `posterior.noise` chooses the generator of all of an estimator's noise.
     """
+    check_choice("posterior.noise", generator, NOISE_GENERATORS)
     if generator == "hash":
         return hash_normal(key, math.prod(shape)).reshape(shape).astype(dtype)
     return jax.random.normal(key, shape, dtype)
@@ -117,6 +119,7 @@ def rademacher(key: jax.Array, shape: tuple[int, ...], generator: str = "jax") -
 
     "hash" takes the top bit of `hash_bits` (flipout's sign vectors).
     """
+    check_choice("posterior.noise", generator, NOISE_GENERATORS)
     if generator == "hash":
         top = (hash_bits(key, math.prod(shape)) >> 31).astype(jnp.float32)
         return (1.0 - 2.0 * top).reshape(shape)
@@ -307,6 +310,7 @@ def normal_like(key: jax.Array, tree: PyTree, generator: str = "jax") -> PyTree:
     Returns:
       ε ~ N(0, I), a pytree like `tree`.
     """
+    check_choice("posterior.noise", generator, NOISE_GENERATORS)
     leaves, treedef = jax.tree_util.tree_flatten(tree)
     sizes = [leaf.size for leaf in leaves]
     if generator == "hash":

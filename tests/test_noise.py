@@ -8,6 +8,7 @@ import scipy.special
 import scipy.stats
 
 from bbb import posterior
+from bbb.errors import ConfigError
 
 
 def test_bits_to_normal_is_finite_and_symmetric_at_the_extremes():
@@ -142,3 +143,14 @@ def test_noise_is_computed_once_per_step_not_in_every_consumer(generator):
     marker = "normal_quantile" if generator == "hash" else "erf_inv"
     with_erfinv = [c.split("\n")[0] for c in computations if "fused" in c[:40] and marker in c]
     assert len(with_erfinv) == 1, with_erfinv
+
+
+def test_an_unknown_generator_is_refused_not_taken_for_threefry():
+    key = jax.random.key(0)
+    for draw in (
+        lambda: posterior.normal_like(key, {"w": jnp.zeros(3)}, "philox"),
+        lambda: posterior.standard_normal(key, (3,), "philox"),
+        lambda: posterior.rademacher(key, (3,), "philox"),
+    ):
+        with pytest.raises(ConfigError, match=r"posterior\.noise='philox'"):
+            draw()
