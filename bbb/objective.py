@@ -155,6 +155,7 @@ def kl_weight(
     Returns:
       A float32 scalar π_i.
     """
+    check_positive("num_batches", num_batches, integer=True)
     step = jnp.asarray(step)
     if schedule == "uniform":
         return jnp.float32(1.0 / num_batches)
@@ -204,6 +205,8 @@ class FreeEnergy:
     mesh: jax.sharding.Mesh | None = None
 
     def __post_init__(self):
+        check_positive("num_train", self.num_train, integer=True)
+        check_positive("num_batches", self.num_batches, integer=True)
         check_positive("objective.num_samples", self.num_samples, integer=True)
         check_positive("objective.kl_temperature", self.temperature)
         if self.kl not in KL_MODES:

@@ -550,3 +550,11 @@ def test_a_value_shared_by_two_nested_vmaps_is_summed_by_adds_at_both(monkeypatc
     np.testing.assert_allclose(grad, jax.grad(loss)(mu), rtol=1e-5, atol=1e-6)
     assert sums == []
     assert _leading_sums(jax.make_jaxpr(jax.grad(loss))(mu).jaxpr) != []
+
+
+@pytest.mark.parametrize("field", ["num_train", "num_batches"])
+def test_free_energy_refuses_a_dataset_size_or_batch_count_below_one(field):
+    with pytest.raises(ConfigError, match=field):
+        _free_energy(**{field: 0})
+    with pytest.raises(ConfigError, match="num_batches"):
+        objective.kl_weight("uniform", 0, 0)
