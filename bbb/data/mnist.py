@@ -89,6 +89,15 @@ def prepare_mnist(
     if prepared:
         print(f"mnist: already prepared in {root}")
         return "prepared"
+    with tfds_local.preparation_lock(root, "mnist"):
+        return _prepare_mnist_locked(data_dir, manual_dir, cache_dir)
+
+
+def _prepare_mnist_locked(data_dir, manual_dir, cache_dir) -> str:
+    prepared, root = tfds_local.prepared_root("mnist", data_dir)
+    if prepared:  # Another process prepared it while this one waited for the lock.
+        print(f"mnist: already prepared in {root}")
+        return "prepared"
     if manual_dir is not None:
         root = tfds_local.prepare_from_idx("mnist", manual_dir, data_dir)
         print(f"mnist: prepared from manual_dir {manual_dir} into {root}")
@@ -127,6 +136,15 @@ def prepare_fashion_mnist(
     if prepared:
         print(f"fashion_mnist: already prepared in {root}")
         return "prepared"
+    with tfds_local.preparation_lock(root, "fashion_mnist"):
+        return _prepare_fashion_mnist_locked(data_dir, manual_dir)
+
+
+def _prepare_fashion_mnist_locked(data_dir, manual_dir) -> str:
+    prepared, root = tfds_local.prepared_root("fashion_mnist", data_dir)
+    if prepared:  # Another process prepared it while this one waited for the lock.
+        print(f"fashion_mnist: already prepared in {root}")
+        return "prepared"
     if manual_dir is not None:
         root = tfds_local.prepare_from_idx("fashion_mnist", manual_dir, data_dir)
         print(f"fashion_mnist: prepared from manual_dir {manual_dir} into {root}")
@@ -142,8 +160,8 @@ def prepare_fashion_mnist(
     raise DataError(
         f"fashion_mnist is not prepared in {root} and no source is available: no manual_dir "
         f"was given, {DEBIAN_FASHION_MNIST_DIR} does not exist and {why_not}. Run "
-        "`apt-get install dataset-fashion-mnist` (Debian/Ubuntu), or pass manual_dir with the "
-        "four Fashion-MNIST IDX files."
+        "`apt-get install dataset-fashion-mnist` (Debian/Ubuntu), or give the folder of the "
+        "four Fashion-MNIST IDX files (scripts/prepare_data.py --fashion_dir=DIR)."
     )
 
 

