@@ -5,7 +5,7 @@ testable. What is measured, for the MLP 784-H-H-10 on MNIST-shaped inputs, batch
 
 - The step: the real `bbb.train.train_step` of an `Experiment` built from the MNIST config,
   jitted with its state donated, called on one fixed random batch. Compilation (`lower` +
-  `compile`) is timed on its own. All cases of one H and K are compiled first; then `warmup`
+  `compile`) is timed on its own. All cases of one H are compiled first; then `warmup`
   rounds, then `repeats` rounds, each running every case's step in turn (interleaved, so that
   the machine's drift does not enter the ratios): one untimed call that refills the caches the
   other cases evicted, then `calls_per_round` calls back to back, each timed alone with
@@ -428,7 +428,11 @@ def add_ratios(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
         if r["system"] == "bayesian-torch"
     }
     for r in records:
-        same_work = (r.get("prior"), r.get("kl")) == ("gaussian", "closed_form")
+        same_work = (r.get("prior"), r.get("kl"), r.get("dtype", "float32")) == (
+            "gaussian",
+            "closed_form",
+            "float32",  # The peer multiplies in float32.
+        )
         if r["system"] == "bbb" and same_work and r.get("kind") != "ablation":
             r["peer_speedup"] = {
                 memory: peers[(r["hidden"], r["num_samples"], memory)] / r["ms_per_step"]
@@ -480,7 +484,7 @@ def run_grid(
 ) -> list[dict[str, Any]]:
     """Times every case on one fixed batch and one random dataset.
 
-    The cases of one width H and sample count K are all compiled first (steps and epochs);
+    The cases of one width H (every K) are all compiled first (steps and epochs);
     then their steps are timed in interleaved rounds (`time_interleaved`), each case's steps
     back to back within a round, and in each of the first `epoch_repeats` rounds every case
     also runs one whole epoch, so that the ratios between cases, and each case's epoch against
@@ -507,11 +511,13 @@ def run_grid(
     key_batch, key_data = jax.random.split(jax.random.key(seed))
     batch = random_batch(key_batch, batch_size)
     data = random_dataset(key_data, epoch_examples) if epoch_repeats > 0 else None
-    # Interleaved within a group of like-sized steps (one H and K): a K = 8 step between two
-    # K = 1 steps would leave them cold caches and bias their times upwards.
-    groups: dict[tuple[int, int], list[int]] = {}
+    # Interleaved within one width H, every K together, so that the ratios between sample
+    # counts (K = 8 against K = 1) and to the floor are as free of drift as the rest. (Until
+    # each round began with an untimed call, cases were grouped by H and K too: a K = 8 step
+    # run just before would have left a K = 1 step cold caches.)
+    groups: dict[int, list[int]] = {}
     for index, case in enumerate(cases):
-        groups.setdefault((case.hidden, case.num_samples), []).append(index)
+        groups.setdefault(case.hidden, []).append(index)
     records: list[dict[str, Any]] = [{} for _ in cases]
     done = 0
     for indices in groups.values():
@@ -710,7 +716,24 @@ def compile_ablation_line(
         "measures": line.measures,
         "compile_s": compile_s,
     }
+    if line.gradient_only:
+        record["optimizer"] = "none"  # value_and_grad alone.
     return record, run_once
+
+
+_RECORD_FIELDS = (
+    "system",
+    "model",
+    "hidden",
+    "num_samples",
+    "estimator",
+    "prior",
+    "kl",
+    "noise",
+    "dtype",
+    "optimizer",
+    "batch_size",
+)
 
 
 def time_interleaved(
@@ -970,6 +993,7 @@ def run_ablation(
         ms = {r["ablation"]: r["ms_per_step"] for r in lines}
         for r in lines:
             r["pct_of_full"] = 100 * r["ms_per_step"] / ms["full"]
+            r["examples_per_s"] = batch_size / (r["ms_per_step"] / 1e3)
             if log:
                 log(f"ablation H={width} {r['ablation']}: {r['ms_per_step']:.2f} ms")
         records += lines
@@ -980,7 +1004,9 @@ def run_ablation(
                 f"matmul {rates['gflop_per_s']:.1f} GFLOP/s"
             )
         parts = add_floors(ablation_breakdown(ms), width, batch_size, rates)
-        breakdown += [{"kind": "breakdown", "hidden": width, **rates, **part} for part in parts]
+        # The identifying fields of the step the parts are of ("full"), as every record has.
+        of_step = {k: v for k, v in lines[0].items() if k in _RECORD_FIELDS}
+        breakdown += [{"kind": "breakdown", **of_step, **rates, **part} for part in parts]
     return records + breakdown
 
 
@@ -1009,11 +1035,14 @@ class BayesMLP(torch.nn.Module):
             LinearReparameterization(a, b) for a, b in zip(sizes[:-1], sizes[1:])
         )
 
-    def forward(self, x):
+    def forward(self, x, return_kl=True):
         x, kl = x.flatten(1), 0.0
         for i, layer in enumerate(self.layers):
-            x, layer_kl = layer(x)
-            kl = kl + layer_kl
+            if return_kl:
+                x, layer_kl = layer(x)
+                kl = kl + layer_kl
+            else:
+                x = layer(x, return_kl=False)
             if i < len(self.layers) - 1:
                 x = F.relu(x)
         return x, kl
@@ -1049,13 +1078,14 @@ for h in args["hidden"]:
         optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
 
         def step():
-            # The free energy per example, K samples: mean NLL + mean KL / N (bbb's scaling).
+            # The free energy per example, K samples: mean NLL + KL / N (bbb's scaling). The
+            # closed-form KL does not depend on the sample: computed once, as bbb does.
             optimizer.zero_grad()
             nll, kl = 0.0, 0.0
-            for _ in range(k):
-                out, sample_kl = model(x)
+            for sample in range(k):
+                out, sample_kl = model(x, return_kl=sample == 0)
                 nll, kl = nll + F.cross_entropy(out, y), kl + sample_kl
-            ((nll + kl / N) / k).backward()
+            (nll / k + kl / N).backward()
             optimizer.step()
 
         records.append(
@@ -1145,7 +1175,13 @@ def run_peer(
         last = result.stderr.strip().splitlines()[-1:] or ["(no message)"]
         print(f"peer: {peer_python} failed (exit {result.returncode}): {last[0]}", file=sys.stderr)
         return []
-    output = json.loads(result.stdout.strip().splitlines()[-1])
+    try:
+        output = json.loads(result.stdout.strip().splitlines()[-1])
+    except (IndexError, ValueError):  # Whatever the peer printed, the grid's records stand.
+        print(
+            f"peer: {peer_python} printed no JSON line: {result.stdout[-300:]!r}", file=sys.stderr
+        )
+        return []
     records = []
     for raw in output["records"]:
         bayesian = raw["system"] == "bayesian-torch"
@@ -1366,6 +1402,20 @@ def run(
     for host_memory in peer_host_memory:  # before any timing
         check_choice("peer_host_memory", host_memory, HOST_MEMORY)
     check_timing(repeats, warmup, calls_per_round, 0 if ablation else epoch_repeats)
+    check_positive("--batch_size", batch_size, integer=True)
+    for width in hidden:
+        check_positive("--hidden", width, integer=True)
+    for count in num_samples:
+        check_positive("--num_samples", count, integer=True)
+    if epoch_examples is not None and not ablation and epoch_repeats > 0:
+        if isinstance(epoch_examples, bool) or not (
+            isinstance(epoch_examples, int) and epoch_examples >= batch_size
+        ):
+            raise ConfigError(
+                "--epoch_examples",
+                epoch_examples,
+                f"an integer of at least --batch_size={batch_size}",
+            )
     if peer_python and not list_only and not ablation:
         check_peer(peer_python, peer_threads)
     if json_path and not list_only:  # The records of an hour's timing must have somewhere to go.
@@ -1411,6 +1461,8 @@ def run(
             batch_size=batch_size,
             log=log,
         )
+        if json_path and peer_python:  # The grid's hour is kept whatever the peer does.
+            _write_records(json_path, records, info, out)
         for host_memory in peer_host_memory if peer_python else ():
             records += run_peer(
                 peer_python,
@@ -1433,10 +1485,20 @@ def run(
             "over (steps × median step) − 1. bayesian-torch ÷ this: the peer's step at the "
             "same H and K over this one, the peer as shipped / under bbb's malloc policies."
         )
+    if json_path:
+        _write_records(json_path, records, info, out)
+    else:
+        for record in records:
+            record["machine"] = info
+    return records
+
+
+def _write_records(
+    path: str, records: list[dict[str, Any]], info: dict[str, Any], out: Callable[[str], None]
+) -> None:
+    """Writes the records, each with the machine, as a JSON list."""
     for record in records:
         record["machine"] = info
-    if json_path:
-        with open(json_path, "w") as f:
-            json.dump(records, f, indent=1)
-        out(f"wrote {len(records)} records to {json_path}")
-    return records
+    with open(path, "w") as f:
+        json.dump(records, f, indent=1)
+    out(f"wrote {len(records)} records to {path}")

@@ -191,8 +191,8 @@ def test_smoke_run_returns_complete_records_and_writes_json(tmp_path, monkeypatc
             (2, "reparam", "scale_mixture"),
         )
     ]
-    # The steps of each (H, K) group are timed together, in interleaved rounds.
-    assert rounds == [(2, 3, 1, 2), (1, 3, 1, 2), (2, 3, 1, 2), (1, 3, 1, 2)]
+    # The steps of each H (every K, and the floor) are timed together, in interleaved rounds.
+    assert rounds == [(3, 3, 1, 2), (3, 3, 1, 2)]
     for r in records:
         assert RECORD_KEYS <= set(r)
         assert r["repeats"] == 3 and r["batch_size"] == 64 and r["epoch_steps"] == 4
@@ -256,6 +256,14 @@ def test_ablation_posteriors_remove_only_their_part():
 def test_peer_is_skipped_with_a_message_when_missing(tmp_path, capsys):
     assert benchmark.run_peer(str(tmp_path / "no-python")) == []
     assert "venv" in capsys.readouterr().err
+
+
+def test_a_peer_that_prints_no_json_is_skipped_not_fatal(tmp_path, capsys):
+    fake = tmp_path / "python"
+    fake.write_text("#!/bin/sh\necho 'warming up'\n")
+    fake.chmod(0o755)
+    assert benchmark.run_peer(str(fake), (8,), (1,), repeats=1) == []
+    assert "printed no JSON line" in capsys.readouterr().err
 
 
 def test_peer_output_becomes_records(tmp_path):
@@ -325,13 +333,54 @@ def test_peer_runs_under_the_malloc_policy_asked_for(tmp_path, monkeypatch):
     }
     other_k = {**ours, "num_samples": 2}
     other_work = {**ours, "prior": "scale_mixture", "kl": "mc"}
-    benchmark.add_ratios(default + kept + [ours, other_k, other_work])
+    half_precision = {**ours, "dtype": "bfloat16"}  # The peer multiplies in float32.
+    benchmark.add_ratios(default + kept + [ours, other_k, other_work, half_precision])
+    assert "peer_speedup" not in half_precision
     assert [r["ratio_to_own_floor"] for r in default + kept] == [1.0, 3.0, 1.0, 3.0]
     # The peer's step at the same H and K over bbb's: 12 / 3 as shipped, 9 / 3 with bbb's malloc.
     assert ours["peer_speedup"] == {"default": 4.0, "kept": 3.0}
     assert other_k["peer_speedup"] == {} and "peer_speedup" not in other_work
     table = benchmark.format_table(default + kept + [ours])
     assert "bayesian-torch (malloc kept)" in table and "| 4.00× / 3.00× |" in table
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "flag"),
+    [
+        ({"batch_size": -1}, "--batch_size"),
+        ({"hidden": (0,), "ablation": True}, "--hidden"),
+        ({"num_samples": (0,)}, "--num_samples"),
+        ({"epoch_examples": 100}, "--epoch_examples"),  # Fewer than one batch of 128.
+    ],
+)
+def test_bad_sizes_are_named_before_any_timing(kwargs, flag):
+    with pytest.raises(ConfigError, match=flag):
+        benchmark.run(mnist.get_config(), **kwargs)
+
+
+def test_every_sample_count_of_a_width_is_timed_in_the_same_rounds(monkeypatch):
+    """K = 1 and K = 8 of one H share the interleaved rounds (with the floor), so that their
+    ratio is not the machine's drift between two groups."""
+    calls = []
+    real = benchmark.time_interleaved
+
+    def spy(run_onces, *args, **kwargs):
+        calls.append(len(run_onces))
+        return real(run_onces, *args, **kwargs)
+
+    monkeypatch.setattr(benchmark, "time_interleaved", spy)
+    cases = benchmark.benchmark_grid((8,), (1, 2), ("local_reparam",), ("gaussian",), ("hash",))
+    records = benchmark.run_grid(
+        cases,
+        mnist.get_config(),
+        repeats=1,
+        warmup=0,
+        calls_per_round=1,
+        epoch_repeats=0,
+        batch_size=4,
+    )
+    assert len({c.num_samples for c in cases}) == 2
+    assert calls == [len(cases)] and len(records) == len(cases)
 
 
 def test_a_bad_peer_malloc_policy_fails_before_any_timing():
@@ -394,6 +443,18 @@ def test_ablation_runs_every_line_interleaved_and_breaks_the_step_down(monkeypat
     }
     assert all(p["floor_ms"] > 0 and p["gb_per_s"] > 0 for p in parts)
     assert "× floor" in benchmark.format_ablation(records)
+    # Every record carries the issue's fields; the gradient-only lines run no optimiser.
+    for r in lines:
+        assert r["examples_per_s"] == pytest.approx(4 / (r["ms_per_step"] / 1e3))
+        assert r["optimizer"] == ("none" if r["ablation"].endswith("grad_only") else "adam")
+    for p in parts:
+        assert (p["model"], p["hidden"], p["num_samples"], p["batch_size"]) == ("mlp", 8, 1, 4)
+        assert (p["estimator"], p["prior"], p["kl"], p["optimizer"]) == (
+            "reparam",
+            "scale_mixture",
+            "mc",
+            "adam",
+        )
 
 
 def test_interleaved_timing_calls_each_function_once_per_round():
