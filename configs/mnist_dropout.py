@@ -1,4 +1,5 @@
-"""The paper's dropout baseline (Table 1), evaluated as MC dropout by `scripts/evaluate.py`.
+"""The paper's dropout baseline (Table 1), evaluated as MC dropout by `scripts/evaluate.py`;
+the optimiser is configs/mnist.py's (Adam, cosine decay), as for configs/mnist_sgd.py.
 
 python scripts/train.py --config=configs/mnist_dropout.py --workdir=runs/mnist_dropout
 """

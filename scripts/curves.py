@@ -1,6 +1,6 @@
 """Plots the learning curves of several runs side by side, with a table of their results.
 
-  python scripts/curves.py --workdirs=runs/mnist,runs/mnist_local,runs/mnist_flipout \
+  python scripts/curves.py --workdirs=runs/mnist_reparam,runs/mnist,runs/mnist_flipout \
       --labels=reparam,local_reparam,flipout --out=runs/estimators.png
 
 Writes the PNG and, next to it, the Markdown table (also printed).

@@ -4,7 +4,8 @@
 
 For the free energy's gradient and for the expected log-likelihood's alone (--terms), the
 estimators differing only in the second. Writes workdir/grad_variance.md and
-workdir/grad_variance.json ({"step", "num_draws", "terms": {term: {estimator: {layer: var}}}}).
+workdir/grad_variance.json ({"step", "num_draws", "fixed_batch", "terms": {term: {estimator:
+{layer: var}}}}).
 """
 
 import json
