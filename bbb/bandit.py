@@ -1192,13 +1192,13 @@ def bandit_experiment(
     regret = np.concatenate(per_step["regret"], axis=-1)  # [A, S, T]
     expected = np.concatenate(per_step["expected_regret"], axis=-1)
     actions = np.concatenate(per_step["action"], axis=-1)
+    # Through a temporary file and a rename: pooling takes config.json + regret.npz as a finished
+    # run, so a kill mid-write must not leave half a file.
+    temporary = os.path.join(workdir, f".regret.{os.getpid()}.npz")
     np.savez_compressed(
-        os.path.join(workdir, "regret.npz"),
-        names=np.asarray(names),
-        regret=regret,
-        expected_regret=expected,
-        action=actions,
+        temporary, names=np.asarray(names), regret=regret, expected_regret=expected, action=actions
     )
+    os.replace(temporary, os.path.join(workdir, "regret.npz"))
     summary = summarize(names, regret, expected)
     for i, name in enumerate(names):
         summary[name]["eat_fraction"] = float((actions[i] == EAT).mean())
@@ -1214,13 +1214,11 @@ def bandit_experiment(
         if timing["timed_updates"]
         else None,
     }
-    with open(os.path.join(workdir, "results.json"), "w") as f:
-        json.dump(results, f, indent=2)
+    write_text_atomically(os.path.join(workdir, "results.json"), json.dumps(results, indent=2))
     table = results_table(summary, steps, seeds)
     agents = f"{len(names)} agent{'s' if len(names) != 1 else ''}"
     table += f"\nWall time {timing['wall_time_s']:.0f} s ({agents} × {seeds} seeds).\n"
-    with open(os.path.join(workdir, "results.md"), "w") as f:
-        f.write(table)
+    write_text_atomically(os.path.join(workdir, "results.md"), table)
     if config.progress:
         print(table)
     return results

@@ -63,9 +63,25 @@ def flatten_config(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def read_records(path: str) -> list[dict[str, Any]]:
-    """The objects of a JSON-lines file such as metrics.jsonl, in order, blank lines skipped."""
+    """The objects of a JSON-lines file such as metrics.jsonl, in order, blank lines skipped.
+
+    A last line cut short (a kill or a full disk mid-write) is dropped: it always comes after
+    the last checkpoint, which a resumed run redoes. A bad line before the last is an error.
+    """
     with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+        lines = [line for line in f if line.strip()]
+    records = []
+    for index, line in enumerate(lines):
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            if index == len(lines) - 1:
+                break
+            raise WorkdirError(
+                f"{path}, line {index + 1}, is not JSON ({e}); move the file away to start "
+                "its log afresh."
+            ) from e
+    return records
 
 
 def write_text_atomically(path: str, text: str) -> None:
@@ -244,7 +260,9 @@ def _plot_training(workdir: str, records: list[dict[str, Any]]) -> None:
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
     axes[0].plot(epochs, [r["train/loss"] for r in records], label="free energy / N")
     axes[0].plot(epochs, [r["train/nll"] for r in records], label="NLL per example")
-    axes[0].set_yscale("log")
+    curves = [r[k] for r in records for k in ("train/loss", "train/nll")]
+    if all(v > 0 for v in curves if math.isfinite(v)):  # A Gaussian NLL can be negative.
+        axes[0].set_yscale("log")
     axes[0].set_xlabel("epoch")
     axes[0].legend()
     axes[0].set_title("training objective")
@@ -355,6 +373,7 @@ class Run:
         )
         self._tb = None
         self._metrics_file = None
+        self._resumed_step = 0  # The step of the checkpoint restored (0: a fresh start).
 
     @property
     def tensorboard(self):
@@ -362,7 +381,11 @@ class Run:
         if self._tb is None and self.is_writer:
             from tensorboardX import SummaryWriter
 
-            self._tb = SummaryWriter(os.path.join(self.workdir, "tensorboard"))
+            # A resumed run redoes the steps after its checkpoint: purge_step drops the events
+            # the earlier session logged for them, so TensorBoard shows each step once.
+            self._tb = SummaryWriter(
+                os.path.join(self.workdir, "tensorboard"), purge_step=self._resumed_step + 1
+            )
         return self._tb
 
     @property
@@ -394,6 +417,7 @@ class Run:
             abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, state)
             state, history = restore_checkpoint(self.manager, step, abstract)
             max_step = int(state.step)
+        self._resumed_step = max_step
         self._load_records(max_step=max_step)
         if self.is_writer:
             write_text_atomically(
@@ -507,7 +531,7 @@ class Run:
 
 def summary_paragraph(summary: dict[str, Any], workdir: str) -> str:
     """A few human sentences on how the run ended."""
-    parts = [f"Trained {summary['epochs']} epochs in {summary['wall_time_s']:.0f} s"]
+    parts = [f"Trained {summary['epochs']} epochs; {summary['wall_time_s']:.0f} s this session"]
     if summary.get("steps_per_s"):
         parts[0] += f" ({summary['steps_per_s']:.0f} steps/s this session)"
     if "test_error" in summary:

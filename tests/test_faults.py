@@ -225,3 +225,41 @@ def test_a_crash_while_finishing_leaves_no_summary_and_the_rerun_finishes(tmp_pa
         assert json.load(f) == summary
     assert summary["epochs"] == test_config.get_config().num_epochs
     assert os.path.exists(os.path.join(workdir, "plots", "posterior_histograms.png"))
+
+
+def test_a_resumed_run_logs_each_tensorboard_step_once(tmp_path):
+    """A run that dies after logging past its last checkpoint redoes those steps; TensorBoard
+    must show each once, with the redone values, as metrics.jsonl does."""
+    import shutil
+
+    from tensorboard.backend.event_processing import event_accumulator
+
+    workdir = str(tmp_path / "wd")
+    config = test_config.get_config()
+    train.train_and_evaluate(config, workdir)  # Two epochs: checkpoints at steps 32 and 64.
+    # As if it had died after logging epoch 2 but before its checkpoint was written.
+    shutil.rmtree(os.path.join(workdir, "checkpoints", "64"))
+    os.remove(os.path.join(workdir, "summary.json"))
+    train.train_and_evaluate(config, workdir)
+    acc = event_accumulator.EventAccumulator(
+        os.path.join(workdir, "tensorboard"), size_guidance={"scalars": 0, "histograms": 0}
+    )
+    acc.Reload()
+    steps = [event.step for event in acc.Scalars("train/loss")]
+    assert steps == [32, 64]
+    assert [e.step for e in acc.Histograms("posterior/sigma")] == sorted(
+        {e.step for e in acc.Histograms("posterior/sigma")}
+    )
+    (last,) = [r for r in _read_metrics(workdir) if r["step"] == 64]
+    assert acc.Scalars("train/loss")[-1].value == pytest.approx(last["train/loss"], rel=1e-6)
+
+
+def test_a_metrics_line_cut_short_is_dropped_and_a_bad_one_before_it_is_named(tmp_path):
+    from bbb.workdir import read_records
+
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 32}\n{"step": 64}\n{"step": 9')  # A kill mid-write.
+    assert read_records(str(path)) == [{"step": 32}, {"step": 64}]
+    path.write_text('{"step": 32}\n{"step": 6\n{"step": 96}\n')
+    with pytest.raises(WorkdirError, match="line 2"):
+        read_records(str(path))
