@@ -512,6 +512,11 @@ class Run:
             "wall_time_s": wall_time,
             "steps_per_s": steps_done / wall_time if wall_time > 0 else None,
         }
+        if "test_rmse" in summary and summary["test_rmse"] is not None:
+            # A regression run chooses its epoch by validation NLL: the History holds NLLs.
+            # Named as what they are; the error-named keys stay for the tools that read them.
+            summary["best_val_nll"] = history.best_val_error
+            summary["test_nll_at_best_val"] = history.test_error_at_best_val
         summary = {k: v for k, v in summary.items() if v is not None}
         if self.is_writer:
             if self.records:
@@ -547,6 +552,12 @@ def summary_paragraph(summary: dict[str, Any], workdir: str) -> str:
         )
     elif "test_rmse" in summary:
         parts.append(f"test RMSE {summary['test_rmse']:.4f}, test NLL {summary['test_nll']:.4f}")
+        if "best_val_nll" in summary:
+            parts.append(
+                f"best validation NLL {summary['best_val_nll']:.4f} at epoch "
+                f"{summary['best_epoch']}, where the test NLL was "
+                f"{summary['test_nll_at_best_val']:.4f}"
+            )
     return "; ".join(parts) + f". Files are in {workdir}."
 
 

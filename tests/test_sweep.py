@@ -550,3 +550,17 @@ def test_classification_results_are_in_percent(tmp_path):
     with open(os.path.join(workdir, "results.csv")) as f:
         row = next(csv.DictReader(f))
     assert float(row["best_val_error"]) == 0.0125  # The CSV keeps fractions.
+
+
+def test_a_regression_summary_names_its_choice_by_nll(trained):
+    """Regression runs choose the epoch by validation NLL; the summary says so by name."""
+    from bbb.workdir import summary_paragraph
+
+    for member in trained[3]:
+        summary = sweep.read_summary(member.workdir)
+        evaluated = [r for r in _read_metrics(member.workdir) if "eval/val_nll" in r]
+        best = min(evaluated, key=lambda r: r["eval/val_nll"])
+        assert summary["best_val_nll"] == summary["best_val_error"] == best["eval/val_nll"]
+        assert summary["test_nll_at_best_val"] == best["eval/test_nll"]
+        assert summary["best_epoch"] == best["epoch"] and "test_rmse" in summary
+        assert "best validation NLL" in summary_paragraph(summary, member.workdir)
