@@ -31,8 +31,9 @@ from bbb.errors import ConfigError
 
 PyTree = Any
 # Fields that may change between a run and its resumption (training length, logging cadence,
-# and the device mesh: a run may resume on other hardware). The length may not change under the
-# cosine schedule, which decays over it (`check_workdir`).
+# where the data are found, and how the steps run: the device mesh, so a run may resume on
+# other hardware, and the epoch loop, which follows the scan's trajectory). The length may not
+# change under the cosine schedule, which decays over it (`check_workdir`).
 RESUMABLE_FIELDS = (
     "num_epochs",
     "progress",
@@ -40,6 +41,10 @@ RESUMABLE_FIELDS = (
     "max_checkpoints",
     "mesh.data",
     "mesh.samples",
+    "epoch_loop",
+    "data.data_dir",
+    "data.manual_dir",
+    "data.cache_dir",
 )
 
 

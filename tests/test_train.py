@@ -173,6 +173,22 @@ def test_step_schedule_and_warm_up_rates_step_by_step(warmup_epochs):
     np.testing.assert_allclose(rates, expected, rtol=1e-6)
 
 
+def test_where_the_data_are_and_how_the_epoch_loops_may_change_on_resume(tmp_path):
+    """Locations and the loop's form change nothing trained; the learning rate does."""
+    from bbb import workdir as workdir_lib
+
+    config = test_config.get_config()
+    os.makedirs(tmp_path / "wd")
+    (tmp_path / "wd" / "config.json").write_text(config.to_json_best_effort())
+    moved = test_config.get_config()
+    moved.data.data_dir, moved.data.cache_dir = "/elsewhere/tfds", "/elsewhere/cache"
+    moved.data.manual_dir, moved.epoch_loop = "/elsewhere/idx", "steps"
+    workdir_lib.check_workdir(str(tmp_path / "wd"), moved)
+    moved.optim.learning_rate *= 2
+    with pytest.raises(WorkdirError, match=r"optim\.learning_rate"):
+        workdir_lib.check_workdir(str(tmp_path / "wd"), moved)
+
+
 @pytest.mark.parametrize("schedule", ["cosine", "constant", "step"])
 def test_num_epochs_may_change_on_resume_unless_the_schedule_decays_over_it(tmp_path, schedule):
     """A run of 2 epochs resumed with 4 would follow another schedule over its first 2 epochs
