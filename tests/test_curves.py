@@ -27,14 +27,18 @@ def test_table_takes_the_test_error_at_the_best_validation_epoch(tmp_path):
     a = _write_run(
         tmp_path / "a", [None, 0.03, None, 0.02, 0.025], [None, 0.031, None, 0.024, 0.019]
     )
-    b = _write_run(tmp_path / "b", [0.05, 0.04], [0.06, 0.045])
+    b = _write_run(tmp_path / "b", [0.05, 0.04, None], [0.06, 0.045, None])  # Ends unevaluated.
     table = curves.plot_runs([a, b], ["first", "second"], str(tmp_path / "out" / "c.png"))
     rows = {r["run"]: r for r in curves.comparison_rows({"first": curves.read_metrics(a)})}
     assert rows["first"]["best_epoch"] == 4
     assert rows["first"]["test_error_at_best_val"] == pytest.approx(0.024)
     assert rows["first"]["test_error"] == pytest.approx(0.019)  # the last evaluation
     assert "| first | 5 | 1.90% | 0.1000 | 2.00% (4) | 2.40% |" in table
-    assert "| second | 2 | 4.50% |" in table
+    assert "| second | 3 | 4.50% |" in table  # The last evaluation's, not the last epoch's.
+    assert curves.series(curves.read_metrics(a), "eval/val_error") == (
+        [2, 4, 5],
+        [0.03, 0.02, 0.025],
+    )
     assert (tmp_path / "out" / "c.png").stat().st_size > 0
     assert (tmp_path / "out" / "c.md").read_text() == table
 
