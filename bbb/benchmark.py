@@ -721,21 +721,6 @@ def compile_ablation_line(
     return record, run_once
 
 
-_RECORD_FIELDS = (
-    "system",
-    "model",
-    "hidden",
-    "num_samples",
-    "estimator",
-    "prior",
-    "kl",
-    "noise",
-    "dtype",
-    "optimizer",
-    "batch_size",
-)
-
-
 def time_interleaved(
     run_onces: Sequence[Callable[[], None]],
     repeats: int,
@@ -1005,7 +990,7 @@ def run_ablation(
             )
         parts = add_floors(ablation_breakdown(ms), width, batch_size, rates)
         # The identifying fields of the step the parts are of ("full"), as every record has.
-        of_step = {k: v for k, v in lines[0].items() if k in _RECORD_FIELDS}
+        of_step = ablation_lines(width)[0].case.record(batch_size)
         breakdown += [{"kind": "breakdown", **of_step, **rates, **part} for part in parts]
     return records + breakdown
 
