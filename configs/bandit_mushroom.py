@@ -52,7 +52,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.posterior = ml_collections.ConfigDict()
     # Initial ρ of every weight: σ₀ = softplus(−3) ≈ 0.049. From −5 (σ₀ ≈ 0.0067, the default
     # until 2026-11-29) Thompson sampling stalled at the start on three of six seeds (README);
-    # from −3, chosen on the config's seeds, on none of ten, level with ε = 1% over them.
+    # from −3, chosen on the config's seeds, on none of twelve, level with ε = 1% over them.
     config.posterior.init_rho = -3.0
     config.posterior.mu_scale = 1.0  # μ₀ = this × the model's own initial weights.
     # Weight noise ε: "hash" (cheap on a CPU) or "jax" (threefry); see bbb.posterior.
