@@ -244,6 +244,19 @@ def save_compact(path: str, posterior: PrunedGaussian) -> int:
     return os.path.getsize(path)
 
 
+def _dense_arrays(posterior: MeanFieldGaussian | PointEstimate) -> dict[str, np.ndarray]:
+    """Every μ and ρ (μ only for a point estimate), named "<leaf path>:mu" / ":rho"."""
+    names = _names(posterior.mu)
+    arrays = {
+        f"{name}:mu": np.asarray(mu)
+        for name, mu in zip(names, jax.tree_util.tree_leaves(posterior.mu), strict=True)
+    }
+    if isinstance(posterior, MeanFieldGaussian):
+        for name, rho in zip(names, jax.tree_util.tree_leaves(posterior.rho), strict=True):
+            arrays[f"{name}:rho"] = np.asarray(rho)
+    return arrays
+
+
 def save_dense(path: str, posterior: MeanFieldGaussian | PointEstimate) -> int:
     """Writes every μ and ρ (μ only for a point estimate), uncompressed npz: the dense
     reference for `save_compact`.
@@ -255,24 +268,15 @@ def save_dense(path: str, posterior: MeanFieldGaussian | PointEstimate) -> int:
     Returns:
       The file's size in bytes.
     """
-    arrays = {}
-    names = _names(posterior.mu)
-    for name, mu in zip(names, jax.tree_util.tree_leaves(posterior.mu), strict=True):
-        arrays[f"{name}:mu"] = np.asarray(mu)
-    if isinstance(posterior, MeanFieldGaussian):
-        for name, rho in zip(names, jax.tree_util.tree_leaves(posterior.rho), strict=True):
-            arrays[f"{name}:rho"] = np.asarray(rho)
-    np.savez(path, **arrays)
+    np.savez(path, **_dense_arrays(posterior))
     return os.path.getsize(path)
 
 
 def compressed_size(posterior: MeanFieldGaussian | PointEstimate) -> int:
-    """Bytes of every μ and ρ as a compressed npz (in memory): what compression alone saves."""
+    """Bytes of `save_dense`'s arrays as a compressed npz (in memory): what compression alone
+    saves."""
     buffer = io.BytesIO()
-    arrays = [np.asarray(x) for x in jax.tree_util.tree_leaves(posterior.mu)]
-    if isinstance(posterior, MeanFieldGaussian):
-        arrays += [np.asarray(x) for x in jax.tree_util.tree_leaves(posterior.rho)]
-    np.savez_compressed(buffer, *arrays)
+    np.savez_compressed(buffer, **_dense_arrays(posterior))
     return buffer.getbuffer().nbytes
 
 
