@@ -1113,8 +1113,9 @@ def run_peer(
       threads: `torch.set_num_threads`.
       num_train: N for the KL scaling; None takes `EPOCH_EXAMPLES`.
       host_memory: "default" runs the peer with glibc's default malloc; "kept" with the policies
-        bbb's own processes run under (`bbb.hostmem`, through the environment: freed memory
-        kept, the heap on transparent huge pages), so that like is compared with like.
+        this process runs under (`bbb.hostmem`, through the environment: freed memory kept, the
+        heap on transparent huge pages, unless switched off here by BBB_KEEP_FREED_MEMORY=0 or
+        BBB_HUGE_PAGES=0), so that like is compared with like. Other GLIBC_TUNABLES stay.
         Recorded in each record's `host_memory`.
       timeout_s: the subprocess's time limit.
 
@@ -1140,10 +1141,13 @@ def run_peer(
         "num_train": EPOCH_EXAMPLES if num_train is None else num_train,
     }
     check_choice("peer_host_memory", host_memory, HOST_MEMORY)
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
-    env = {k: v for k, v in env.items() if k not in hostmem.PEER_ENV}
-    if host_memory == "kept":
-        env.update(hostmem.PEER_ENV)
+    # "kept": the policies this process runs under (bbb's, unless switched off), no others.
+    kept = host_memory == "kept"
+    env = hostmem.peer_environment(
+        {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)},
+        keep_freed=kept and hostmem.is_kept(),
+        huge_pages=kept and hostmem.HUGE_PAGES_TUNABLE in os.environ.get("GLIBC_TUNABLES", ""),
+    )
     try:
         result = subprocess.run(
             [peer_python, "-c", PEER_SCRIPT, json.dumps(arguments)],

@@ -29,8 +29,8 @@ huge pages it ran 1.6–1.7× faster, for every estimator; the closed-form Gauss
 streams less, ran as fast as before, and so did everything at H = 400 (docs/performance.md).
 `BBB_HUGE_PAGES=0` turns it off.
 
-The same policies can be given to any other process through its environment (`PEER_ENV`,
-used for the benchmark's peer).
+The same policies can be given to any other process through its environment (`PEER_ENV`;
+`peer_environment` builds the benchmark's peer's from this process's own).
 """
 
 from __future__ import annotations
@@ -50,12 +50,10 @@ HUGE_PAGES_SWITCH = "BBB_HUGE_PAGES"
 HUGE_PAGES_TUNABLE = "glibc.malloc.hugetlb=1"
 _RESTARTED = "BBB_HUGE_PAGES_RESTARTED"  # Set in the re-executed process: never twice.
 _THP_ENABLED = "/sys/kernel/mm/transparent_hugepage/enabled"
-# Both policies for a process started with this environment (glibc reads it at start-up).
-PEER_ENV = {
-    "MALLOC_MMAP_MAX_": "0",
-    "MALLOC_TRIM_THRESHOLD_": str(_TRIM_THRESHOLD),
-    "GLIBC_TUNABLES": HUGE_PAGES_TUNABLE,
-}
+# Freed memory kept, for a process started with this environment (glibc reads it at start-up).
+KEEP_ENV = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(_TRIM_THRESHOLD)}
+# Both policies: freed memory kept, and the heap on huge pages.
+PEER_ENV = {**KEEP_ENV, "GLIBC_TUNABLES": HUGE_PAGES_TUNABLE}
 
 _applied = False
 
@@ -166,3 +164,32 @@ def huge_pages_in_effect() -> bool:
     if mode == "always":
         return True
     return mode == "madvise" and HUGE_PAGES_TUNABLE in os.environ.get("GLIBC_TUNABLES", "")
+
+
+def peer_environment(
+    environ: dict[str, str], *, keep_freed: bool, huge_pages: bool
+) -> dict[str, str]:
+    """The environment for a process that bbb starts but does not run (the benchmark's peer).
+
+    Every malloc setting is taken out of `environ` (glibc's `MALLOC_*_` variables and the
+    `glibc.malloc.*` entries of GLIBC_TUNABLES; other tunables stay), then the policies asked
+    for are put back, so that the process runs under exactly these policies and no others.
+
+    Args:
+      environ: the environment to start from.
+      keep_freed: keep freed memory (`keep_freed_memory`'s policy, through KEEP_ENV).
+      huge_pages: add the huge-page tunable to GLIBC_TUNABLES.
+    """
+    env = {k: v for k, v in environ.items() if k not in KEEP_ENV}
+    tunables = [
+        t
+        for t in env.pop("GLIBC_TUNABLES", "").split(":")
+        if t and not t.startswith("glibc.malloc.")
+    ]
+    if keep_freed:
+        env.update(KEEP_ENV)
+    if huge_pages:
+        tunables.append(HUGE_PAGES_TUNABLE)
+    if tunables:
+        env["GLIBC_TUNABLES"] = ":".join(tunables)
+    return env

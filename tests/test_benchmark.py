@@ -293,9 +293,9 @@ def test_peer_output_becomes_records(tmp_path):
 
 
 def test_peer_runs_under_the_malloc_policy_asked_for(tmp_path, monkeypatch):
-    # "kept" hands the peer bbb's own malloc policy through its environment; "default" removes
-    # it even when this process's environment has it. The ratios pair each peer with the torch
-    # floor of its own policy.
+    # "kept" hands the peer this process's malloc policies through its environment; "default"
+    # removes them even when this process's environment has them. The ratios pair each peer
+    # with the torch floor of its own policy.
     canned = {
         "versions": {},
         "records": [
@@ -306,15 +306,26 @@ def test_peer_runs_under_the_malloc_policy_asked_for(tmp_path, monkeypatch):
     seen = tmp_path / "seen"
     fake = tmp_path / "python"
     fake.write_text(
-        f'#!/bin/sh\necho "$MALLOC_MMAP_MAX_:$MALLOC_TRIM_THRESHOLD_" >> {seen}\n'
+        f'#!/bin/sh\necho "$MALLOC_MMAP_MAX_:$MALLOC_TRIM_THRESHOLD_:$GLIBC_TUNABLES" >> {seen}\n'
         f"echo '{json.dumps(canned)}'\n"
     )
     fake.chmod(0o755)
+    monkeypatch.setattr(benchmark.hostmem, "is_kept", lambda: True)
     monkeypatch.setenv("MALLOC_MMAP_MAX_", "0")
+    monkeypatch.setenv("GLIBC_TUNABLES", "glibc.rtld.nns=2:glibc.malloc.hugetlb=1")
     default = benchmark.run_peer(str(fake), (8,), (1,), repeats=1, host_memory="default")
     monkeypatch.delenv("MALLOC_MMAP_MAX_")
     kept = benchmark.run_peer(str(fake), (8,), (1,), repeats=1, host_memory="kept")
-    assert seen.read_text().splitlines() == [":", "0:2147483647"]
+    # This process's own policies switched off (BBB_KEEP_FREED_MEMORY=0, BBB_HUGE_PAGES=0):
+    # "kept" gives the peer none either.
+    monkeypatch.setattr(benchmark.hostmem, "is_kept", lambda: False)
+    monkeypatch.setenv("GLIBC_TUNABLES", "glibc.rtld.nns=2")
+    benchmark.run_peer(str(fake), (8,), (1,), repeats=1, host_memory="kept")
+    assert seen.read_text().splitlines() == [
+        "::glibc.rtld.nns=2",
+        "0:2147483647:glibc.rtld.nns=2:glibc.malloc.hugetlb=1",
+        "::glibc.rtld.nns=2",
+    ]
     assert {r["host_memory"] for r in default} == {"default"}
     assert {r["host_memory"] for r in kept} == {"kept"}
     kept[0]["ms_per_step"] = 3.0  # the kept torch floor: bayesian-torch (kept) is 4x it

@@ -206,3 +206,38 @@ def test_a_program_read_from_stdin_is_not_rerun():
     out = _restart_probe(program_on_stdin=True)
     assert len([line for line in out if line.startswith("start")]) == 1
     assert not json.loads(out[-1])["in_effect"]
+
+
+@pytest.mark.parametrize(
+    "environ, keep_freed, huge_pages, expected",
+    [
+        # glibc's defaults: every malloc setting goes, other tunables and variables stay.
+        (
+            {
+                "PATH": "/bin",
+                "MALLOC_MMAP_MAX_": "0",
+                "MALLOC_TRIM_THRESHOLD_": "7",
+                "GLIBC_TUNABLES": "glibc.malloc.hugetlb=0:glibc.rtld.nns=2",
+            },
+            False,
+            False,
+            {"PATH": "/bin", "GLIBC_TUNABLES": "glibc.rtld.nns=2"},
+        ),
+        ({"GLIBC_TUNABLES": "glibc.malloc.tcache_count=0"}, False, False, {}),
+        # Both policies, the user's other tunables kept ahead of bbb's.
+        (
+            {"GLIBC_TUNABLES": "glibc.rtld.nns=2", "MALLOC_TRIM_THRESHOLD_": "7"},
+            True,
+            True,
+            {**hostmem.KEEP_ENV, "GLIBC_TUNABLES": "glibc.rtld.nns=2:glibc.malloc.hugetlb=1"},
+        ),
+        # Each alone (the other switched off in this process).
+        ({}, True, False, hostmem.KEEP_ENV),
+        ({}, False, True, {"GLIBC_TUNABLES": hostmem.HUGE_PAGES_TUNABLE}),
+    ],
+)
+def test_peer_environment_has_exactly_the_policies_asked_for(
+    environ, keep_freed, huge_pages, expected
+):
+    env = hostmem.peer_environment(environ, keep_freed=keep_freed, huge_pages=huge_pages)
+    assert env == expected
