@@ -420,7 +420,9 @@ def _auroc_and_average_precision(scores_in: Array, scores_out: Array) -> tuple[A
     false_positives = (num_in - in_below).astype(float_dtype)  # [N]
     precision = true_positives / jnp.maximum(true_positives + false_positives, 1.0)  # [N]
     average_precision = jnp.sum(is_out * precision) / num_out
-    return area_roc, average_precision
+    # A NaN score (a diverged model) has no rank: the sort would put it last, as the most OOD.
+    has_nan = jnp.any(jnp.isnan(sorted_scores))
+    return jnp.where(has_nan, jnp.nan, area_roc), jnp.where(has_nan, jnp.nan, average_precision)
 
 
 def auroc(scores_in: Array, scores_out: Array) -> Array:
@@ -436,7 +438,8 @@ def auroc(scores_in: Array, scores_out: Array) -> Array:
       scores_out: scores of out-of-distribution inputs (positives), shape [N_out], N_out ≥ 1.
 
     Returns:
-      The AUROC in [0, 1], a scalar; 0.5 for a detector no better than chance.
+      The AUROC in [0, 1], a scalar; 0.5 for a detector no better than chance. NaN if any
+      score is NaN.
     """
     return _auroc_and_average_precision(scores_in, scores_out)[0]
 
@@ -457,7 +460,7 @@ def aupr(scores_in: Array, scores_out: Array) -> Array:
 
     Returns:
       The average precision in [0, 1], a scalar; about N_out / (N_in + N_out) for a detector
-      no better than chance.
+      no better than chance. NaN if any score is NaN.
     """
     return _auroc_and_average_precision(scores_in, scores_out)[1]
 

@@ -314,6 +314,12 @@ def test_auroc_aupr_edge_cases():
     zero, one = np.zeros(1, np.float32), np.ones(1, np.float32)
     assert float(metrics.auroc(zero, one)) == 1.0
     assert float(metrics.aupr(one, zero)) == 0.5
+    # A NaN score on either side has no rank (sorted last, it would count as the most OOD, and
+    # a NaN OOD score would make a perfect detector of a diverged model): NaN, not a number.
+    for scores_in, scores_out in ((low, np.where(high == 13.0, np.nan, high)), (high, low)):
+        scores_in = np.where(scores_in == 13.0, np.nan, scores_in)
+        assert np.isnan(float(metrics.auroc(scores_in, scores_out)))
+        assert np.isnan(float(metrics.aupr(scores_in, scores_out)))
 
 
 # --------------------------------------------------------------------------------------------
