@@ -72,6 +72,7 @@ from bbb import posterior as posterior_lib
 from bbb.errors import (
     ConfigError,
     check_choice,
+    check_in_range,
     check_non_negative,
     check_positive,
     check_probability,
@@ -596,9 +597,7 @@ def build(config: ml_collections.ConfigDict) -> Experiment:
         raise ConfigError("model.num_outputs", config.model.num_outputs, "1 (the expected reward)")
     check_choice("posterior.noise", config.posterior.noise, posterior_lib.NOISE_GENERATORS)
     check_positive("posterior.mu_scale", config.posterior.mu_scale)
-    rho = config.posterior.init_rho
-    if isinstance(rho, bool) or not isinstance(rho, int | float) or not -30 <= rho <= 30:
-        raise ConfigError("posterior.init_rho", rho, "a number in [-30, 30]")
+    check_in_range("posterior.init_rho", config.posterior.init_rho, -30, 30)
     check_choice("likelihood.name", config.likelihood.name, ("gaussian",))
     check_non_negative("objective.kl_temperature", config.objective.kl_temperature)
     check_choice("objective.kl_data_size", config.objective.kl_data_size, KL_DATA_SIZES)

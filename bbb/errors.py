@@ -50,10 +50,21 @@ def check_integer_at_least(field: str, value: Any, minimum: int, why: str = "") 
         raise ConfigError(field, value, f"an integer of at least {minimum}{reason}")
 
 
+def check_in_range(
+    field: str, value: Any, low: float, high: float, *, include_high: bool = True
+) -> None:
+    """Raises ConfigError unless `value` is a number in [low, high] ([low, high) if not
+    `include_high`)."""
+    is_number = not isinstance(value, bool) and isinstance(value, int | float)
+    if not (is_number and low <= value and (value <= high if include_high else value < high)):
+        raise ConfigError(
+            field, value, f"a number in [{low:g}, {high:g}{']' if include_high else ')'}"
+        )
+
+
 def check_probability(field: str, value: Any) -> None:
     """Raises ConfigError unless `value` is a number in [0, 1]."""
-    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value <= 1:
-        raise ConfigError(field, value, "a number in [0, 1]")
+    check_in_range(field, value, 0, 1)
 
 
 def check_open_interval(field: str, value: Any, low: float, high: float) -> None:

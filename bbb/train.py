@@ -36,7 +36,14 @@ from bbb import objective as objective_lib
 from bbb import parallel
 from bbb import posterior as posterior_lib
 from bbb import predict as predict_lib
-from bbb.errors import ConfigError, check_choice, check_non_negative, check_positive, check_seed
+from bbb.errors import (
+    ConfigError,
+    check_choice,
+    check_in_range,
+    check_non_negative,
+    check_positive,
+    check_seed,
+)
 from bbb.estimators import ESTIMATORS
 from bbb.models import make_model
 from bbb.priors import make_prior
@@ -148,11 +155,7 @@ def make_optimizer(config: ml_collections.ConfigDict, steps_per_epoch: int, num_
     if config.name == "sgd":
         tx = optax.sgd(schedule)
     elif config.name == "momentum":
-        momentum = config.momentum
-        if isinstance(momentum, bool) or not (
-            isinstance(momentum, int | float) and 0 <= momentum < 1
-        ):
-            raise ConfigError("optim.momentum", momentum, "a number in [0, 1)")
+        check_in_range("optim.momentum", config.momentum, 0, 1, include_high=False)
         tx = optax.sgd(schedule, momentum=config.momentum)
     else:
         tx = optax.adam(schedule)
@@ -198,8 +201,7 @@ def build(
     check_choice("posterior.noise", config.posterior.noise, posterior_lib.NOISE_GENERATORS)
     check_non_negative("posterior.init_rho_spread", config.posterior.init_rho_spread)
     check_positive("posterior.mu_scale", config.posterior.mu_scale)
-    if not -30.0 <= config.posterior.init_rho <= 30.0:
-        raise ConfigError("posterior.init_rho", config.posterior.init_rho, "a number in [-30, 30]")
+    check_in_range("posterior.init_rho", config.posterior.init_rho, -30, 30)
     if config.posterior.name == "point" and config.objective.kl != "mc":
         raise ConfigError("objective.kl", config.objective.kl, "'mc' for a point posterior")
     if config.posterior.name == "point" and config.posterior.estimator != "reparam":
