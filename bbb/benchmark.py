@@ -481,6 +481,7 @@ def run_grid(
     batch_size: int = 128,
     seed: int = 0,
     log: Callable[[str], None] | None = None,
+    progress: bool = False,
 ) -> list[dict[str, Any]]:
     """Times every case on one fixed batch and one random dataset.
 
@@ -502,6 +503,7 @@ def run_grid(
       batch_size: B.
       seed: for the random batch and dataset.
       log: called with one line per finished case (progress), or None.
+      progress: show a bar with ETA over the compilations and timed rounds (stderr).
 
     Returns:
       One record per case (kind "grid"), in order; `add_ratios` sets the ratios.
@@ -519,22 +521,36 @@ def run_grid(
     for index, case in enumerate(cases):
         groups.setdefault(case.hidden, []).append(index)
     records: list[dict[str, Any]] = [{} for _ in cases]
+    compiles_per_case = 1 if data is None else 2
+    bar = _Progress(
+        sum(compiles_per_case * len(g) + warmup + repeats for g in groups.values()), progress, log
+    )
     done = 0
-    for indices in groups.values():
-        prepared = [prepare_case(cases[i], base_config, batch, epoch_examples) for i in indices]
-        epochs = (
-            [compile_epoch_timer(p.experiment, p.box, data, p.keys) for p in prepared]
-            if data is not None
-            else []
-        )
+    for width, indices in groups.items():
+        prepared = []
+        for i in indices:
+            bar.start(f"compiling {_name(cases[i].record(batch_size))}")
+            prepared.append(prepare_case(cases[i], base_config, batch, epoch_examples))
+            bar.done()
+        epochs = []
+        for p in prepared if data is not None else ():
+            bar.start(f"compiling the epoch of {_name(p.record)}")
+            epochs.append(compile_epoch_timer(p.experiment, p.box, data, p.keys))
+            bar.done()
         epoch_times: list[list[float]] = [[] for _ in prepared]
+        rounds = _round_names(width, warmup, repeats, bar)
 
         def run_epoch(round_index: int, index: int, epochs=epochs, epoch_times=epoch_times):
             if round_index < epoch_repeats:
                 epoch_times[index].append(epochs[index][1](round_index))
 
         times, first_times = time_interleaved(
-            [p.run_once for p in prepared], repeats, warmup, calls_per_round, run_epoch
+            [p.run_once for p in prepared],
+            repeats,
+            warmup,
+            calls_per_round,
+            run_epoch,
+            after_round=rounds,
         )
         for i, (index, p) in enumerate(zip(indices, prepared, strict=True)):
             record = {**p.record, **_summary(times[i], first_times[i], calls_per_round)}
@@ -551,19 +567,23 @@ def run_grid(
                 )
             records[index] = record
             done += 1
-            if log:
-                log(f"[{done}/{len(cases)}] {_describe(record)}")
+            bar.log(f"[{done}/{len(cases)}] {_describe(record)}")
         del prepared, epochs  # Frees this group's states before the next.
+    bar.close()
     return records
 
 
-def _describe(record: dict[str, Any]) -> str:
-    text = (
+def _name(record: dict[str, Any]) -> str:
+    """The case of a grid record, in words: "H=400 K=1 reparam gaussian/closed_form noise=hash"."""
+    return (
         f"H={record['hidden']} K={record['num_samples']} {record['estimator']} "
         f"{record['prior']}/{record['kl']} noise={record['noise']}"
-        f"{'' if record.get('dtype', 'float32') == 'float32' else ' ' + record['dtype']}: "
-        f"{record['ms_per_step']:.2f} ms/step"
+        f"{'' if record.get('dtype', 'float32') == 'float32' else ' ' + record['dtype']}"
     )
+
+
+def _describe(record: dict[str, Any]) -> str:
+    text = f"{_name(record)}: {record['ms_per_step']:.2f} ms/step"
     if record.get("compile_s") is not None:
         text += f", compile {record['compile_s']:.1f} s"
     if record.get("epoch_s") is not None:
@@ -727,6 +747,7 @@ def time_interleaved(
     warmup: int,
     calls_per_round: int = 0,
     after_call: Callable[[int, int], None] | None = None,
+    after_round: Callable[[], None] | None = None,
 ) -> tuple[list[list[float]], list[list[float]]]:
     """Wall times in ms of each function, called in turn: round r runs every function in turn.
 
@@ -749,6 +770,7 @@ def time_interleaved(
         the first (cold) call instead.
       after_call: called as `after_call(r, i)` after function i's calls in timed round r
         (untimed here): the benchmark times its epochs there, interleaved too.
+      after_round: called after every round, warm-up rounds included (progress).
 
     Returns:
       (times, first_times): per function, its timed calls (`repeats` × max(1, c)) and the
@@ -769,7 +791,54 @@ def time_interleaved(
                     times[index].append(elapsed)
             if timed_round and after_call is not None:
                 after_call(round_index - warmup, index)
+        if after_round is not None:
+            after_round()
     return times, first_times
+
+
+class _Progress:
+    """A tqdm bar (on stderr, with ETA) over the compilations and rounds of a benchmark, and
+    the `log` lines printed above it; no bar when disabled."""
+
+    def __init__(self, total: int, enabled: bool, log: Callable[[str], None] | None):
+        from tqdm.auto import tqdm
+
+        self._bar = tqdm(
+            total=total, unit="task", file=sys.stderr, disable=not enabled, dynamic_ncols=True
+        )
+        self._log = log
+
+    def start(self, description: str) -> None:
+        """Shows what runs now."""
+        self._bar.set_description_str(description)
+
+    def done(self) -> None:
+        """Counts the running task as done."""
+        self._bar.update(1)
+
+    def log(self, line: str) -> None:
+        """Prints `line` through `log` (if any), above the bar."""
+        if self._log is not None:
+            with self._bar.external_write_mode(file=sys.stderr):
+                self._log(line)
+
+    def close(self) -> None:
+        self._bar.close()
+
+
+def _round_names(width: int, warmup: int, repeats: int, bar: _Progress) -> Callable[[], None]:
+    """Names the first round on the bar now; the function returned (`time_interleaved`'s
+    `after_round`) counts a round done and names the next."""
+    names = [f"H={width}: warm-up round {r + 1}/{warmup}" for r in range(warmup)]
+    names += [f"H={width}: timed round {r + 1}/{repeats}" for r in range(repeats)]
+    rounds = iter(names[1:])
+    bar.start(names[0])
+
+    def after_round() -> None:
+        bar.done()
+        bar.start(next(rounds, ""))
+
+    return after_round
 
 
 def mlp_weights(hidden: int) -> int:
@@ -939,6 +1008,7 @@ def run_ablation(
     batch_size: int = 128,
     seed: int = 0,
     log: Callable[[str], None] | None = None,
+    progress: bool = False,
 ) -> list[dict[str, Any]]:
     """Times every ablation line at every H, and breaks the full step down.
 
@@ -955,6 +1025,7 @@ def run_ablation(
       batch_size: B.
       seed: for the random batch.
       log: called with one line per finished line, or None.
+      progress: show a bar with ETA over the compilations and timed rounds (stderr).
 
     Returns:
       The lines' records (kind "ablation", with `pct_of_full`), then the breakdown's records
@@ -963,12 +1034,21 @@ def run_ablation(
     """
     batch = random_batch(jax.random.key(seed), batch_size)
     records, breakdown = [], []
+    bar = _Progress(
+        sum(len(ablation_lines(width)) + warmup + repeats for width in hidden), progress, log
+    )
     for width in hidden:
-        compiled = [
-            compile_ablation_line(line, base_config, batch) for line in ablation_lines(width)
-        ]
+        compiled = []
+        for line in ablation_lines(width):
+            bar.start(f"H={width}: compiling {line.name}")
+            compiled.append(compile_ablation_line(line, base_config, batch))
+            bar.done()
         times, first_times = time_interleaved(
-            [run_once for _, run_once in compiled], repeats, warmup, calls_per_round
+            [run_once for _, run_once in compiled],
+            repeats,
+            warmup,
+            calls_per_round,
+            after_round=_round_names(width, warmup, repeats, bar),
         )
         lines = [
             {**r, **_summary(t, first, calls_per_round)}
@@ -979,19 +1059,18 @@ def run_ablation(
         for r in lines:
             r["pct_of_full"] = 100 * r["ms_per_step"] / ms["full"]
             r["examples_per_s"] = batch_size / (r["ms_per_step"] / 1e3)
-            if log:
-                log(f"ablation H={width} {r['ablation']}: {r['ms_per_step']:.2f} ms")
+            bar.log(f"ablation H={width} {r['ablation']}: {r['ms_per_step']:.2f} ms")
         records += lines
         rates = measure_rates(mlp_weights(width), repeats)
-        if log:
-            log(
-                f"ablation H={width}: memory {rates['gb_per_s']:.1f} GB/s, "
-                f"matmul {rates['gflop_per_s']:.1f} GFLOP/s"
-            )
+        bar.log(
+            f"ablation H={width}: memory {rates['gb_per_s']:.1f} GB/s, "
+            f"matmul {rates['gflop_per_s']:.1f} GFLOP/s"
+        )
         parts = add_floors(ablation_breakdown(ms), width, batch_size, rates)
         # The identifying fields of the step the parts are of ("full"), as every record has.
         of_step = ablation_lines(width)[0].case.record(batch_size)
         breakdown += [{"kind": "breakdown", **of_step, **rates, **part} for part in parts]
+    bar.close()
     return records + breakdown
 
 
@@ -1356,6 +1435,7 @@ def run(
     list_only: bool = False,
     out: Callable[[str], None] = print,
     log: Callable[[str], None] | None = None,
+    progress: bool = False,
 ) -> list[dict[str, Any]]:
     """The benchmark of `scripts/benchmark.py`: prints the machine and the tables.
 
@@ -1383,6 +1463,7 @@ def run(
       list_only: list the configurations (records without timings) instead of timing them.
       out: prints the report.
       log: prints progress, or None.
+      progress: show a bar with ETA over the compilations and timed rounds (stderr).
 
     Returns:
       The records (each with a `kind`: "grid", "peer", "ablation" or "breakdown"; the machine
@@ -1435,6 +1516,7 @@ def run(
             calls_per_round=calls_per_round,
             batch_size=batch_size,
             log=log,
+            progress=progress,
         )
         out(format_ablation(records))
     else:
@@ -1449,6 +1531,7 @@ def run(
             epoch_examples=epoch_examples,
             batch_size=batch_size,
             log=log,
+            progress=progress,
         )
         if json_path and peer_python:  # The grid's hour is kept whatever the peer does.
             _write_records(json_path, records, info, out)

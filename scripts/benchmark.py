@@ -79,6 +79,9 @@ _PEER_HOST_MEMORY = flags.DEFINE_list(
 )
 _JSON = flags.DEFINE_string("json", None, "Write the records to this JSON file.")
 _LIST = flags.DEFINE_boolean("list", False, "Print the configurations as JSON lines; time nothing.")
+_PROGRESS = flags.DEFINE_boolean(
+    "progress", True, "Show a progress bar with ETA over compilations and timed rounds (stderr)."
+)
 
 
 def _value(flag, quick_value):
@@ -125,6 +128,7 @@ def main(argv):
             json_path=_JSON.value,
             list_only=_LIST.value,
             log=log,
+            progress=_PROGRESS.value,
         )
     )
 

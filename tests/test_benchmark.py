@@ -162,9 +162,9 @@ def test_smoke_run_returns_complete_records_and_writes_json(tmp_path, monkeypatc
     lines, rounds = [], []
     real = benchmark.time_interleaved
 
-    def spy(run_onces, repeats, warmup, calls_per_round, after_call):
+    def spy(run_onces, repeats, warmup, calls_per_round, after_call, **kwargs):
         rounds.append((len(run_onces), repeats, warmup, calls_per_round))
-        return real(run_onces, repeats, warmup, calls_per_round, after_call)
+        return real(run_onces, repeats, warmup, calls_per_round, after_call, **kwargs)
 
     monkeypatch.setattr(benchmark, "time_interleaved", spy)
     records = benchmark.run(
@@ -394,6 +394,37 @@ def test_every_sample_count_of_a_width_is_timed_in_the_same_rounds(monkeypatch):
     assert calls == [len(cases)] and len(records) == len(cases)
 
 
+def test_grid_shows_a_progress_bar_over_compilations_and_rounds(capsys):
+    # Every case of a width is compiled before any is timed, so the finished-case lines come
+    # late; the bar counts each compilation (step and epoch) and each round, with an ETA.
+    cases = benchmark.benchmark_grid((8,), (1,), ("local_reparam",), ("gaussian",), ("jax",))
+    lines = []
+    benchmark.run_grid(
+        cases,
+        mnist.get_config(),
+        repeats=2,
+        warmup=1,
+        calls_per_round=1,
+        epoch_repeats=1,
+        epoch_examples=8,
+        batch_size=4,
+        log=lines.append,
+        progress=True,
+    )
+    total = 2 * len(cases) + 1 + 2  # Step and epoch compilations, then 3 rounds.
+    err = capsys.readouterr().err
+    assert f" {total}/{total} [" in err and f" 1/{total} [" in err
+    # The bar names the task that runs, before it is counted.
+    assert "compiling the epoch of H=8 K=1 local_reparam gaussian/closed_form noise=jax: " in err
+    assert "H=8: warm-up round 1/1:" in err and "H=8: timed round 2/2:" in err
+    assert len(lines) == len(cases) and lines[-1].startswith(f"[{len(cases)}/{len(cases)}]")
+    # Off: no bar.
+    benchmark.run_grid(
+        cases[:1], mnist.get_config(), repeats=1, warmup=0, epoch_repeats=0, batch_size=4
+    )
+    assert "task" not in capsys.readouterr().err
+
+
 def test_a_bad_peer_malloc_policy_fails_before_any_timing():
     with pytest.raises(ConfigError, match="peer_host_memory"):
         benchmark.run(mnist.get_config(), hidden=(8,), peer_host_memory=("kept", "bogus"))
@@ -429,9 +460,9 @@ def test_ablation_runs_every_line_interleaved_and_breaks_the_step_down(monkeypat
     calls = []
     real = benchmark.time_interleaved
 
-    def spy(run_onces, repeats, warmup, calls_per_round=0, after_call=None):
+    def spy(run_onces, repeats, warmup, calls_per_round=0, after_call=None, **kwargs):
         calls.append((len(run_onces), repeats, warmup, calls_per_round))
-        return real(run_onces, repeats, warmup, calls_per_round, after_call)
+        return real(run_onces, repeats, warmup, calls_per_round, after_call, **kwargs)
 
     monkeypatch.setattr(benchmark, "time_interleaved", spy)
     records = benchmark.run_ablation(
