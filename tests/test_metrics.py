@@ -107,6 +107,16 @@ def test_nll_from_log_probs_is_exact_where_probabilities_underflow():
     assert np.isfinite(float(metrics.nll(np.exp(log_probs), labels)))
 
 
+def test_nll_clips_a_zero_probability_at_the_smallest_normal_float():
+    """A label probability of 1e-30 (a normal float32) counts in full, -log 1e-30 = 69.08
+    nats, and an exact 0 is clipped to float32's smallest normal number, -log(2^-126) = 87.34
+    nats; a clip at machine epsilon (1.2e-7) would cap both at 15.9 nats."""
+    predictive = np.array([[1e-30, 1.0], [0.0, 1.0]], np.float32)
+    labels = np.array([0, 0])
+    expected = np.mean([-np.log(np.float64(np.float32(1e-30))), 126 * np.log(2.0)])
+    np.testing.assert_allclose(metrics.nll(predictive, labels), expected, rtol=1e-6)
+
+
 def test_brier_matches_numpy_and_hand_example():
     probs, labels = _random_probs_samples(3)
     predictive = probs.astype(np.float64).mean(axis=0)
@@ -188,6 +198,20 @@ def test_ece_bins_are_right_closed_and_confidence_one_is_in_last_bin():
     assert float(ece) == pytest.approx(0.37, abs=1e-6)
 
 
+def test_confidence_rounded_above_one_is_counted_in_the_last_bin():
+    """A top-label probability a rounding step above 1 belongs to the last bin (not dropped):
+    the bin counts still add up to N and the ECE includes it."""
+    above_one = np.nextafter(np.float32(1.0), np.float32(2.0))
+    predictive = np.array([[above_one, 0.0], [0.6, 0.4]], np.float32)
+    labels = np.array([1, 0])  # wrong at confidence ~1, right at 0.6
+    data = metrics.reliability_diagram_data(predictive, labels, num_bins=4)
+    np.testing.assert_array_equal(data["count"], [0, 0, 1, 1])
+    # ECE = 1/2 |0 - 1.0000001| + 1/2 |1 - 0.6|.
+    expected = 0.5 * float(above_one) + 0.5 * 0.4
+    ece = metrics.expected_calibration_error(predictive, labels, num_bins=4)
+    assert float(ece) == pytest.approx(expected, abs=1e-6)
+
+
 def test_reliability_diagram_is_consistent_with_ece():
     probs, labels = _random_probs_samples(6)
     data = jax.tree.map(np.asarray, metrics.reliability_diagram_data(probs, labels))
@@ -212,6 +236,15 @@ def test_adaptive_calibration_error_matches_numpy(n, num_bins):
     np.testing.assert_allclose(ace, expected, atol=1e-5)
 
 
+def test_adaptive_calibration_error_with_fewer_examples_than_bins():
+    """N < M: one example per bin, the rest empty, so the error is the mean |gap| over the
+    examples, not |mean gap|: right at 0.6 (+0.4) and wrong at 0.9 (−0.9) give 0.65, not 0.25."""
+    predictive = np.array([[0.6, 0.4], [0.1, 0.9]], np.float32)
+    labels = np.array([0, 0])
+    ace = metrics.adaptive_calibration_error(predictive, labels, num_bins=3)
+    assert float(ace) == pytest.approx(0.65, abs=1e-6)
+
+
 # --------------------------------------------------------------------------------------------
 # Uncertainty decomposition.
 # --------------------------------------------------------------------------------------------
@@ -232,6 +265,21 @@ def test_mutual_information_is_positive_when_samples_disagree():
     np.testing.assert_allclose(metrics.mutual_information(disagreeing), [np.log(2.0)], rtol=1e-6)
     probs, _ = _random_probs_samples(9)
     assert np.all(np.asarray(metrics.mutual_information(probs)) > 1e-4)
+
+
+def test_mutual_information_is_clamped_at_zero_not_folded():
+    """With K = 3 identical samples, float32 rounding makes the predictive entropy a little
+    below the expected entropy for some examples; the mutual information is max(difference, 0),
+    about 0 there, never negative (and not |difference|)."""
+    probs, _ = _random_probs_samples(16, k=1, n=2000)
+    agreeing = np.repeat(probs, 3, axis=0)  # [3, N, C]
+    difference = np.asarray(metrics.predictive_entropy(agreeing)) - np.asarray(
+        metrics.expected_entropy(agreeing)
+    )
+    assert difference.min() < -2e-7  # The data exercises the clamp.
+    mutual_information = np.asarray(metrics.mutual_information(agreeing))
+    assert np.all(mutual_information >= 0.0)
+    np.testing.assert_allclose(mutual_information, np.maximum(difference, 0.0), rtol=0, atol=1e-7)
 
 
 def test_entropy_of_uniform_is_log_num_classes():
@@ -388,6 +436,27 @@ def test_ood_metrics_detect_disagreeing_samples():
     )
     # Entropy does not separate the sets fully, so AUROC and AP differ and a swap would show.
     assert abs(float(result["aupr_entropy"]) - float(result["auroc_entropy"])) > 1e-3
+
+
+def test_ood_metrics_mutual_information_scores_match_sklearn():
+    """Both sets with disagreeing samples, so the mutual information of each side matters and
+    does not separate them fully: the scores against sklearn on the numpy mutual information."""
+    probs_in, _ = _random_probs_samples(17)
+    probs_out, _ = _random_probs_samples(18, n=N_OUT, concentration=0.3)
+    result = metrics.ood_metrics(probs_in, probs_out)
+
+    def numpy_mutual_information(p):
+        p = p.astype(np.float64)
+        return _numpy_entropy(p.mean(axis=0)) - _numpy_entropy(p).mean(axis=0)
+
+    y_true = np.r_[np.zeros(N), np.ones(N_OUT)]
+    scores = np.r_[numpy_mutual_information(probs_in), numpy_mutual_information(probs_out)]
+    auroc = roc_auc_score(y_true, scores)
+    assert 0.55 < auroc < 0.95  # Informative but not perfect.
+    np.testing.assert_allclose(result["auroc_mutual_information"], auroc, atol=1e-4)
+    np.testing.assert_allclose(
+        result["aupr_mutual_information"], average_precision_score(y_true, scores), atol=1e-4
+    )
 
 
 def test_functions_give_the_same_result_with_and_without_jit():

@@ -140,6 +140,51 @@ def test_pruned_weights_are_exactly_zero_in_every_sample(posterior):
     assert np.isfinite(log_q)
 
 
+def test_pruned_log_q_is_the_gaussian_log_density_of_the_kept_weights(posterior):
+    """log q = Σ over the kept weights of log N(w_i | μ_i, σ_i²) = −½ ε_i² − log σ_i − ½ log 2π,
+    with the ε of the unpruned posterior and σ in float64 numpy; f = 0 gives the unpruned
+    log q."""
+    key = jax.random.key(9)
+    eps = _flat(posterior.sample_noise(key)).astype(np.float64)
+    for fraction in (0.0, 0.5):
+        pruned = pruning.prune(posterior, fraction, "snr")
+        kept = _flat(pruned.mask) > 0
+        sigma = np.logaddexp(_flat(posterior.rho).astype(np.float64), 0.0)
+        terms = -0.5 * eps**2 - np.log(sigma) - 0.5 * np.log(2 * np.pi)
+        _, log_q = pruned.sample_and_log_prob(key)
+        np.testing.assert_allclose(float(log_q), terms[kept].sum(), rtol=1e-5)
+    _, unpruned_log_q = posterior.sample_and_log_prob(key)
+    _, log_q_zero = pruning.prune(posterior, 0.0, "snr").sample_and_log_prob(key)
+    np.testing.assert_allclose(float(log_q_zero), float(unpruned_log_q), rtol=1e-6)
+
+
+def test_removed_weights_have_sigma_exactly_zero_from_rho_alone(posterior, tmp_path):
+    """softplus(ρ) of a removed weight is exactly 0 in float32 and float64, without the mask:
+    the unmasked σ of `MeanFieldGaussian.stddev` and of the compact export's ρ."""
+    pruned = pruning.prune(posterior, 0.5, "snr")
+    removed = _flat(pruned.mask) == 0
+    assert np.all(_flat(MeanFieldGaussian.stddev(pruned))[removed] == 0.0)
+    path = str(tmp_path / "pruned.npz")
+    pruning.save_compact(path, pruned)
+    assert np.all(_flat(MeanFieldGaussian.stddev(pruning.load_compact(path)))[removed] == 0.0)
+    assert np.all(np.logaddexp(_flat(pruned.rho).astype(np.float64)[removed], 0.0) == 0.0)
+
+
+def test_pruning_again_never_brings_back_a_removed_weight_on_a_tie():
+    """A removed weight (SNR 0) tied with earlier kept weights of μ = 0 (SNR 0 too): the
+    stable ranking removes the earlier ones, and the old mask keeps the removed one out, so it
+    is not 'kept' with σ = 0 (which would make log q infinite)."""
+    mu = {"w": jnp.asarray([0.0, 0.0, 0.0, 2.0, 3.0, 1.5, 0.7, 0.9], jnp.float32)}
+    mask = {"w": jnp.asarray([1, 1, 0, 1, 1, 1, 1, 1], jnp.float32)}
+    rho = {"w": jnp.where(mask["w"] > 0, -1.0, pruning.PRUNED_RHO)}
+    once = pruning.PrunedGaussian(mu=mu, rho=rho, mask=mask)
+    twice = pruning.prune(once, 0.25, "snr")  # ⌊0.25 · 8⌋ = 2: positions 0 and 1
+    removed = _flat(twice.mask) == 0
+    np.testing.assert_array_equal(np.flatnonzero(removed), [0, 1, 2])
+    _, log_q = twice.sample_and_log_prob(jax.random.key(0))
+    assert np.isfinite(float(log_q))
+
+
 def test_point_estimate_prunes_by_magnitude_only(posterior):
     point = PointEstimate(mu=posterior.mu)
     pruned = pruning.prune(point, 0.5, "magnitude")

@@ -84,6 +84,18 @@ class LogaddexpTest(chex.TestCase):
             assert special.softplus(a).dtype == jnp.float64
 
 
+def test_float64_softplus_is_jnp_logaddexp_not_the_float32_polynomial():
+    """The polynomial log1p is accurate to float32 only (relative error 1.3e-8): float64 ρ must
+    give jnp.logaddexp(ρ, 0) bit for bit, and its gradient the float64 sigmoid."""
+    with jax.enable_x64(True):
+        rho = jnp.asarray(np.linspace(-40.0, 40.0, 801))
+        np.testing.assert_array_equal(
+            np.asarray(special.softplus(rho)), np.asarray(jnp.logaddexp(rho, 0.0))
+        )
+        grad = np.asarray(jax.vmap(jax.grad(special.softplus))(rho))
+        np.testing.assert_allclose(grad, 1.0 / (1.0 + np.exp(-np.asarray(rho))), rtol=1e-14)
+
+
 @pytest.mark.parametrize(
     "pi, sigma1, sigma2", [(0.5, 1.0, math.exp(-6.0)), (0.25, math.exp(-1.0), math.exp(-8.0))]
 )
