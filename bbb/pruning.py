@@ -69,6 +69,42 @@ class PrunedGaussian(MeanFieldGaussian):
             self.mask,
         )
 
+    def _kept_sigma(self) -> PyTree:
+        """σ of the kept weights, 1 at the removed ones (whose σ is 0), so that log σ and 1/σ
+        stay finite, with finite gradients, in the branch that `jnp.where` discards."""
+        return jax.tree_util.tree_map(
+            lambda s, k: jnp.where(k > 0, s, 1.0), MeanFieldGaussian.stddev(self), self.mask
+        )
+
+    def _sum_kept(self, tree: PyTree) -> jax.Array:
+        """Σ over the kept weights of a pytree like `mu`."""
+        kept = jax.tree_util.tree_map(lambda x, k: jnp.where(k > 0, x, 0.0), tree, self.mask)
+        return sum((jnp.sum(x) for x in jax.tree_util.tree_leaves(kept)), jnp.float32(0.0))
+
+    def reparameterize(self, eps: PyTree) -> tuple[PyTree, jax.Array]:
+        """(w = (μ + σ ∘ ε) ∘ mask, log q(w)) for given noise ε.
+
+        A removed weight is a point mass at 0, left out of the density: log q sums the
+        Gaussian log densities of the kept weights only (the inherited form would add
+        log σ = log 0 for each removed one, so log q = +inf).
+
+        Args:
+          eps: standard normal noise like `mu` (from `sample_noise`).
+
+        Returns:
+          (w, log q(w)).
+        """
+        sigma = self._kept_sigma()
+        w = jax.tree_util.tree_map(
+            lambda m, s, e, k: (m + s * e) * k, self.mu, sigma, eps, self.mask
+        )
+        log_q = jax.tree_util.tree_map(
+            lambda s, e: -0.5 * jnp.square(e) - jnp.log(s) - 0.5 * math.log(2 * math.pi),
+            sigma,
+            eps,
+        )
+        return w, self._sum_kept(log_q)
+
     def sample_and_log_prob(self, key: jax.Array) -> tuple[PyTree, jax.Array]:
         """A sample (μ + σ ∘ ε) ∘ mask, and log q summed over the kept weights only.
 
@@ -78,21 +114,33 @@ class PrunedGaussian(MeanFieldGaussian):
         Returns:
           (w, log q(w)).
         """
-        eps = self.sample_noise(key)
-        sigma = MeanFieldGaussian.stddev(self)
-        w = jax.tree_util.tree_map(
-            lambda m, s, e, k: (m + s * e) * k, self.mu, sigma, eps, self.mask
-        )
+        return self.reparameterize(self.sample_noise(key))
+
+    def log_prob(self, w: PyTree) -> jax.Array:
+        """log q(w) of the kept weights (the removed ones, a point mass at 0, are left out).
+
+        Args:
+          w: a parameter pytree like `mu`.
+
+        Returns:
+          A float32 scalar.
+        """
         log_q = jax.tree_util.tree_map(
-            lambda s, e, k: jnp.where(
-                k > 0, -0.5 * jnp.square(e) - jnp.log(s) - 0.5 * math.log(2 * math.pi), 0.0
+            lambda x, m, s: (
+                -0.5 * jnp.square((x - m) / s) - jnp.log(s) - 0.5 * math.log(2 * math.pi)
             ),
-            sigma,
-            eps,
-            self.mask,
+            w,
+            self.mu,
+            self._kept_sigma(),
         )
-        total = sum((jnp.sum(x) for x in jax.tree_util.tree_leaves(log_q)), jnp.float32(0.0))
-        return w, total
+        return self._sum_kept(log_q)
+
+    def entropy(self) -> jax.Array:
+        """H[q] of the kept weights, Σ_kept (½ log 2πe + log σ_i), in nats."""
+        per_weight = jax.tree_util.tree_map(
+            lambda s: jnp.log(s) + 0.5 * math.log(2 * math.pi) + 0.5, self._kept_sigma()
+        )
+        return self._sum_kept(per_weight)
 
     def num_kept(self) -> int:
         """The number of weights left."""

@@ -158,6 +158,42 @@ def test_pruned_log_q_is_the_gaussian_log_density_of_the_kept_weights(posterior)
     np.testing.assert_allclose(float(log_q_zero), float(unpruned_log_q), rtol=1e-6)
 
 
+def test_every_density_of_a_pruned_posterior_leaves_out_the_removed_weights(posterior):
+    """`reparameterize` (flipout's MC KL takes it), `log_prob` and `entropy` sum over the kept
+    weights only, as `sample_and_log_prob` does; the forms inherited from the unpruned
+    posterior added log σ = log 0 per removed weight (log q = +inf, log_prob NaN, entropy −inf).
+    Their gradients are finite too."""
+    key = jax.random.key(4)
+    pruned = pruning.prune(posterior, 0.5, "snr")
+    kept = _flat(pruned.mask) > 0
+    assert 0 < kept.sum() < kept.size
+    eps = pruned.sample_noise(key)
+    w, log_q = pruned.reparameterize(eps)
+    w_drawn, log_q_drawn = pruned.sample_and_log_prob(key)
+    assert _flat(w).tobytes() == _flat(w_drawn).tobytes() and float(log_q) == float(log_q_drawn)
+    # Against float64 numpy: log N(w | μ, σ²) of the kept weights; the entropy's closed form.
+    mu = _flat(posterior.mu).astype(np.float64)
+    sigma = np.logaddexp(_flat(posterior.rho).astype(np.float64), 0.0)
+    e = _flat(eps).astype(np.float64)
+    expected = (-0.5 * e**2 - np.log(sigma) - 0.5 * np.log(2 * np.pi))[kept].sum()
+    np.testing.assert_allclose(float(log_q), expected, rtol=1e-5)
+    # log_prob of a point away from the sample: (w − μ)/σ is not ε there.
+    shifted = jax.tree_util.tree_map(lambda m, x: x + 0.01 * m, pruned.mask, w)
+    z = (_flat(shifted).astype(np.float64) - mu) / sigma
+    expected = (-0.5 * z**2 - np.log(sigma) - 0.5 * np.log(2 * np.pi))[kept].sum()
+    np.testing.assert_allclose(float(pruned.log_prob(shifted)), expected, rtol=1e-5)
+    expected = (np.log(sigma) + 0.5 * np.log(2 * np.pi * np.e))[kept].sum()
+    np.testing.assert_allclose(float(pruned.entropy()), expected, rtol=1e-5)
+    # Gradients with respect to ρ: finite everywhere, 0 for the removed weights.
+    for f in (
+        lambda q: q.reparameterize(eps)[1],
+        lambda q: q.log_prob(shifted),
+        lambda q: q.entropy(),
+    ):
+        grad = _flat(jax.grad(f)(pruned).rho)
+        assert np.all(np.isfinite(grad)) and np.all(grad[~kept] == 0.0)
+
+
 def test_removed_weights_have_sigma_exactly_zero_from_rho_alone(posterior, tmp_path):
     """softplus(ρ) of a removed weight is exactly 0 in float32 and float64, without the mask:
     the unmasked σ of `MeanFieldGaussian.stddev` and of the compact export's ρ."""
