@@ -558,3 +558,84 @@ def test_free_energy_refuses_a_dataset_size_or_batch_count_below_one(field):
         _free_energy(**{field: 0})
     with pytest.raises(ConfigError, match="num_batches"):
         objective.kl_weight("uniform", 0, 0)
+
+
+@pytest.mark.parametrize("estimator", ["reparam", "local_reparam", "flipout"])
+def test_learned_prior_hyperparameters_are_the_ones_in_params(estimator):
+    """A learnable prior's trained hyperparameters, not its initial ones, enter the free energy
+    (MC and closed-form KL, every estimator): at log σ_p = log 0.3 the loss is that of the fixed
+    N(0, 0.3²) prior, and the closed-form KL's gradient in log σ_p is Σ (1 − (σ² + μ²) / σ_p²),
+    scaled by M π T / N."""
+    sigma_p, pi, temperature, num_batches = 0.3, 0.25, 0.5, 2
+    post = _posterior()
+    batch, key = (X[:8], Y[:8]), jax.random.key(4)
+    energies = {
+        (kl, learnable): _free_energy(
+            prior=priors.gaussian(1.0 if learnable else sigma_p, learnable=learnable),
+            num_batches=num_batches,
+            num_samples=2,
+            estimator=estimator,
+            kl=kl,
+            temperature=temperature,
+        )
+        for kl in ("mc", "closed_form")
+        for learnable in (False, True)
+    }
+    trained = {"log_sigma": jnp.float32(math.log(sigma_p))}  # moved away from σ_p = 1 at init
+
+    @jax.jit
+    def run(post, trained):
+        losses, grads = {}, {}
+        for (kl, learnable), fe in energies.items():
+            params = fe.init_params(post)
+            if learnable:
+                params["prior"] = trained
+            loss = lambda p, fe=fe: fe(p, batch, key, pi)[0]
+            losses[kl, learnable], grads[kl, learnable] = jax.value_and_grad(loss)(params)
+        return losses, grads
+
+    losses, grads = run(post, trained)
+    for kl in ("mc", "closed_form"):
+        np.testing.assert_allclose(
+            float(losses[kl, True]), float(losses[kl, False]), rtol=1e-5, err_msg=kl
+        )
+    mu, sigma = _flat(post.mu), np.log1p(np.exp(_flat(post.rho)))
+    dkl = np.sum(1.0 - (sigma**2 + mu**2) / sigma_p**2)
+    expected = num_batches * pi * temperature * dkl / NUM_TRAIN
+    assert abs(expected) > 1e-2  # the gradient is not vacuous
+    np.testing.assert_allclose(
+        float(grads["closed_form", True]["prior"]["log_sigma"]), expected, rtol=1e-4
+    )
+
+
+def test_accuracy_is_that_of_the_mean_predictive_probabilities():
+    """`accuracy` is the argmax of (1/K) Σ_k softmax(f(x; w_k)), in numpy from the same weights;
+    with a wide posterior the argmax of the mean logits, or of one sample, differs from it."""
+    num_samples, num_keys = 2, 16
+    fe = _free_energy(num_samples=num_samples)
+    params = fe.init_params(_posterior(rho=(0.5, 1.5)))
+
+    @jax.jit
+    def run(params, keys):
+        def one(key):
+            weights = jax.vmap(lambda k: params["posterior"].sample(jax.random.split(k, 3)[0]))(
+                jax.random.split(key, num_samples)
+            )
+            return fe(params, (X, Y), key, 1.0)[1]["accuracy"], weights
+
+        return jax.vmap(one)(keys)
+
+    accuracies, weights = run(params, jax.random.split(jax.random.key(8), num_keys))
+    mismatch = 0
+    for i in range(num_keys):
+        logits = np.stack(
+            [
+                _np_mlp(jax.tree_util.tree_map(lambda a, i=i, k=k: a[i, k], weights), X)
+                for k in range(num_samples)
+            ]
+        )  # [K, N, C]
+        predicted = scipy.special.softmax(logits, -1).mean(0).argmax(-1)
+        assert float(accuracies[i]) == pytest.approx(np.mean(predicted == Y)), i
+        mismatch += np.sum(predicted != logits.mean(0).argmax(-1))
+        mismatch += np.sum(predicted != logits[0].argmax(-1))
+    assert mismatch > 0  # the test tells the predictive mean from the alternatives

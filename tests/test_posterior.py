@@ -116,6 +116,19 @@ class SoftplusTest(chex.TestCase):
         )
 
 
+def test_inverse_softplus_is_finite_for_large_sigma():
+    """ρ = σ + log(1 − e^−σ) stays finite where log(expm1(σ)) overflows (σ ≳ 89 in float32),
+    and agrees with float64 numpy; softplus(ρ) gives σ back."""
+    sigma = np.array([50.0, 89.0, 100.0, 1e3, 1e6], np.float32)
+    rho = np.asarray(jax.jit(inverse_softplus)(jnp.asarray(sigma)), np.float64)
+    assert np.all(np.isfinite(rho))
+    s64 = sigma.astype(np.float64)
+    np.testing.assert_allclose(rho, s64 + np.log(-np.expm1(-s64)), rtol=1e-6)
+    np.testing.assert_allclose(
+        np.asarray(softplus(jnp.asarray(rho, jnp.float32))), sigma, rtol=1e-6
+    )
+
+
 class MeanFieldGaussianTest(chex.TestCase):
     @chex.variants(with_jit=True, without_jit=True)
     def test_log_prob_matches_scipy(self):
