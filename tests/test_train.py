@@ -700,3 +700,173 @@ def test_best_validation_keeps_the_earliest_lowest_and_its_test_error():
         history.update_best({"epoch": epoch})  # An epoch without evaluation changes nothing.
     assert (history.best_val_error, history.best_epoch) == (0.2, 2)
     assert history.test_error_at_best_val == 0.21
+
+
+@pytest.mark.parametrize("loop", ["scan", "steps"])
+def test_two_epochs_replay_a_hand_written_loop(loop):
+    """Step i of epoch e (global step t = e M + i) takes row i of the permutation drawn from
+    fold_in(shuffle key, e), cut to M·B entries (the remainder left out), the noise
+    fold_in(train key, t), the weight π = 1/M, and one Adam update of the gradient; its logged
+    `loss` and `grad_norm` are that step's. Replayed by hand with optax.adam and
+    optax.tree.norm, so that the key, the batch or the optimiser cannot be the wrong one."""
+    config = test_config.get_config()
+    config.optim.schedule = "constant"
+    config.batch_size, config.epoch_loop = 8, loop
+    num_batches, batch_size = 3, 8
+    num_train = num_batches * batch_size + 5  # 5 examples left over each epoch.
+    rng = np.random.default_rng(1)
+    x = rng.uniform(size=(num_train, 28, 28, 1)).astype(np.float32)
+    y = rng.integers(0, 10, size=num_train).astype(np.int32)
+    experiment = train.build(config, num_train=num_train, input_shape=(28, 28, 1))
+    keys = train.root_keys(config)
+    state = train.init_state(experiment, keys["init"])
+    params = jax.device_get(state.params)  # Before the epoch donates the state's buffers.
+    tx = optax.adam(config.optim.learning_rate)
+    opt_state = tx.init(params)
+    grad_fn = jax.jit(jax.value_and_grad(experiment.free_energy, has_aux=True))
+    epoch_fn = train.compile_epoch(experiment)
+    for epoch in range(2):
+        state, metrics = epoch_fn(state, (jnp.asarray(x), jnp.asarray(y)), np.int32(epoch), keys)
+        metrics = jax.device_get(metrics)
+        shuffle_key = jax.random.fold_in(keys["shuffle"], epoch)
+        permutation = np.asarray(jax.random.permutation(shuffle_key, num_train))
+        losses, norms = [], []
+        for i in range(num_batches):
+            indices = permutation[i * batch_size : (i + 1) * batch_size]
+            step_key = jax.random.fold_in(keys["train"], epoch * num_batches + i)
+            (loss, _), grads = grad_fn(
+                params, (x[indices], y[indices]), step_key, jnp.float32(1 / num_batches)
+            )
+            updates, opt_state = tx.update(grads, opt_state, params)
+            params = optax.apply_updates(params, updates)
+            losses.append(float(loss))
+            norms.append(float(optax.tree.norm(grads)))
+        np.testing.assert_allclose(metrics["loss"], losses, rtol=1e-5)
+        np.testing.assert_allclose(metrics["grad_norm"], norms, rtol=1e-4)
+    assert int(state.step) == 2 * num_batches
+    leaves = [jax.tree_util.tree_leaves(p) for p in (state.params, params)]
+    for a, b in zip(*leaves, strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
+
+
+def test_the_loop_logs_epoch_means_and_evaluates_every_eval_every_epochs_and_at_the_end(
+    tmp_path, monkeypatch
+):
+    """num_epochs = 3 with eval.every_epochs = checkpoint_every_epochs = 2: epochs 2 and 3 (the
+    last) are evaluated and checkpointed, epoch 1 neither. Each train/ metric is the mean of the
+    epoch's M per-step values (not the last step's); eval/val_* holds the evaluation of the
+    validation split and eval/test_* that of the test split, both with fold_in(eval key, e)."""
+    import orbax.checkpoint as ocp
+
+    config = test_config.get_config()
+    config.num_epochs, config.eval.every_epochs, config.checkpoint_every_epochs = 3, 2, 2
+    config.max_checkpoints = 5
+    config.data.train_subset, config.data.eval_subset, config.eval.batch_size = 256, 100, 50
+    splits = train.load_data(config)
+    epochs, evaluations = [], []
+    compile_epoch, compile_evaluate = train.compile_epoch, train.compile_evaluate
+
+    def spy_epoch(experiment):
+        epoch_fn = compile_epoch(experiment)
+
+        def run(state, data, epoch, keys):
+            state, metrics = epoch_fn(state, data, epoch, keys)
+            epochs.append(jax.device_get(metrics))
+            return state, metrics
+
+        return run
+
+    def spy_evaluate(experiment):
+        eval_fn = compile_evaluate(experiment)
+
+        def run(params, data, key):
+            result = eval_fn(params, data, key)
+            seen = (np.asarray(data[0]), np.asarray(jax.random.key_data(key)))
+            evaluations.append((*seen, jax.device_get(result)))
+            return result
+
+        return run
+
+    monkeypatch.setattr(train, "compile_epoch", spy_epoch)
+    monkeypatch.setattr(train, "compile_evaluate", spy_evaluate)
+    workdir = str(tmp_path / "wd")
+    summary = train.train_and_evaluate(config, workdir)
+    records = _read_metrics(workdir)
+    assert [(r["epoch"], r["step"]) for r in records] == [(1, 4), (2, 8), (3, 12)]
+    assert ["eval/val_nll" in r or "eval/test_nll" in r for r in records] == [False, True, True]
+    checkpoints = ocp.CheckpointManager(os.path.join(workdir, "checkpoints")).all_steps()
+    assert sorted(checkpoints) == [8, 12]
+    assert len(epochs) == 3
+    for record, metrics in zip(records, epochs, strict=True):
+        assert set(metrics) == {k[len("train/") :] for k in record if k.startswith("train/")}
+        for name, values in metrics.items():
+            assert values.shape == (4,)
+            assert record[f"train/{name}"] == pytest.approx(float(np.mean(values)), rel=1e-6)
+    eval_key = train.root_keys(config)["eval"]
+    assert len(evaluations) == 4  # validation and test at epochs 2 and 3
+    for j, record in enumerate(records[1:]):
+        expected_key = np.asarray(jax.random.key_data(jax.random.fold_in(eval_key, j + 1)))
+        for (x, key, result), split, prefix in zip(
+            evaluations[2 * j : 2 * j + 2], ("validation", "test"), ("val", "test"), strict=True
+        ):
+            np.testing.assert_array_equal(x, splits[split][0])
+            np.testing.assert_array_equal(key, expected_key)
+            for name, value in result.items():
+                assert record[f"eval/{prefix}_{name}"] == pytest.approx(float(value), rel=1e-6)
+    assert summary["test_nll"] == records[-1]["eval/test_nll"]
+
+
+def _updates(tx, grads: dict, steps: int) -> np.ndarray:
+    """The updates [steps, ...] of `tx` fed the same gradient `grads` every step, at w = 0."""
+    params = jax.tree_util.tree_map(jnp.zeros_like, grads)
+    state, updates = tx.init(params), []
+    for _ in range(steps):
+        update, state = tx.update(grads, state, params)
+        updates.append([float(update[k]) for k in sorted(update)])
+    return np.asarray(updates)
+
+
+@pytest.mark.parametrize("warmup_epochs", [0.0, 0.5])
+def test_cosine_schedule_decays_to_zero_over_the_steps_after_the_warm_up(warmup_epochs):
+    """M = 4 steps per epoch, 3 epochs (T = 12 steps): η_t = η t / W during a linear warm-up
+    of W = warmup_epochs · M steps, then η (1 + cos(π (t − W) / (T − W))) / 2."""
+    config = test_config.get_config().optim
+    config.name, config.schedule, config.learning_rate = "sgd", "cosine", 0.1
+    config.warmup_epochs = warmup_epochs
+    rates = -_updates(train.make_optimizer(config, 4, 3), {"w": jnp.ones(())}, 12)[:, 0]
+    t, warmup = np.arange(12), int(warmup_epochs * 4)
+    cosine = 0.05 * (1 + np.cos(np.pi * (t - warmup) / (12 - warmup)))
+    expected = np.where(t < warmup, 0.1 * t / max(warmup, 1), cosine)
+    np.testing.assert_allclose(rates, expected, rtol=1e-5, atol=1e-8)
+
+
+def test_momentum_is_heavy_ball_and_clipping_comes_before_the_optimiser():
+    """optim.name = "momentum": under a constant gradient 1 the t-th update is η Σ_{k≤t} β^k
+    (heavy ball, not Nesterov). grad_clip_norm = 1: the gradient (3, 4) is cut to norm 1 before
+    SGD (updates η (0.6, 0.8)), not the update after it."""
+    config = test_config.get_config().optim
+    config.name, config.schedule, config.learning_rate, config.momentum = (
+        "momentum",
+        "constant",
+        0.1,
+        0.5,
+    )
+    rates = -_updates(train.make_optimizer(config, 4, 3), {"w": jnp.ones(())}, 4)[:, 0]
+    np.testing.assert_allclose(rates, 0.1 * np.cumsum(0.5 ** np.arange(4)), rtol=1e-6)
+    config.name, config.grad_clip_norm = "sgd", 1.0
+    grads = {"a": jnp.float32(3.0), "b": jnp.float32(4.0)}
+    updates = _updates(train.make_optimizer(config, 4, 3), grads, 2)
+    np.testing.assert_allclose(updates, [[-0.06, -0.08]] * 2, rtol=1e-6)
+
+
+def test_adam_is_plain_adam_whatever_the_weights():
+    """optim.name = "adam" is Adam without weight decay: at weights 5 and −3 the first update of
+    the gradient (2, −0.5) is −η sign(g) (bias-corrected moments, to float32's 7e−6), as at
+    weights 0; AdamW would add η · 10⁻⁴ · w."""
+    config = test_config.get_config().optim
+    config.name, config.schedule, config.learning_rate = "adam", "constant", 0.01
+    tx = train.make_optimizer(config, 4, 3)
+    params = {"a": jnp.float32(5.0), "b": jnp.float32(-3.0)}
+    grads = {"a": jnp.float32(2.0), "b": jnp.float32(-0.5)}
+    updates, _ = tx.update(grads, tx.init(params), params)
+    np.testing.assert_allclose([float(updates[k]) for k in "ab"], [-0.01, 0.01], rtol=5e-5)
