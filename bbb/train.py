@@ -144,9 +144,12 @@ def make_optimizer(config: ml_collections.ConfigDict, steps_per_epoch: int, num_
                 f"a non-empty increasing tuple of epochs after the warm-up's "
                 f"{config.warmup_epochs}, such as (50, 75)",
             )
-        boundaries = {
-            int(e * steps_per_epoch) - warmup: config.step_factor for e in config.step_epochs
-        }
+        # Epochs that round to the same step decay there once each (a dict of one factor per
+        # step would apply only one of them).
+        boundaries = {}
+        for e in config.step_epochs:
+            step = int(e * steps_per_epoch) - warmup
+            boundaries[step] = boundaries.get(step, 1.0) * config.step_factor
         schedule = optax.piecewise_constant_schedule(lr, boundaries)
     if warmup:
         schedule = optax.join_schedules(

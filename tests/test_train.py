@@ -870,3 +870,13 @@ def test_adam_is_plain_adam_whatever_the_weights():
     grads = {"a": jnp.float32(2.0), "b": jnp.float32(-0.5)}
     updates, _ = tx.update(grads, tx.init(params), params)
     np.testing.assert_allclose([float(updates[k]) for k in "ab"], [-0.01, 0.01], rtol=5e-5)
+
+
+def test_step_epochs_that_round_to_one_step_each_decay_there():
+    """M = 4 steps per epoch: epochs 1.1 and 1.2 both fall on step 4, where the rate must
+    decay twice (η · 0.1² from step 4), not once."""
+    config = test_config.get_config().optim
+    config.name, config.schedule, config.learning_rate = "sgd", "step", 0.1
+    config.step_epochs, config.step_factor, config.warmup_epochs = (1.1, 1.2, 2.0), 0.1, 0.0
+    rates = -_updates(train.make_optimizer(config, 4, 3), {"w": jnp.ones(())}, 10)[:, 0]
+    np.testing.assert_allclose(rates, [0.1] * 4 + [0.001] * 4 + [0.0001] * 2, rtol=1e-5)
