@@ -230,9 +230,14 @@ def test_thompson_sampling_learns_and_beats_uniform(tmp_path):
     assert bbb["cumulative_regret_per_seed"] == pytest.approx(per_seed.tolist())
     assert bbb["cumulative_regret_mean"] == pytest.approx(per_seed.mean())
     assert bbb["cumulative_regret_std"] == pytest.approx(per_seed.std())
+    for i, name in enumerate(names):  # The share of EAT among the agent's actions.
+        eaten = (data["action"][i] == bandit.EAT).mean()
+        assert saved["agents"][name]["eat_fraction"] == pytest.approx(eaten)
 
 
 def test_thompson_acts_on_a_posterior_sample_and_otherwise_on_the_mean():
+    """Thompson: both actions' values from one w ~ q, the network of `posterior.sample(key)`;
+    otherwise the network of the posterior mean."""
     experiment = bandit.build(small_config())
     learner = experiment.thompson
     state = bandit.init_agent(experiment, learner, jax.random.key(0), True, 2)
@@ -242,11 +247,15 @@ def test_thompson_acts_on_a_posterior_sample_and_otherwise_on_the_mean():
     ]
     assert not np.allclose(sampled[0], sampled[1])
     assert np.array_equal(sampled[0], learner.values(state.params, features, jax.random.key(1)))
+    inputs = bandit.network_inputs(jnp.stack([features, features]), jnp.arange(2))
+    weights = state.params["posterior"].sample(jax.random.key(1))  # One sample for both actions.
+    np.testing.assert_allclose(
+        sampled[0], learner.model.apply({"params": weights}, inputs)[:, 0], rtol=1e-6
+    )
     on_mean = dataclasses.replace(learner, thompson=False)
     mean = [np.asarray(on_mean.values(state.params, features, jax.random.key(k))) for k in (1, 2)]
     np.testing.assert_array_equal(mean[0], mean[1])
     weights = state.params["posterior"].mean()
-    inputs = bandit.network_inputs(jnp.stack([features, features]), jnp.arange(2))
     np.testing.assert_allclose(mean[0], learner.model.apply({"params": weights}, inputs)[:, 0])
 
 
@@ -628,3 +637,185 @@ def test_sigterm_saves_a_checkpoint_and_stops(tmp_path, monkeypatch, capsys):
     results = bandit.bandit_experiment(config, str(tmp_path), problem=problem)
     assert results["num_steps"] == 240
     assert np.load(tmp_path / "regret.npz")["regret"].shape == (2, 2, 240)
+
+
+# Acting, storing and updating, checked step by step ------------------------------------------
+
+
+def _greedy_agent(epsilon_agents=(0.0,)):
+    experiment = bandit.build(small_config(**{"agents.epsilons": epsilon_agents}))
+    learner = experiment.greedy
+    state = bandit.init_agent(experiment, learner, jax.random.key(0), False, 2)
+    return experiment, learner, state
+
+
+def test_epsilon_greedy_explores_with_probability_epsilon_uniformly():
+    """With probability ε the action is uniform over {PASS, EAT} (so it differs from the greedy
+    one with probability ε/2), otherwise greedy: not 2ε, not always the other action."""
+    experiment, learner, state = _greedy_agent()
+    problem = synthetic_problem()
+    env_key, agent_key = jax.random.key(1), jax.random.key(2)
+
+    def one(t, epsilon):
+        index, _ = bandit.draw_mushroom(experiment.rewards, problem, env_key, t)
+        greedy = jnp.argmax(learner.values(state.params, problem.contexts[index], agent_key))
+        _, out = bandit.interact(
+            learner, experiment.rewards, problem, state, t, env_key, agent_key, epsilon
+        )
+        return greedy, out["action"]
+
+    act = jax.jit(jax.vmap(one, in_axes=(0, None)))
+    steps = jnp.arange(6000)
+    greedy, action = (np.asarray(a) for a in act(steps, jnp.float32(0.0)))
+    np.testing.assert_array_equal(action, greedy)
+    greedy, action = (np.asarray(a) for a in act(steps, jnp.float32(0.2)))
+    # Binomial(6000, 0.1): standard error 0.0039.
+    assert abs(np.mean(action != greedy) - 0.1) < 0.02
+    _, action = act(steps, jnp.float32(1.0))
+    assert abs(np.mean(np.asarray(action) == bandit.EAT) - 0.5) < 0.03  # Standard error 0.0065.
+
+
+def test_the_buffer_stores_the_action_taken_and_its_reward():
+    """An exploring agent's buffer holds the mushroom it met, the action it took (not the
+    greedy one) and the reward it received (not the oracle's)."""
+    experiment, learner, state = _greedy_agent()
+    problem = synthetic_problem()
+    step = jax.jit(
+        lambda state, t: bandit.interact(
+            learner,
+            experiment.rewards,
+            problem,
+            state,
+            t,
+            jax.random.key(1),
+            jax.random.key(2),
+            jnp.float32(1.0),
+        )
+    )
+    actions, rewards, indices = [], [], []
+    for t in range(12):
+        state, out = step(state, jnp.int32(t))
+        index, _ = bandit.draw_mushroom(experiment.rewards, problem, jax.random.key(1), t)
+        actions.append(int(out["action"]))
+        rewards.append(float(out["reward"]))
+        indices.append(int(index))
+    assert len(set(actions)) == 2  # Both actions, so some were not the greedy one.
+    assert int(state.buffer.count) == 12
+    np.testing.assert_array_equal(state.buffer.action[:12], actions)
+    np.testing.assert_array_equal(state.buffer.reward[:12], rewards)
+    np.testing.assert_array_equal(state.buffer.context_index[:12], indices)
+
+
+class _RecordBatches:
+    """A free energy that hands each minibatch's rewards to `seen` (from inside the loop)."""
+
+    def __init__(self, free_energy, seen):
+        self.free_energy, self.seen = free_energy, seen
+
+    def __call__(self, params, batch, key, kl_weight):
+        jax.debug.callback(lambda y: self.seen.append(np.asarray(y)[:, 0]), batch[1])
+        return self.free_energy(params, batch, key, kl_weight)
+
+
+def test_update_takes_num_updates_steps_on_fresh_minibatches_of_filled_slots():
+    """`num_updates` Adam steps, each on its own minibatch drawn from the filled slots only."""
+    _, learner, state = _greedy_agent()
+    seen = []
+    recording = dataclasses.replace(learner, free_energy=_RecordBatches(learner.free_energy, seen))
+    capacity, filled = state.buffer.capacity, 100
+    rewards = np.zeros(capacity, np.float32)
+    rewards[:filled] = np.arange(1, filled + 1)  # Slot i holds reward i + 1; empty slots 0.
+    buffer = state.buffer.replace(
+        reward=jnp.asarray(rewards),
+        context_index=jnp.arange(capacity, dtype=jnp.int32) % 2,
+        count=jnp.int32(filled),
+    )
+    state = state.replace(buffer=buffer)
+    new, _ = jax.jit(recording.update)(state, synthetic_problem().contexts, jax.random.key(1))
+    jax.effects_barrier()
+    assert int(new.opt_state[0].count) == learner.num_updates == 8
+    assert len(seen) == 8 and all(y.shape == (learner.batch_size,) for y in seen)
+    values = np.concatenate(seen)
+    assert set(values) <= set(range(1, filled + 1))
+    # 128 draws from 100 slots: about 72 distinct; one minibatch repeated would give ≤ 16.
+    assert len(set(values)) > 40
+    assert len({tuple(y) for y in seen}) == 8
+
+
+def test_rounds_of_update_every_interactions_then_num_updates_steps():
+    """With update_every = 4: a chunk of 12 interactions meets mushrooms t = start, ..., and
+    reports them in order, per agent; it runs 3 rounds of `num_updates` steps, each round with
+    its own update key."""
+    experiment, learner, state = _greedy_agent()
+    problem = synthetic_problem()
+    keys_seen = []
+    update = bandit.Learner.update
+
+    def spy(self, state, contexts, key):
+        jax.debug.callback(
+            lambda k: keys_seen.append(tuple(np.asarray(k).ravel())), jax.random.key_data(key)
+        )
+        return update(self, state, contexts, key)
+
+    states = jax.tree_util.tree_map(lambda x: jnp.stack([x, x]), state)  # Two agents.
+    env_keys = jnp.stack([jax.random.key(1), jax.random.key(2)])
+    agent_keys = jnp.stack([jax.random.key(3), jax.random.key(4)])
+    start, length = 8, 12
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(bandit.Learner, "update", spy)
+        states, out = jax.jit(
+            lambda s: bandit.run_chunk(
+                learner,
+                experiment.rewards,
+                problem,
+                s,
+                jnp.int32(start),
+                length,
+                4,
+                env_keys,
+                agent_keys,
+                jnp.zeros(2, jnp.float32),
+            )
+        )(states)
+        jax.effects_barrier()
+    assert out["action"].shape == (length, 2) and out["loss"].shape == (3, 2)
+    draw = jax.vmap(
+        jax.vmap(lambda k, t: bandit.draw_mushroom(experiment.rewards, problem, k, t), (None, 0)),
+        (0, None),
+    )
+    index, bad = draw(env_keys, start + jnp.arange(length))  # [2, L]: agent a, interaction i.
+    expected = bandit.step_rewards(
+        experiment.rewards, problem.poisonous[index], out["action"].T, bad
+    )
+    np.testing.assert_array_equal(out["reward"].T, expected["reward"])
+    np.testing.assert_array_equal(out["regret"].T, expected["regret"])
+    np.testing.assert_array_equal(states.buffer.context_index[:, :length], index)
+    np.testing.assert_array_equal(states.buffer.count, [length, length])
+    np.testing.assert_array_equal(states.opt_state[0].count, [3 * 8, 3 * 8])
+    assert len(keys_seen) == 3 * 2 and len(set(keys_seen)) == 6
+
+
+def test_plot_shows_mean_and_std_over_seeds_of_the_cumulative_regret(tmp_path, monkeypatch):
+    """Each agent's curve is the mean over seeds of its cumulative regret, its band ± the
+    standard deviation over seeds (ddof 0), in both panels."""
+    import matplotlib.pyplot as plt
+
+    figures, close = [], plt.close
+    monkeypatch.setattr(plt, "close", figures.append)
+    rng = np.random.default_rng(0)
+    regret = rng.integers(-5, 36, size=(2, 3, 7)).astype(np.float32)  # [A, S, T]
+    expected = rng.uniform(0, 15, size=(2, 3, 7)).astype(np.float32)
+    bandit.plot_regret(str(tmp_path / "r.png"), ["a", "b"], regret, expected)
+    (figure,) = figures
+    for ax, values in zip(figure.axes, (regret, expected), strict=True):
+        for i in range(2):
+            curves = np.cumsum(values[i].astype(np.float64), axis=1)
+            mean, std = curves.mean(axis=0), curves.std(axis=0)
+            np.testing.assert_array_equal(ax.lines[i].get_xdata(), np.arange(1, 8))
+            np.testing.assert_allclose(ax.lines[i].get_ydata(), mean, rtol=1e-6)
+            vertices = ax.collections[i].get_paths()[0].vertices
+            for t in range(7):
+                ys = vertices[vertices[:, 0] == t + 1, 1]
+                assert ys.min() == pytest.approx(mean[t] - std[t], rel=1e-6, abs=1e-6)
+                assert ys.max() == pytest.approx(mean[t] + std[t], rel=1e-6, abs=1e-6)
+    close(figure)

@@ -5,12 +5,17 @@ from __future__ import annotations
 import json
 import math
 import os
+import types
 
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from bbb import regression, train
 from bbb.data import regression as regression_data
+from bbb.posterior import MeanFieldGaussian, PointEstimate
 from configs import regression as regression_config
 
 
@@ -79,6 +84,8 @@ def test_bbb_band_widens_away_from_the_data_and_plain_has_none(tmp_path):
     assert os.path.getsize(os.path.join(workdir, "plots", "regression.png")) > 10000
     with open(os.path.join(workdir, "regression.json")) as f:
         assert json.load(f) == results
+    assert bbb["iqr_ratio"] == pytest.approx(bbb["iqr_at_1.0"] / bbb["iqr_at_0.25"])
+    assert plain["iqr_ratio"] is None
 
 
 @pytest.mark.parametrize("num_samples", [0, 1, 2.5])
@@ -93,3 +100,75 @@ def test_bad_num_samples_is_named_before_training(tmp_path, num_samples):
             num_samples=num_samples,
         )
     assert not (tmp_path / "wd").exists()
+
+
+class _SquaredWeight(nn.Module):
+    """f(x; w) = (x w)²: with w ~ N(0, 1), f(x) = x² χ²₁, a skewed band of known quartiles."""
+
+    @nn.compact
+    def __call__(self, x):
+        return jnp.square(x * self.param("w", nn.initializers.zeros, (1,)))
+
+
+def _chi2_run(posterior):
+    experiment = types.SimpleNamespace(model=_SquaredWeight())
+    return experiment, {"posterior": posterior}
+
+
+# The quartiles of χ²₁ (scipy.stats.chi2(1).ppf([0.25, 0.5, 0.75])), and its mean 1.
+CHI2_QUARTILES = (0.1015310, 0.4549364, 1.3233037)
+UNIT_NORMAL = MeanFieldGaussian(mu={"w": jnp.zeros(1)}, rho={"w": jnp.full(1, 0.5413249)})
+
+
+def test_predictive_band_is_the_median_and_quartiles_of_the_sampled_outputs():
+    """`lower`, `median`, `upper` are the 25th, 50th and 75th percentiles of f(x; w), w ~ q
+    (not the 20th/80th, not the mean), and `iqr` = upper − lower, at every input."""
+    experiment, params = _chi2_run(UNIT_NORMAL)  # softplus(0.5413) = 1: w ~ N(0, 1).
+    x = np.asarray([[1.0], [2.0]], np.float32)
+    band = regression.predictive_quantiles(
+        experiment, params, x, jax.random.key(0), num_samples=20000
+    )
+    q25, q50, q75 = CHI2_QUARTILES
+    for i, scale in enumerate((1.0, 4.0)):  # f(2; w) = 4 w².
+        # Standard errors of the sample quartiles of 20,000 draws: about 0.1%, 0.5%, 1.3%.
+        assert band["lower"][i] == pytest.approx(scale * q25, rel=0.02)
+        assert band["median"][i] == pytest.approx(scale * q50, rel=0.03)
+        assert band["upper"][i] == pytest.approx(scale * q75, rel=0.05)
+    np.testing.assert_allclose(band["iqr"], band["upper"] - band["lower"], rtol=1e-12)
+
+
+def test_experiment_reports_the_iqr_inside_and_outside_and_their_ratio(tmp_path, monkeypatch):
+    """regression_experiment's IQR at x = 0.25 and x = 1.0 and their ratio (outside / inside;
+    None for a point estimate's band of width 0), with the training stubbed out: under
+    f(x; w) = (x w)² the same w give quartiles in the ratio (1 / 0.25)² = 16 exactly."""
+    runs = {
+        "bbb": _chi2_run(UNIT_NORMAL),
+        "plain": _chi2_run(PointEstimate(mu={"w": jnp.ones(1)})),
+    }
+
+    def fake_train(config, run_dir):
+        os.makedirs(run_dir, exist_ok=True)
+        with open(os.path.join(run_dir, "summary.json"), "w") as f:
+            json.dump({"test_rmse": 0.1, "test_nll": -1.0, "wall_time_s": 1.0}, f)
+
+    def fake_load(run_dir):
+        experiment, params = runs[os.path.basename(run_dir)]
+        return experiment, types.SimpleNamespace(params=params)
+
+    monkeypatch.setattr(train, "train_and_evaluate", fake_train)
+    monkeypatch.setattr(train, "load_run", fake_load)
+    monkeypatch.setattr(regression, "plot_regression", lambda *args: None)
+    config = regression_config.get_config()
+    config.data.num_train = 10
+    results = regression.regression_experiment(
+        str(tmp_path), config, config, num_samples=4000, seed=1
+    )
+    bbb, plain = results["bbb"], results["plain"]
+    q25, _, q75 = CHI2_QUARTILES
+    assert bbb["iqr_at_1.0"] == pytest.approx(q75 - q25, rel=0.06)
+    assert bbb["iqr_at_0.25"] == pytest.approx(bbb["iqr_at_1.0"] / 16, rel=1e-5)
+    assert bbb["iqr_ratio"] == pytest.approx(16.0, rel=1e-5)
+    assert plain["iqr_at_0.25"] == plain["iqr_at_1.0"] == 0.0 and plain["iqr_ratio"] is None
+    assert bbb["test_rmse"] == 0.1 and bbb["test_nll"] == -1.0
+    with open(tmp_path / "regression.json") as f:
+        assert json.load(f) == results
