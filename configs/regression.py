@@ -36,7 +36,10 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
     config.prior.sigma = math.exp(0.0)
 
     config.likelihood.name = "gaussian"  # y ~ N(f(x; w), s²).
-    config.likelihood.noise_std = 0.02  # s: the true noise level of the data.
+    # s: the std of the data's ε. The residual of y around the noise-free curve is wider
+    # (≈ 0.0625, since ε also shifts both sines' argument), so this likelihood is sharper
+    # than the data's own noise; `--config.likelihood.learnable=True` fits s instead.
+    config.likelihood.noise_std = 0.02
     config.likelihood.learnable = False  # Keep s fixed.
 
     config.optim.learning_rate = 1e-2  # Adam, cosine decay to 0 (lets σ grow off the data).
