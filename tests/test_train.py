@@ -316,6 +316,44 @@ def test_epoch_is_compiled_once(tmp_path):
     assert eval_fn._cache_size() == 1
 
 
+@pytest.mark.parametrize(
+    ("estimator", "posterior_name"),
+    [("reparam", "mean_field"), ("local_reparam", "mean_field"), ("reparam", "point")],
+)
+def test_the_update_copies_no_parameter(estimator, posterior_name):
+    """The new parameters are written over the old ones (the step's state is donated; the
+    epoch's scan carries it). Unless every reader of the old parameters comes first in the
+    data flow (`train._after`), XLA copies each parameter that one of them reads (μ, for the
+    loss's KL term and the layers' input gradients) every step."""
+    config = test_config.get_config()
+    config.posterior.estimator, config.posterior.name = estimator, posterior_name
+    if posterior_name == "point":
+        config.prior.name, config.objective.kl = "flat", "mc"
+    experiment = train.build(config, num_train=256, input_shape=(28, 28, 1))
+    keys = train.root_keys(config)
+    state = train.init_state(experiment, keys["init"])
+    x = jnp.zeros((256, 28, 28, 1), jnp.float32)
+    y = jnp.zeros((256,), jnp.int32)
+    step = jax.jit(functools.partial(train.train_step, experiment), donate_argnums=0)
+    step_hlo = step.lower(state, (x[:64], y[:64]), keys["train"]).compile().as_text()
+    epoch_hlo = (
+        train.compile_epoch(experiment).lower(state, (x, y), jnp.int32(0), keys).compile().as_text()
+    )
+    kernels = {tuple(k.shape) for k in jax.tree_util.tree_leaves(state.params) if k.ndim == 2}
+    assert kernels == {(784, 32), (32, 32), (32, 10)}
+    for hlo in (step_hlo, epoch_hlo):
+        copied = re.findall(r"= f32\[(\d+),(\d+)\]\{1,0\} copy\(", hlo)
+        assert not {(int(a), int(b)) for a, b in copied} & kernels, copied
+
+
+def test_after_returns_its_tree_bit_for_bit_whatever_the_values():
+    # (Subnormals flush to 0 in any arithmetic on XLA:CPU; the gradients it gets have none.)
+    tree = {"a": jnp.asarray([-0.0, 1e-30, 3.0, -jnp.inf, jnp.nan], jnp.float32)}
+    for value in (0.0, -2.5, jnp.inf, -jnp.inf, jnp.nan):
+        out = jax.jit(train._after)(tree, {"loss": jnp.float32(value), "n": jnp.int32(3)})
+        assert np.asarray(out["a"]).tobytes() == np.asarray(tree["a"]).tobytes(), value
+
+
 def test_stepwise_epoch_runs_the_scans_steps_and_compiles_once():
     """`epoch_loop="steps"` draws the same batches and keys as the scan: same trajectory."""
     config = test_config.get_config()
