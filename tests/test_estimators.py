@@ -336,6 +336,14 @@ def test_local_reparam_on_a_conv_model_raises_before_compute():
         assert _abstract_loss(LENET, X_IMAGE, estimator).shape == ()
 
 
+def test_local_reparam_names_dense_as_its_only_layer_for_a_conv():
+    """A conv layer under local_reparam is refused for its type (Dense only), not for the shape
+    of its inputs: the message must not suggest that [batch, features] inputs would do."""
+    with pytest.raises(ConfigError, match=r"'local_reparam' supports nn\.Dense only") as info:
+        _abstract_loss(LENET, X_IMAGE, "local_reparam")
+    assert "Conv_0" in str(info.value) and "type Conv" in str(info.value)
+
+
 class _DenseThenLayerNorm(nn.Module):
     @nn.compact
     def __call__(self, x):

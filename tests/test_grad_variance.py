@@ -203,3 +203,24 @@ def test_every_estimator_sees_the_same_minibatches(problem):
     assert results[0]["['Dense_0']['kernel']"] > 1e-8
     for other in results[1:]:
         assert other == pytest.approx(results[0], rel=1e-4)
+
+
+def test_per_example_draws_whole_weight_samples_whatever_the_runs_estimator(problem):
+    """per_example replaces the run's estimator by reparam for every example: the same draws,
+    to the last bit, from an objective whose own estimator is reparam or flipout (with the MC
+    KL, flipout takes its KL at its own perturbation: different gradients)."""
+    fe, params, data = problem
+    mc = dataclasses.replace(fe, kl="mc")
+    results = [
+        grad_variance.gradient_variance(
+            dataclasses.replace(mc, estimator=own),
+            params,
+            data,
+            jax.random.key(8),
+            estimator="per_example",
+            batch_size=4,
+            num_draws=3,
+        )
+        for own in ("reparam", "flipout")
+    ]
+    assert results[1] == pytest.approx(results[0], rel=1e-6)
