@@ -141,7 +141,7 @@ def make_model(config: ml_collections.ConfigDict) -> nn.Module:
     )
     if config.name == "lenet":
         features = tuple(config.get("features", (32, 64)))
-        if not all(isinstance(c, int) and c > 0 for c in features):
+        if not all(isinstance(c, int) and not isinstance(c, bool) and c > 0 for c in features):
             raise ConfigError("model.features", features, "a sequence of positive integers")
         kwargs["features"] = features
     return MODELS[config.name](**kwargs)

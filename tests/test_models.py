@@ -116,3 +116,15 @@ def test_make_model_passes_every_field_on():
     del config.features
     model = models.make_model(config)
     assert isinstance(model, models.MLP) and model.dtype is None
+
+
+@pytest.mark.parametrize("features", [(True, 4), (0, 4), (2.5, 4)])
+def test_make_model_refuses_bad_conv_features(features):
+    """model.features are channel counts: a bool (True is an int in Python), 0 or a float is
+    refused naming the field, as hidden_sizes' check does."""
+    config = ml_collections.ConfigDict(
+        dict(name="lenet", hidden_sizes=(4,), num_outputs=3, activation="relu", dropout_rate=0.0)
+    )
+    config.features = features
+    with pytest.raises(models.ConfigError, match=r"model\.features"):
+        models.make_model(config)
