@@ -105,3 +105,14 @@ def report_on_fake_cpus(function: str, workdir: str, devices: int, **env: str) -
     assert result.returncode == 0, result.stderr[-4000:]
     line = next(line for line in result.stdout.splitlines() if line.startswith("REPORT"))
     return json.loads(line[len("REPORT") :]), result.stdout
+
+
+def all_equations(jaxpr):
+    """Every equation of `jaxpr`, with those of its nested jaxprs (pjit, scan, custom_jvp, ...)."""
+    for eqn in jaxpr.eqns:
+        yield eqn
+        for value in eqn.params.values():
+            for sub in value if isinstance(value, tuple | list) else (value,):
+                inner = getattr(sub, "jaxpr", sub)
+                if hasattr(inner, "eqns"):
+                    yield from all_equations(inner)

@@ -13,7 +13,7 @@ import pytest
 from bbb import estimators, models, objective, priors
 from bbb.errors import ConfigError
 from bbb.posterior import MeanFieldGaussian, PointEstimate
-from tests.conftest import numpy_posterior
+from tests.conftest import all_equations, numpy_posterior
 
 pytestmark = pytest.mark.usefixtures("fast_compile")
 
@@ -479,17 +479,11 @@ def test_each_estimator_trains_a_tiny_mlp(estimator, dtype, mlp_posterior):
 
 def _dots(jaxpr) -> list[tuple[str, set[int]]]:
     """(operand dtype, operand dimensions) of every dot_general in `jaxpr`, nested ones too."""
-    found = []
-    for eqn in jaxpr.eqns:
-        if eqn.primitive.name == "dot_general":
-            avals = [v.aval for v in eqn.invars]
-            found.append((str(avals[0].dtype), {d for a in avals for d in a.shape}))
-        for value in eqn.params.values():
-            for sub in value if isinstance(value, tuple | list) else (value,):
-                inner = getattr(sub, "jaxpr", sub)
-                if hasattr(inner, "eqns"):
-                    found += _dots(inner)
-    return found
+    return [
+        (str(eqn.invars[0].aval.dtype), {d for v in eqn.invars for d in v.aval.shape})
+        for eqn in all_equations(jaxpr)
+        if eqn.primitive.name == "dot_general"
+    ]
 
 
 @pytest.mark.parametrize("estimator", estimators.ESTIMATORS)

@@ -8,28 +8,18 @@ import numpy as np
 import pytest
 
 from bbb import models
+from tests.conftest import all_equations
 
 pytestmark = pytest.mark.usefixtures("fast_compile")
 
 
 def _products(jaxpr) -> list[tuple[str, str, tuple[int, ...]]]:
     """(primitive, operand dtype, output shape) of every dot and convolution in `jaxpr`."""
-    found = []
-    for eqn in jaxpr.eqns:
-        if eqn.primitive.name in ("dot_general", "conv_general_dilated"):
-            found.append(
-                (
-                    eqn.primitive.name,
-                    str(eqn.invars[0].aval.dtype),
-                    tuple(eqn.outvars[0].aval.shape),
-                )
-            )
-        for value in eqn.params.values():
-            for sub in value if isinstance(value, tuple | list) else (value,):
-                inner = getattr(sub, "jaxpr", sub)
-                if hasattr(inner, "eqns"):
-                    found += _products(inner)
-    return found
+    return [
+        (eqn.primitive.name, str(eqn.invars[0].aval.dtype), tuple(eqn.outvars[0].aval.shape))
+        for eqn in all_equations(jaxpr)
+        if eqn.primitive.name in ("dot_general", "conv_general_dilated")
+    ]
 
 
 def test_lenet_pools_twice_by_two_with_same_padding():
