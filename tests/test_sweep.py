@@ -564,3 +564,168 @@ def test_a_regression_summary_names_its_choice_by_nll(trained):
         assert summary["test_nll_at_best_val"] == best["eval/test_nll"]
         assert summary["best_epoch"] == best["epoch"] and "test_rmse" in summary
         assert "best validation NLL" in summary_paragraph(summary, member.workdir)
+
+
+# Added by the mutation audit -------------------------------------------------------------
+
+
+def test_recorded_names_follow_the_overrides_when_a_member_is_inserted(tmp_path, fake_training):
+    """A member inserted at the front of a grown sweep shifts the indices: the recorded
+    names are matched by overrides, not by position, so every old member keeps its folder."""
+    workdir = str(tmp_path / "sweep")
+    grid = [{"optim.learning_rate": 0.0012345}, {"optim.learning_rate": 0.01}]
+    sweep.run_sweep(_tiny_config(), grid, workdir)
+    recorded = list(fake_training)
+    assert recorded == ["optim.learning_rate=0.00123", "optim.learning_rate=0.01"]
+    grown = [{"optim.learning_rate": 0.0012349}, *grid]
+    names = [m.name for m in sweep.make_members(_tiny_config(), grown, workdir, build=False)]
+    assert names == ["optim.learning_rate=0.001235", *recorded]
+
+
+def test_a_summary_of_more_epochs_is_finished(tmp_path, fake_training):
+    """Members whose summaries cover more epochs than num_epochs are finished, not retrained."""
+    workdir = str(tmp_path / "sweep")
+    sweep.run_sweep(_tiny_config(), FAKE_SWEEP, workdir)
+    shorter = _tiny_config()
+    shorter.num_epochs -= 1
+    members = sweep.make_members(shorter, FAKE_SWEEP, workdir, build=False)
+    assert [m.finished for m in members] == [True] * 3
+    assert "3 of 3 members finished." in sweep.run_sweep(shorter, FAKE_SWEEP, workdir, collect=True)
+
+
+def test_a_member_folder_without_checkpoints_is_new(tmp_path):
+    """Only a checkpoints folder makes a member "interrupted"; a bare sub-workdir is "new"."""
+    workdir = str(tmp_path / "sweep")
+    members = sweep.make_members(_tiny_config(), FAKE_SWEEP, workdir, build=False)
+    os.makedirs(members[0].workdir)
+    os.makedirs(os.path.join(members[1].workdir, "checkpoints"))
+    assert [m.status for m in members] == ["new", "interrupted", "new"]
+
+
+def _write_summaries(members, errors, *, classification):
+    """A finished summary.json per member with best validation figure `errors[i]`."""
+    for member, error in zip(members, errors, strict=True):
+        os.makedirs(member.workdir)
+        summary = {
+            "best_val_error": error,
+            "test_error_at_best_val": error + 0.1,
+            "best_epoch": 1,
+            "epochs": member.config.num_epochs,
+        }
+        if classification:
+            summary["test_error"] = error
+        with open(os.path.join(member.workdir, "summary.json"), "w") as f:
+            json.dump(summary, f)
+
+
+def test_results_table_lists_non_finite_members_last(tmp_path):
+    """A member whose best validation figure is NaN goes after every finite one."""
+    workdir = str(tmp_path / "sweep")
+    members = sweep.make_members(_tiny_config(), FAKE_SWEEP, workdir, build=False)
+    _write_summaries(members, (math.nan, 0.3, 0.2), classification=False)
+    rows, unfinished = sweep.results_table(members)
+    assert unfinished == []
+    assert [r["member"] for r in rows] == [2, 1, 0]
+
+
+def test_results_rows_hold_base_values_of_fields_a_member_does_not_override(tmp_path):
+    """Every override of any member is a column; a member without it shows the base value."""
+    workdir = str(tmp_path / "sweep")
+    members = sweep.make_members(_tiny_config(), FAKE_SWEEP, workdir, build=False)
+    _write_summaries(members, (0.3, 0.2, 0.1), classification=False)
+    sweep.write_results(workdir, members)
+    with open(os.path.join(workdir, "results.csv")) as f:
+        rows = {r["member"]: r for r in csv.DictReader(f)}
+    assert (rows["0"]["seed"], rows["0"]["prior.sigma"]) == ("0", "0.5")
+    assert (rows["1"]["seed"], rows["1"]["prior.sigma"]) == ("0", "2.0")
+    assert (rows["2"]["seed"], rows["2"]["prior.sigma"]) == ("3", "1.0")
+
+
+def test_regression_results_are_not_in_percent(tmp_path):
+    """NLLs are printed as they are (4 significant digits), with no "(%)" in the header."""
+    workdir = str(tmp_path / "sweep")
+    members = sweep.make_members(_tiny_config(), FAKE_SWEEP, workdir, build=False)
+    _write_summaries(members, (0.5, 0.25, 1.0), classification=False)
+    text = sweep.write_results(workdir, members)
+    header, _, first, *_ = text.splitlines()
+    assert "(%)" not in header
+    cells = [c.strip() for c in first.strip("|").split("|")]
+    columns = [c.strip() for c in header.strip("|").split("|")]
+    assert cells[columns.index("best_val_nll")] == "0.25"
+    assert cells[columns.index("test_nll_at_best_val")] == "0.35"
+
+
+def test_members_differing_in_any_vectorizable_field_share_one_group(tmp_path):
+    """Each of VECTORIZABLE_FIELDS, varied alone, keeps the member in the base's program."""
+    entries = [
+        {},
+        {"seed": 1},
+        {"prior.sigma": 0.3},
+        {"prior.pi": 0.5},
+        {"prior.sigma1": 2.0},
+        {"prior.sigma2": 0.01},
+        {"optim.learning_rate": 0.1},
+        {"objective.kl_temperature": 0.5},
+    ]
+    members = sweep.make_members(_tiny_config(), entries, str(tmp_path / "s"), build=False)
+    assert [[m.index for m in g] for g in sweep.group_members(members)] == [list(range(8))]
+
+
+def sigma_logistic_prior(sigma: float = 1.0):
+    """A user prior (not traceable) that reads the vectorisable field prior.sigma."""
+    from tests.custom_prior_module import Logistic
+
+    return Logistic(scale=float(sigma))
+
+
+def test_untraceable_priors_with_different_hyperparameters_are_not_grouped(tmp_path):
+    """A prior the program cannot trace must be equal across a group: members whose user
+    prior reads different prior.sigma values get programs of their own."""
+    config = _tiny_config()
+    config.prior.name = "tests.test_sweep:sigma_logistic_prior"
+    entries = [{}, {"prior.sigma": 0.5}, {"seed": 1}]
+    members = sweep.make_members(config, entries, str(tmp_path / "s"), build=False)
+    assert [[m.index for m in g] for g in sweep.group_members(members)] == [[0, 2], [1]]
+
+
+def test_collect_refuses_a_missing_sweep_folder(tmp_path):
+    """--collect on a folder that does not exist is an error and creates nothing."""
+    from bbb.workdir import WorkdirError
+
+    workdir = str(tmp_path / "missing")
+    with pytest.raises(WorkdirError, match="holds no sweep to collect"):
+        sweep.run_sweep(_tiny_config(), FAKE_SWEEP, workdir, collect=True)
+    assert not os.path.exists(workdir)
+
+
+def test_a_negative_member_index_is_refused(tmp_path, fake_training):
+    """--member=-1 is out of range, not Python's "last member"; nothing trains."""
+    with pytest.raises(ConfigError, match=r"--member=-1"):
+        sweep.run_sweep(_tiny_config(), FAKE_SWEEP, str(tmp_path / "s"), member=-1)
+    assert fake_training == []
+
+
+def test_list_needs_no_usable_sweep_folder(tmp_path):
+    """--list writes nothing, so a sweep folder whose parent does not exist yet is listed
+    (all members "new") rather than refused."""
+    workdir = str(tmp_path / "not" / "yet" / "sweep")
+    text = sweep.run_sweep(_tiny_config(), FAKE_SWEEP, workdir, list_only=True)
+    assert [line.split("\t")[2] for line in text.splitlines()] == ["new"] * 3
+    assert not os.path.exists(tmp_path / "not")
+
+
+def test_vectorized_members_evaluate_and_save_on_their_periods(tmp_path):
+    """With eval.every_epochs=2 and checkpoint_every_epochs=2 over 3 epochs (2 steps each), a
+    vectorised member is evaluated and checkpointed after epochs 2 and 3 (the last), as
+    `train.train_and_evaluate` does; not after epoch 1."""
+    config = _tiny_config()
+    config.eval.every_epochs = 2
+    config.checkpoint_every_epochs = 2
+    workdir = str(tmp_path / "sweep")
+    sweep.run_sweep(config, [{}, {"seed": 1}], workdir, vectorize=True)
+    for member in sweep.make_members(config, [{}, {"seed": 1}], workdir, build=False):
+        records = _read_metrics(member.workdir)
+        assert [r["epoch"] for r in records] == [1, 2, 3]
+        assert [r["epoch"] for r in records if "eval/val_nll" in r] == [2, 3]
+        steps = sorted(int(s) for s in os.listdir(os.path.join(member.workdir, "checkpoints")))
+        assert steps == [4, 6]
