@@ -595,3 +595,106 @@ def test_sample_count_sets_are_capped_at_max_sets():
             assert sweep[name]["mean"][column] == pytest.approx(np.mean(values), abs=1e-5)
             assert sweep[name]["std"][column] == pytest.approx(std, abs=1e-5)
             assert sweep[name]["sem"][column] == pytest.approx(std / math.sqrt(3), abs=1e-6)
+
+
+def test_ood_figures_are_of_fashion_mnist_from_the_first_k_samples(evaluated_run):
+    """The OOD means are over the Fashion-MNIST examples, the per-example entropies those of
+    the first K samples of the pool, the reliability diagram MNIST's, and the mean-weights
+    error is that of the posterior-mean network, not of a sample."""
+    from bbb import metrics
+    from bbb import predict as predict_lib
+
+    experiment, state = train.load_run(evaluated_run[0])
+    posterior = state.params["posterior"]
+    data = _fake_evaluation_data()
+    x_out, y_out = data["out_of_distribution"]
+    # Fewer, dim images, unlike the digits.
+    data["out_of_distribution"] = (np.full_like(x_out[:48], 0.05), y_out[:48])
+    # Labels that the posterior-mean network gets all right: its error is 0 exactly.
+    images_in = jnp.asarray(data["in_distribution"][0])
+    key = jax.random.key(7)
+    mean_weights = predict_lib.predict(experiment.model, posterior, images_in, key, 1).mean_weights
+    data["in_distribution"] = (data["in_distribution"][0], np.argmax(mean_weights, -1))
+    summary, per_example = evaluation.evaluate(
+        experiment, posterior, data, key, num_samples=4, angles=(), progress=False
+    )
+    ood, in_distribution = summary["out_of_distribution"], summary["in_distribution"]
+    assert (ood["num_examples"], in_distribution["num_examples"]) == (48, NUM_TEST)
+    for name in ("entropy", "mutual_information"):
+        name_out = "predictive_entropy" if name == "entropy" else name
+        assert ood[name_out] == pytest.approx(np.mean(per_example[f"{name}_out"]), rel=1e-6)
+        assert abs(np.mean(per_example[f"{name}_out"]) - np.mean(per_example[f"{name}_in"])) > (
+            1e-3 * np.mean(per_example[f"{name}_in"])
+        ), name  # Power: the sides differ.
+    first_half = jax.random.split(key, 2)[0]
+    predictor = evaluation.make_predictor(experiment.model, 4, False)
+    x_in, y_in = (jnp.asarray(a) for a in data["in_distribution"])
+    for x, where in ((x_in, "in"), (jnp.asarray(data["out_of_distribution"][0]), "out")):
+        samples = predictor(posterior, x, first_half)  # [K, N, C]
+        np.testing.assert_allclose(
+            per_example[f"entropy_{where}"],
+            np.asarray(metrics.predictive_entropy(samples)),
+            rtol=1e-5,
+            atol=1e-6,
+        )
+    # The reliability diagram is MNIST's, from the same first K samples.
+    expected = metrics.reliability_diagram_data(
+        predictor(posterior, x_in, first_half), y_in, evaluation.NUM_BINS
+    )
+    for name, values in expected.items():
+        np.testing.assert_allclose(
+            summary["reliability_diagram"][name], np.asarray(values), rtol=1e-6, atol=1e-7
+        )
+    assert in_distribution["error_mean_weights"] == 0.0
+    first_sample = predictor(posterior, x_in, first_half)[0]  # [N, C]
+    assert np.mean(np.argmax(first_sample, -1) != y_in) > 0  # Power: a sample errs.
+
+
+def test_compare_reuses_a_fixed_networks_eval_json_whatever_k_is_asked(tmp_path, monkeypatch):
+    """A deterministic run is evaluated with K = 1 whatever K is asked: its eval.json is reused
+    for a table of K = 100, not evaluated again (which would give the same figures)."""
+    workdir = tmp_path / "sgd"
+    workdir.mkdir()
+    stored = {
+        **_fake_result("SGD (point estimate)", 0.02, 0.1, 0.01, 0.9, 0.8),
+        "num_samples": 1,
+        "deterministic": True,
+    }
+    (workdir / evaluation.EVAL_FILE).write_text(json.dumps(stored))
+
+    def evaluate_run(*args, **kwargs):
+        raise AssertionError("evaluated again")
+
+    monkeypatch.setattr(evaluation, "evaluate_run", evaluate_run)
+    table = evaluation.compare_runs([str(workdir)], num_samples=100)
+    assert "SGD (point estimate), K=1" in table
+    stored["num_samples"] = 2  # A fixed network's eval.json with K = 2 is stale all the same.
+    (workdir / evaluation.EVAL_FILE).write_text(json.dumps(stored))
+    with pytest.raises(AssertionError, match="evaluated again"):
+        evaluation.compare_runs([str(workdir)], num_samples=100)
+
+
+def test_ood_scores_come_from_the_same_k_networks_as_the_in_distribution_ones(evaluated_run):
+    """Common random numbers: with the MNIST images also as the OOD set, the per-example
+    entropies and informations on both sides are bit-for-bit equal (other samples would
+    differ, however little, at this run's small σ)."""
+    from bbb import metrics
+
+    experiment, state = train.load_run(evaluated_run[0])
+    posterior = state.params["posterior"]
+    data = _fake_evaluation_data()
+    data["out_of_distribution"] = data["in_distribution"]
+    key = jax.random.key(7)
+    _, per_example = evaluation.evaluate(
+        experiment, posterior, data, key, num_samples=4, angles=(), progress=False
+    )
+    for name in ("entropy", "mutual_information"):
+        np.testing.assert_array_equal(per_example[f"{name}_out"], per_example[f"{name}_in"])
+    # Power: the second half of the pool gives other entropies.
+    predictor = evaluation.make_predictor(experiment.model, 4, False)
+    images = jnp.asarray(data["in_distribution"][0])
+    first, second = (predictor(posterior, images, k) for k in jax.random.split(key, 2))
+    assert not np.array_equal(
+        np.asarray(metrics.predictive_entropy(first)),
+        np.asarray(metrics.predictive_entropy(second)),
+    )
