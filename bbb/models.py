@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from bbb.errors import ConfigError, check_choice, check_non_negative, check_positive
+from bbb.errors import ConfigError, check_choice, check_in_range, check_positive
 
 # model.dtype → the hidden layers' Flax `dtype`; None computes in the parameters' dtype
 # (float32, or float64 under jax.enable_x64, as the gradient tests use).
@@ -108,6 +108,14 @@ class LeNet(nn.Module):
 MODELS = {"mlp": MLP, "lenet": LeNet}
 
 
+def _positive_integers(field: str, values) -> tuple[int, ...]:
+    """`values` as a tuple; ConfigError unless each is a positive int (a bool is not)."""
+    values = tuple(values)
+    if not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in values):
+        raise ConfigError(field, values, "a sequence of positive integers")
+    return values
+
+
 def make_model(config: ml_collections.ConfigDict) -> nn.Module:
     """Builds the model that `config` (the `config.model` block) describes.
 
@@ -125,13 +133,9 @@ def make_model(config: ml_collections.ConfigDict) -> nn.Module:
     check_choice("model.activation", config.activation, ACTIVATIONS)
     dtype = config.get("dtype", "float32")  # Configs saved before the field had none.
     check_choice("model.dtype", dtype, DTYPES)
-    sizes = tuple(config.hidden_sizes)
-    if not all(isinstance(h, int) and not isinstance(h, bool) and h > 0 for h in sizes):
-        raise ConfigError("model.hidden_sizes", sizes, "a sequence of positive integers")
+    sizes = _positive_integers("model.hidden_sizes", config.hidden_sizes)
     check_positive("model.num_outputs", config.num_outputs, integer=True)
-    check_non_negative("model.dropout_rate", config.dropout_rate)
-    if not config.dropout_rate < 1:
-        raise ConfigError("model.dropout_rate", config.dropout_rate, "a number in [0, 1)")
+    check_in_range("model.dropout_rate", config.dropout_rate, 0, 1, include_high=False)
     kwargs = dict(
         hidden_sizes=sizes,
         num_outputs=config.num_outputs,
@@ -140,8 +144,5 @@ def make_model(config: ml_collections.ConfigDict) -> nn.Module:
         dtype=DTYPES[dtype],
     )
     if config.name == "lenet":
-        features = tuple(config.get("features", (32, 64)))
-        if not all(isinstance(c, int) and not isinstance(c, bool) and c > 0 for c in features):
-            raise ConfigError("model.features", features, "a sequence of positive integers")
-        kwargs["features"] = features
+        kwargs["features"] = _positive_integers("model.features", config.get("features", (32, 64)))
     return MODELS[config.name](**kwargs)
