@@ -116,6 +116,21 @@ def can_create_files(folder: str) -> bool:
     return True
 
 
+def holds_results(path: str) -> bool:
+    """Whether workdir `path` holds anything a run produced: a checkpoint, a metrics line or
+    a results or summary file."""
+    checkpoints = os.path.join(path, "checkpoints")
+    if os.path.isdir(checkpoints) and os.listdir(checkpoints):
+        return True
+    if any(os.path.exists(os.path.join(path, f)) for f in ("results.json", "summary.json")):
+        return True
+    metrics = os.path.join(path, "metrics.jsonl")
+    if os.path.exists(metrics):
+        with open(metrics) as f:
+            return any(line.strip() for line in f)
+    return False
+
+
 def check_workdir(
     workdir: str,
     config: ml_collections.ConfigDict,
@@ -130,7 +145,7 @@ def check_workdir(
 
     Raises:
       WorkdirError: the parent folder is missing or not writable, the workdir is a file, or it
-        holds a run of a different config.
+        holds a run of a different config (one with results: `holds_results`).
     """
     if not workdir:
         raise ConfigError("--workdir", workdir, "a folder path")
@@ -147,7 +162,10 @@ def check_workdir(
             "under a folder you can write to."
         )
     saved = os.path.join(path, "config.json")
-    if os.path.exists(saved):
+    # A config.json beside no results is that of a start which failed before its first metrics
+    # line or checkpoint (a missing data set, a compile error): nothing there to keep, so any
+    # config may start afresh in that workdir.
+    if os.path.exists(saved) and holds_results(path):
         with open(saved) as f:
             old = flatten_config(json.load(f))
         new = flatten_config(_config_dict(config))

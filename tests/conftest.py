@@ -59,6 +59,17 @@ def numpy_posterior(params, rho, seed: int = 0) -> MeanFieldGaussian:
     return MeanFieldGaussian(mu=mu, rho=jax.tree_util.tree_map(draw, params))
 
 
+def saved_run(workdir, config) -> str:
+    """Makes `workdir` look like a run of `config` that got as far as one metrics line (a
+    config.json beside no results is a failed start's, which any config may replace)."""
+    os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+        f.write(config.to_json_best_effort())
+    with open(os.path.join(workdir, "metrics.jsonl"), "w") as f:
+        f.write(json.dumps({"step": 1, "epoch": 1}) + "\n")
+    return str(workdir)
+
+
 @pytest.fixture(scope="module")
 def fast_compile():
     """Compiles with XLA's cheap settings (`jax_disable_most_optimizations`) for one module.

@@ -204,6 +204,34 @@ def test_corrupted_checkpoint_is_named_and_nothing_is_overwritten(tmp_path):
         assert json.load(f)["num_epochs"] == 2
 
 
+def test_a_start_that_failed_before_any_result_leaves_a_workdir_any_config_may_take(
+    tmp_path, monkeypatch
+):
+    """A first start stopped while compiling (Ctrl-C, an out-of-memory) leaves config.json and
+    empty folders, no metrics and no checkpoint: the corrected command in the same workdir
+    trains, and config.json becomes its config. One metrics line makes the workdir a run again."""
+    workdir = str(tmp_path / "wd")
+
+    def interrupted(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train, "compile_epoch", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        train.train_and_evaluate(test_config.get_config(), workdir)
+    assert os.path.exists(os.path.join(workdir, "config.json"))
+    assert not os.path.exists(os.path.join(workdir, "metrics.jsonl"))
+    monkeypatch.undo()
+    monkeypatch.setattr(train, "load_data", _cached_load)
+    corrected = test_config.get_config()
+    corrected.optim.learning_rate /= 2
+    summary = train.train_and_evaluate(corrected, workdir)
+    assert summary["epochs"] == corrected.num_epochs
+    with open(os.path.join(workdir, "config.json")) as f:
+        assert json.load(f)["optim"]["learning_rate"] == corrected.optim.learning_rate
+    with pytest.raises(WorkdirError, match=r"optim\.learning_rate"):
+        train.train_and_evaluate(test_config.get_config(), workdir)
+
+
 def test_a_crash_while_finishing_leaves_no_summary_and_the_rerun_finishes(tmp_path, monkeypatch):
     """summary.json marks a finished run (a rerun returns it), so it is written last and whole."""
     from bbb import workdir as workdir_lib

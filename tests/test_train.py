@@ -21,7 +21,7 @@ from bbb import train
 from bbb.errors import ConfigError
 from bbb.workdir import WorkdirError
 from configs import test as test_config
-from tests.conftest import REPO
+from tests.conftest import REPO, saved_run
 
 
 @pytest.fixture(autouse=True)
@@ -177,9 +177,7 @@ def test_where_the_data_are_and_how_the_epoch_loops_may_change_on_resume(tmp_pat
     """Locations and the loop's form change nothing trained; the learning rate does."""
     from bbb import workdir as workdir_lib
 
-    config = test_config.get_config()
-    os.makedirs(tmp_path / "wd")
-    (tmp_path / "wd" / "config.json").write_text(config.to_json_best_effort())
+    saved_run(tmp_path / "wd", test_config.get_config())
     moved = test_config.get_config()
     moved.data.data_dir, moved.data.cache_dir = "/elsewhere/tfds", "/elsewhere/cache"
     moved.data.manual_dir, moved.epoch_loop = "/elsewhere/idx", "steps"
@@ -197,9 +195,7 @@ def test_num_epochs_may_change_on_resume_unless_the_schedule_decays_over_it(tmp_
 
     config = test_config.get_config()
     config.optim.schedule = schedule
-    os.makedirs(tmp_path / "wd")
-    with open(tmp_path / "wd" / "config.json", "w") as f:
-        f.write(config.to_json_best_effort())
+    saved_run(tmp_path / "wd", config)
     workdir_lib.check_workdir(str(tmp_path / "wd"), config)  # The same config: fine.
     longer = test_config.get_config()
     longer.optim.schedule = schedule

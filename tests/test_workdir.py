@@ -12,13 +12,11 @@ from bbb import train
 from bbb.posterior import MeanFieldGaussian
 from bbb.workdir import History, Run, WorkdirError, check_workdir, summary_paragraph
 from configs import test as test_config
+from tests.conftest import saved_run
 
 
 def _saved_workdir(tmp_path) -> str:
-    workdir = tmp_path / "wd"
-    workdir.mkdir()
-    (workdir / "config.json").write_text(test_config.get_config().to_json_best_effort())
-    return str(workdir)
+    return saved_run(tmp_path / "wd", test_config.get_config())
 
 
 @pytest.mark.parametrize(
@@ -37,6 +35,30 @@ def test_the_seed_and_the_evaluation_may_not_change_on_resume(tmp_path, field, v
     setattr(changed[section] if section else changed, name, value)
     with pytest.raises(WorkdirError, match=rf"{field.replace('.', '[.]')}: "):
         check_workdir(workdir, changed)
+
+
+@pytest.mark.parametrize(
+    "result", [None, "checkpoints/7/x", "metrics.jsonl", "summary.json", "results.json"]
+)
+def test_only_a_workdir_with_results_refuses_another_config(tmp_path, result):
+    """config.json beside empty folders, an empty checkpoints folder and a blank metrics file is
+    a failed start's: any config may take the workdir. Any one result (a checkpoint, a metrics
+    line, a summary, a bandit's results) makes it a run that only its own config may resume."""
+    workdir = tmp_path / "wd"
+    for folder in ("checkpoints", "plots", "tensorboard"):
+        (workdir / folder).mkdir(parents=True)
+    (workdir / "config.json").write_text(test_config.get_config().to_json_best_effort())
+    (workdir / "metrics.jsonl").write_text("\n \n")
+    if result is not None:
+        (workdir / result).parent.mkdir(parents=True, exist_ok=True)
+        (workdir / result).write_text('{"step": 7}\n')
+    changed = test_config.get_config()
+    changed.optim.learning_rate *= 2
+    if result is None:
+        check_workdir(str(workdir), changed)
+    else:
+        with pytest.raises(WorkdirError, match=r"optim\.learning_rate: "):
+            check_workdir(str(workdir), changed)
 
 
 def test_summary_paragraph_states_each_figure_from_its_own_key():
