@@ -7,7 +7,8 @@
 - `Laplace(scale)` and `StudentT(df, scale)`: heavier tails, no closed-form KL.
 - `learnable=True` on `Gaussian` and `ScaleMixture` makes the hyperparameters trainable
   (empirical Bayes, type-II maximum likelihood of the ELBO): they live in a small pytree that is
-  optimised with μ and ρ.
+  optimised with μ and ρ. A trained σ is used clipped to [1e-15, 1e15], the scales a config may
+  set, where float32 log densities stay finite.
 
 A prior is chosen by name in the config (`config.prior.name`), or imported from user code
 with `name="mypackage.mymodule:my_prior"`, where `my_prior(**fields)` returns a `Prior`.
@@ -114,7 +115,9 @@ class Gaussian(Prior):
         return {"log_sigma": jnp.float32(math.log(self.sigma))} if self.learnable else {}
 
     def _log_sigma(self, params: dict[str, jax.Array]) -> jax.Array:
-        return params["log_sigma"] if self.learnable else jnp.float32(math.log(self.sigma))
+        if self.learnable:
+            return _clip_log_scale(params["log_sigma"])
+        return jnp.float32(math.log(self.sigma))
 
     def log_density(self, params: dict[str, jax.Array], w: jax.Array) -> jax.Array:
         log_sigma = self._log_sigma(params)
@@ -162,7 +165,8 @@ class ScaleMixture(Prior):
         if self.learnable:
             log_pi = jax.nn.log_sigmoid(params["logit_pi"])
             log_1m_pi = jax.nn.log_sigmoid(-params["logit_pi"])
-            log_sigma1, log_sigma2 = params["log_sigma1"], params["log_sigma2"]
+            log_sigma1 = _clip_log_scale(params["log_sigma1"])
+            log_sigma2 = _clip_log_scale(params["log_sigma2"])
         else:
             log_pi, log_1m_pi = math.log(self.pi), math.log1p(-self.pi)
             log_sigma1, log_sigma2 = math.log(self.sigma1), math.log(self.sigma2)
@@ -211,6 +215,13 @@ class Flat(Prior):
 # Scales the float32 log densities handle: (w / σ)² stays finite for |w| up to ~10⁴, where
 # below ~1e-19 it overflows and 0 · inf gives NaN log densities and gradients at w = 0.
 _MIN_SCALE, _MAX_SCALE = 1e-15, 1e15
+
+
+def _clip_log_scale(log_scale: jax.Array) -> jax.Array:
+    """A trained log σ, held to the scales `_check_scale` admits: a hyperparameter that the
+    optimiser drives past them keeps finite log densities (at the bound, with zero gradient
+    outward) instead of overflowing into NaN."""
+    return jnp.clip(log_scale, math.log(_MIN_SCALE), math.log(_MAX_SCALE))
 
 
 def _check_scale(field: str, value: float) -> None:

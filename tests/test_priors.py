@@ -132,6 +132,33 @@ class OtherPriorsTest(chex.TestCase):
         assert float(priors.flat().log_prob({}, _tree(W_GRID))) == 0.0
 
 
+@pytest.mark.parametrize("log_scale", [-60.0, 60.0])
+def test_a_trained_scale_past_the_admitted_range_is_used_at_its_bound(log_scale):
+    """A learnable σ that the optimiser drove past [1e-15, 1e15] gives the log density (and the
+    closed-form KL) of σ at that bound, finite, with zero gradient outward; unclipped, σ = e⁻⁶⁰
+    overflows (w/σ)² into inf, and the scale mixture's gradient into NaN."""
+    w = np.array([0.0, 1e-3, 0.5, -2.0], np.float32)
+    bound = 1e-15 if log_scale < 0 else 1e15
+    tree = _tree(w)
+    gaussian = priors.gaussian(1.0, learnable=True)
+    at_bound = priors.gaussian(bound).log_prob({}, tree)
+    value, grad = jax.value_and_grad(gaussian.log_prob)({"log_sigma": jnp.float32(log_scale)}, tree)
+    np.testing.assert_allclose(float(value), float(at_bound), rtol=1e-6)
+    assert float(grad["log_sigma"]) == 0.0
+    post = MeanFieldGaussian(mu=tree, rho=jax.tree_util.tree_map(jnp.zeros_like, tree))
+    kl = gaussian.kl({"log_sigma": jnp.float32(log_scale)}, post)
+    np.testing.assert_allclose(float(kl), float(priors.gaussian(bound).kl({}, post)), rtol=1e-6)
+
+    mixture = priors.scale_mixture(0.5, 1.0, 0.01, learnable=True)
+    params = mixture.init_params()
+    params["log_sigma2" if log_scale < 0 else "log_sigma1"] = jnp.float32(log_scale)
+    sigma1, sigma2 = (1.0, bound) if log_scale < 0 else (bound, 0.01)
+    value, grad = jax.value_and_grad(mixture.log_prob)(params, tree)
+    expected = priors.scale_mixture(0.5, sigma1, sigma2).log_prob({}, tree)
+    np.testing.assert_allclose(float(value), float(expected), rtol=1e-6)
+    assert all(np.isfinite(float(g)) for g in jax.tree_util.tree_leaves(grad))
+
+
 def test_learnable_priors_agree_at_init_and_have_correct_hyperparameter_gradients():
     w = np.random.default_rng(1).normal(size=30).astype(np.float32) * 0.3
     w64 = w.astype(np.float64)
