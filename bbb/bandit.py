@@ -389,7 +389,9 @@ def interact(
     """Interaction t of one agent: observe a mushroom, act, receive the reward, store it.
 
     The mushroom and the outcome of a poisonous meal come from fold_in(env_key, t), so every
-    agent that shares `env_key` (one seed) meets the same mushrooms in the same order.
+    agent that shares `env_key` (one seed) meets the same mushrooms in the same order. On an
+    exact tie of the two predicted rewards the agent passes, as the oracle does (it eats only
+    where the expected reward is positive).
 
     Args:
       learner: the agent kind.

@@ -675,6 +675,49 @@ def test_epsilon_greedy_explores_with_probability_epsilon_uniformly():
     assert abs(np.mean(np.asarray(action) == bandit.EAT) - 0.5) < 0.03  # Standard error 0.0065.
 
 
+def test_an_exact_tie_between_the_actions_is_a_pass():
+    """A network whose output ignores the action (every weight 0, the output bias 3: both
+    actions predict +3) makes a greedy agent pass, as the oracle, which eats only where the
+    expected reward is positive, would; one action's value a float32 step higher decides."""
+    experiment, learner, state = _greedy_agent()
+    problem = synthetic_problem()
+    posterior = state.params["posterior"]
+    flat = jax.tree_util.tree_map(jnp.zeros_like, posterior.mu)
+    last = sorted(flat)[-1]
+    flat[last]["bias"] = jnp.full_like(flat[last]["bias"], 3.0)
+    tied = dataclasses.replace(posterior, mu=flat)
+    state = dataclasses.replace(state, params={**state.params, "posterior": tied})
+
+    def act(state, t):
+        _, out = bandit.interact(
+            learner,
+            experiment.rewards,
+            problem,
+            state,
+            t,
+            jax.random.key(1),
+            jax.random.key(2),
+            jnp.float32(0.0),
+        )
+        return out["action"]
+
+    actions = jax.jit(jax.vmap(act, in_axes=(None, 0)))(state, jnp.arange(50))
+    np.testing.assert_array_equal(np.asarray(actions), bandit.PASS)
+    # The input unit that carries "EAT" (the last of F + 2) nudged up: every action is EAT.
+    first = sorted(flat)[0]
+    nudged = jax.tree_util.tree_map(lambda x: x, flat)
+    kernel = np.zeros(flat[first]["kernel"].shape, np.float32)
+    kernel[-1, :] = 1e-3
+    nudged[first]["kernel"] = jnp.asarray(kernel)
+    for layer in sorted(flat)[1:]:
+        nudged[layer]["kernel"] = jnp.full_like(flat[layer]["kernel"], 1e-3)
+    state = dataclasses.replace(
+        state, params={**state.params, "posterior": dataclasses.replace(posterior, mu=nudged)}
+    )
+    actions = jax.jit(jax.vmap(act, in_axes=(None, 0)))(state, jnp.arange(50))
+    np.testing.assert_array_equal(np.asarray(actions), bandit.EAT)
+
+
 def test_the_buffer_stores_the_action_taken_and_its_reward():
     """An exploring agent's buffer holds the mushroom it met, the action it took (not the
     greedy one) and the reward it received (not the oracle's)."""
