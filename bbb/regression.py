@@ -141,9 +141,12 @@ def regression_experiment(
       Per model: the IQR at x = 0.25 and x = 1.0, their ratio, and the test RMSE and NLL.
 
     Raises:
-      ConfigError: `num_samples` is not an integer of at least 2, before anything is trained.
+      ConfigError: `num_samples` is not an integer of at least 2, or either config has a bad
+        field, before anything is written or trained.
     """
     check_integer_at_least("num_samples", num_samples, 2, "a band")
+    for config in (bbb_config, plain_config):  # Both configs' errors before the workdir exists.
+        train.build(config, *train.dataset_spec(config))
     os.makedirs(os.path.join(workdir, "plots"), exist_ok=True)
     grid = np.linspace(*X_PLOT, 281)
     bands, results = {}, {}

@@ -102,6 +102,36 @@ def test_bad_num_samples_is_named_before_training(tmp_path, num_samples):
     assert not (tmp_path / "wd").exists()
 
 
+def test_script_takes_config_overrides_and_names_a_bad_one_before_anything(tmp_path):
+    """`--config.…` reaches Bayes by Backprop's config: a bad value exits with code 2, naming
+    the field, before the workdir is made; a misspelt field is a flag error (code 2 too)."""
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    for flag, message in [
+        ("--config.likelihood.noise_std=-1", "likelihood.noise_std"),
+        ("--config.likelihood.noise_sd=1", "noise_sd"),
+    ]:
+        result = subprocess.run(
+            [
+                sys.executable,
+                "scripts/regression.py",
+                f"--workdir={tmp_path / 'wd'}",
+                "--config=configs/regression.py",
+                flag,
+            ],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert result.returncode == 2, result.stderr[-2000:]
+        assert message in result.stderr, result.stderr[-2000:]
+        assert not (tmp_path / "wd").exists()
+
+
 class _SquaredWeight(nn.Module):
     """f(x; w) = (x w)²: with w ~ N(0, 1), f(x) = x² χ²₁, a skewed band of known quartiles."""
 
@@ -159,7 +189,7 @@ def test_experiment_reports_the_iqr_inside_and_outside_and_their_ratio(tmp_path,
     monkeypatch.setattr(train, "load_run", fake_load)
     monkeypatch.setattr(regression, "plot_regression", lambda *args: None)
     config = regression_config.get_config()
-    config.data.num_train = 10
+    config.data.num_train = config.batch_size = 10  # Only load_data reads it: a small set.
     results = regression.regression_experiment(
         str(tmp_path), config, config, num_samples=4000, seed=1
     )
