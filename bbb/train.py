@@ -826,8 +826,14 @@ def load_run(workdir: str, step: int | None = None) -> tuple[Experiment, TrainSt
         config.model[field] = tuple(config.model[field])
     # Reading needs no mesh: the run's own may not fit the devices at hand.
     config.mesh = ml_collections.ConfigDict({"data": 1, "samples": 1})
-    experiment = build(config, *dataset_spec(config), devices=jax.devices()[:1])
-    abstract = jax.eval_shape(lambda: init_state(experiment, root_keys(config)["init"]))
+    experiment = build(config, *dataset_spec(config), devices=jax.local_devices()[:1])
+    # On this process's first device: without a sharding Orbax would restore onto the saved
+    # one, whose devices (8 GPUs, a TPU slice, other hosts) may not exist here.
+    one_device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    abstract = jax.tree_util.tree_map(
+        lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=one_device),
+        jax.eval_shape(lambda: init_state(experiment, root_keys(config)["init"])),
+    )
     checkpoint_dir = os.path.join(os.path.abspath(workdir), "checkpoints")
     if not os.path.isdir(checkpoint_dir):
         raise WorkdirError(f"{workdir} holds no checkpoint: {checkpoint_dir} is missing.")
