@@ -48,8 +48,9 @@ def parse_flags_or_exit(argv: list[str]) -> list[str]:
     # page-faulting fresh pages (bbb.hostmem). Bad flags have exited above, before it.
     from bbb import hostmem
 
-    hostmem.restart_with_huge_pages()
-    hostmem.keep_freed_memory()
+    if hostmem.jax_computes_on_cpu():  # Host memory is XLA:CPU's working memory only there.
+        hostmem.restart_with_huge_pages()
+        hostmem.keep_freed_memory()
     return remaining
 
 

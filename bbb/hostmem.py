@@ -29,6 +29,10 @@ huge pages it ran 1.6–1.7× faster, for every estimator; the closed-form Gauss
 streams less, ran as fast as before, and so did everything at H = 400 (docs/performance.md).
 `BBB_HUGE_PAGES=0` turns it off.
 
+Both are for XLA:CPU: the scripts apply them only where JAX will compute on the CPU
+(`jax_computes_on_cpu`: `JAX_PLATFORMS` says cpu, or no GPU/TPU plugin is installed), so on an
+accelerator host the process neither re-executes itself nor keeps its peak host memory.
+
 The same policies can be given to any other process through its environment (`PEER_ENV`;
 `peer_environment` builds the benchmark's peer's from this process's own).
 """
@@ -56,6 +60,23 @@ KEEP_ENV = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(_TRIM_THRESHO
 PEER_ENV = {**KEEP_ENV, "GLIBC_TUNABLES": HUGE_PAGES_TUNABLE}
 
 _applied = False
+# Distributions whose presence means JAX computes on an accelerator by default.
+ACCELERATOR_PACKAGES = re.compile(
+    r"^(jax[-_]cuda\d+[-_](plugin|pjrt)|libtpu|jax[-_]rocm\d*[-_](plugin|pjrt))"
+)
+
+
+def jax_computes_on_cpu(environ: dict[str, str] | None = None) -> bool:
+    """Whether JAX will compute on the CPU: `JAX_PLATFORMS` names cpu first, or, unset, no
+    CUDA, ROCm or TPU plugin of JAX is installed (read from package metadata, without
+    importing JAX, so a script can decide before any compute)."""
+    import importlib.metadata
+
+    platforms = (os.environ if environ is None else environ).get("JAX_PLATFORMS", "")
+    if platforms.strip():
+        return platforms.split(",")[0].strip().lower() == "cpu"
+    names = (dist.metadata["Name"] or "" for dist in importlib.metadata.distributions())
+    return not any(ACCELERATOR_PACKAGES.match(name.lower()) for name in names)
 
 
 def keep_freed_memory() -> bool:

@@ -339,7 +339,9 @@ def global_norm(tree: Any) -> jax.Array:
     for leaf in jax.tree_util.tree_leaves(tree):
         matrix = leaf.reshape(leaf.shape[0] if leaf.ndim > 1 else 1, -1)
         squares = jnp.square(matrix.astype(jnp.float32))
-        total = total + jnp.sum(squares @ jnp.ones((matrix.shape[1],), jnp.float32))
+        # HIGHEST: TPUs (and GPUs with TF32) would otherwise round the squares to fewer bits.
+        ones = jnp.ones((matrix.shape[1],), jnp.float32)
+        total = total + jnp.sum(jnp.matmul(squares, ones, precision=jax.lax.Precision.HIGHEST))
     return jnp.sqrt(total)
 
 

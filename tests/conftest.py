@@ -15,6 +15,9 @@ import sys
 # they save. Set in the environment (before JAX is imported) so that the training subprocesses
 # that some tests start compile the same way, and give bit-identical numbers.
 os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
+# The tests run on the CPU, on GPU and TPU hosts too: several check XLA:CPU's compiled code, and
+# `pytest -n 2`'s workers (and the training subprocesses) would each claim the accelerator.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import flax.linen as nn
 import jax

@@ -200,6 +200,48 @@ def test_scripts_restart_after_parsing_their_flags(monkeypatch):
         assert "app.run(main, flags_parser=cli.parse_flags_or_exit)" in open(path).read(), path
 
 
+@pytest.mark.parametrize(
+    ("platforms", "installed", "on_cpu"),
+    [
+        ("", ["jax", "jaxlib", "numpy"], True),
+        ("", ["jax", "jax-cuda12-plugin", "jax-cuda12-pjrt"], False),
+        ("", ["jax", "jax_cuda13_plugin"], False),
+        ("", ["jax", "libtpu"], False),
+        ("", ["jax", "jax-rocm60-plugin"], False),
+        ("cpu", ["jax", "jax-cuda12-plugin"], True),
+        ("cuda", ["jax", "jaxlib"], False),
+        ("tpu,cpu", ["jax"], False),
+        (" CPU ,cuda", ["jax", "libtpu"], True),
+    ],
+)
+def test_host_memory_policies_only_where_jax_computes_on_the_cpu(
+    monkeypatch, platforms, installed, on_cpu
+):
+    """On a GPU or TPU host the scripts neither re-execute themselves for huge pages nor keep
+    their peak host memory: `JAX_PLATFORMS` decides where set, else an installed accelerator
+    plugin of JAX (a CUDA, ROCm or TPU package) means JAX will not compute on the CPU."""
+    import importlib.metadata
+    import types
+
+    from absl import flags
+
+    from bbb import cli
+
+    monkeypatch.setattr(
+        importlib.metadata,
+        "distributions",
+        lambda: [types.SimpleNamespace(metadata={"Name": name}) for name in installed],
+    )
+    assert hostmem.jax_computes_on_cpu({"JAX_PLATFORMS": platforms}) == on_cpu
+    monkeypatch.setenv("JAX_PLATFORMS", platforms)
+    calls = []
+    monkeypatch.setattr(hostmem, "restart_with_huge_pages", lambda: calls.append("restart"))
+    monkeypatch.setattr(hostmem, "keep_freed_memory", lambda: calls.append("keep"))
+    cli.parse_flags_or_exit(["prog"])
+    flags.FLAGS.unparse_flags()
+    assert calls == (["restart", "keep"] if on_cpu else [])
+
+
 @_needs_huge_pages
 def test_a_program_read_from_stdin_is_not_rerun():
     """Its text is gone once read: a re-execution would run nothing."""

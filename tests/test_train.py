@@ -21,7 +21,7 @@ from bbb import train
 from bbb.errors import ConfigError
 from bbb.workdir import WorkdirError
 from configs import test as test_config
-from tests.conftest import REPO, saved_run
+from tests.conftest import REPO, all_equations, saved_run
 
 
 @pytest.fixture(autouse=True)
@@ -693,6 +693,16 @@ def test_global_norm_is_the_euclidean_norm_of_all_leaves():
     np.testing.assert_allclose(
         float(train.global_norm(tree)), float(optax.tree.norm(tree)), rtol=1e-6
     )
+    # Its products ask for full float32 precision, which TPUs (bfloat16 passes by default)
+    # and GPUs with TF32 give only when asked; this CPU computes float32 either way.
+    dots = [
+        eqn
+        for eqn in all_equations(jax.make_jaxpr(train.global_norm)(tree).jaxpr)
+        if eqn.primitive.name == "dot_general"
+    ]
+    assert len(dots) == len(shapes)
+    highest = jax.lax.Precision.HIGHEST
+    assert all(eqn.params["precision"] == (highest, highest) for eqn in dots)
 
 
 def test_evaluate_against_numpy_from_the_same_samples():
