@@ -114,12 +114,32 @@ def make_mesh(shape: tuple[int, int], devices: Sequence[Any] | None = None) -> M
 
     Returns:
       A `jax.sharding.Mesh` whose axes are `AxisType.Auto` (sharding by annotation).
+
+    Raises:
+      ConfigError: naming `mesh.data`, for a shape that the devices' physical topology cannot
+        be laid out as, even with its axes split (some TPU slices, multi-slice jobs).
     """
     devices = list(jax.devices() if devices is None else devices)
     if len(devices) != math.prod(shape):
         raise ValueError(f"a {shape} mesh needs {math.prod(shape)} devices, not {len(devices)}")
     auto = (jax.sharding.AxisType.Auto,) * len(AXES)
-    return jax.make_mesh(shape, AXES, axis_types=auto, devices=devices)
+    try:
+        return jax.make_mesh(shape, AXES, axis_types=auto, devices=devices)
+    except (NotImplementedError, ValueError):
+        # jax.make_mesh will not split a TPU's physical axes (a 32 × 2 mesh of a 4 × 4 × 4
+        # slice); splitting them costs some interconnect locality, not correctness.
+        from jax.experimental import mesh_utils
+
+        try:
+            grid = mesh_utils.create_device_mesh(shape, devices, allow_split_physical_axes=True)
+        except (NotImplementedError, ValueError) as error:
+            raise ConfigError(
+                "mesh.data",
+                shape[0],
+                f"a (mesh.data, mesh.samples) shape that these {len(devices)} devices' topology "
+                f"can be laid out as; {shape} cannot ({error})",
+            ) from error
+        return Mesh(grid, AXES, axis_types=auto)
 
 
 def is_sharded(mesh: Mesh | None) -> bool:

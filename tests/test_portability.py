@@ -1,4 +1,4 @@
-"""What must hold on other hardware than the run's: a checkpoint read where its devices are not."""
+"""What must hold on other hardware than this CPU: checkpoints read elsewhere, TPU meshes."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import os
 
 import jax
 import numpy as np
+import pytest
 
 from bbb import train
 from tests.conftest import report_on_fake_cpus
@@ -44,3 +45,24 @@ def test_a_run_trained_on_more_devices_loads_on_one(tmp_path):
     total = sum(np.asarray(leaf, np.float64).sum() for leaf in leaves)
     assert total == report["sum"]
     assert os.path.exists(os.path.join(workdir, "summary.json"))
+
+
+def test_a_mesh_the_topology_refuses_is_split_or_named(monkeypatch):
+    """`jax.make_mesh` refuses shapes that would split a TPU slice's physical axes
+    (NotImplementedError): the mesh is then laid out with its axes split; where even that is
+    impossible the run stops with a config error naming mesh.data, not a traceback."""
+    from jax.experimental import mesh_utils
+
+    from bbb import parallel
+    from bbb.errors import ConfigError
+
+    def refuse(*args, **kwargs):
+        raise NotImplementedError("Splitting axes is not supported")
+
+    monkeypatch.setattr(jax, "make_mesh", refuse)
+    mesh = parallel.make_mesh((1, 1), jax.devices()[:1])
+    assert mesh.axis_names == parallel.AXES and mesh.devices.shape == (1, 1)
+    assert all(t == jax.sharding.AxisType.Auto for t in mesh.axis_types)
+    monkeypatch.setattr(mesh_utils, "create_device_mesh", refuse)
+    with pytest.raises(ConfigError, match=r"mesh\.data=1 is invalid: .*\(1, 1\) cannot"):
+        parallel.make_mesh((1, 1), jax.devices()[:1])
