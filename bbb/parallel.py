@@ -48,19 +48,36 @@ def _axis_size(field: str, value: Any) -> int:
     return value
 
 
+def _largest_divisor(n: int, at_most: int) -> int:
+    """The largest divisor of `n` that is at most `at_most` (≥ 1)."""
+    return max(d for d in range(1, max(at_most, 1) + 1) if n % d == 0)
+
+
 def mesh_shape(
-    mesh_config: Any, num_devices: int, *, batch_size: int, num_samples: int
+    mesh_config: Any,
+    num_devices: int,
+    *,
+    batch_size: int,
+    num_samples: int,
+    every_device: bool = False,
 ) -> tuple[int, int]:
     """The (data, samples) shape of the mesh, with -1 resolved, checked against the run.
 
+    The mesh takes the first data × samples devices, which may be fewer than there are: -1 on
+    one axis takes as many of the devices the other axis leaves as that axis can use (the
+    largest divisor of `batch_size`, or of `num_samples`, that fits), so that a batch of 100 runs
+    on 4 of 8 GPUs rather than not at all.
+
     Args:
       mesh_config: the `config.mesh` block (`data`, `samples`).
-      num_devices: the devices the mesh must cover (`jax.device_count()`, all processes).
+      num_devices: the devices available (`jax.device_count()`, all processes).
       batch_size: B, which the data axis must divide.
       num_samples: K (`objective.num_samples`), which the samples axis must divide.
+      every_device: the mesh must cover every device (a multi-host job, where each process
+        must hold part of it).
 
     Returns:
-      (data, samples), whose product is `num_devices`.
+      (data, samples), whose product is at most `num_devices` (exactly, with `every_device`).
 
     Raises:
       ConfigError: naming the field, its value and what is allowed.
@@ -72,22 +89,28 @@ def mesh_shape(
             "mesh.samples", samples, "a positive integer when mesh.data is -1 (one axis at most)"
         )
     devices = f"{num_devices} device" + ("s" if num_devices != 1 else "")
+    if every_device:
+        devices += " of this multi-host job"
     if data != -1 and samples != -1:
-        if data * samples != num_devices:
+        product = data * samples
+        if product > num_devices or (every_device and product != num_devices):
+            bound = "equal to" if every_device else "at most"
             raise ConfigError(
                 "mesh.data",
                 data,
-                f"mesh.data × mesh.samples = {data} × {samples} = {data * samples} equal to the "
+                f"mesh.data × mesh.samples = {data} × {samples} = {product} {bound} the "
                 f"{devices} (or -1 on one axis, to take the devices the other leaves)",
             )
-    elif data == -1:
-        if num_devices % samples:
-            raise ConfigError("mesh.samples", samples, f"a divisor of the {devices}")
-        data = num_devices // samples
     else:
-        if num_devices % data:
-            raise ConfigError("mesh.data", data, f"a divisor of the {devices}")
-        samples = num_devices // data
+        field, given = ("mesh.samples", samples) if data == -1 else ("mesh.data", data)
+        if given > num_devices or (every_device and num_devices % given):
+            allowed = "a divisor of" if every_device else "at most"
+            raise ConfigError(field, given, f"{allowed} the {devices}")
+        left = num_devices // given
+        if data == -1:
+            data = left if every_device else _largest_divisor(batch_size, left)
+        else:
+            samples = left if every_device else _largest_divisor(num_samples, left)
     if batch_size % data:
         raise ConfigError(
             "mesh.data",

@@ -31,6 +31,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
+from absl import logging
 
 from bbb import objective as objective_lib
 from bbb import parallel
@@ -224,8 +225,22 @@ def build(
         len(devices),
         batch_size=config.batch_size,
         num_samples=config.objective.num_samples,
+        every_device=jax.process_count() > 1,
     )
-    mesh = parallel.make_mesh(shape, devices)
+    if math.prod(shape) < len(devices):
+        logging.warning(
+            "mesh: %d × %d uses %d of the %d devices (mesh.data=%s, mesh.samples=%s with "
+            "batch_size=%d, objective.num_samples=%d); a batch size that the device count "
+            "divides would use them all.",
+            *shape,
+            math.prod(shape),
+            len(devices),
+            mesh_config.data,
+            mesh_config.samples,
+            config.batch_size,
+            config.objective.num_samples,
+        )
+    mesh = parallel.make_mesh(shape, devices[: math.prod(shape)])
     steps_per_epoch = num_train // config.batch_size
     model = make_model(config.model)
     free_energy = objective_lib.FreeEnergy(

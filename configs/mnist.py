@@ -120,7 +120,8 @@ def get_config(width: str | None = None) -> ml_collections.ConfigDict:
     config.mesh = ml_collections.ConfigDict()
     # The device mesh (jax.sharding.Mesh) with axes ("data", "samples"): the minibatch is sharded
     # over "data", the K Monte-Carlo samples over "samples", the variational parameters are
-    # replicated. -1 on one axis takes all the devices the other leaves; one device needs nothing.
+    # replicated. -1 on one axis takes as many of the devices the other leaves as divide its
+    # count (all 8 for a batch of 128, 4 of 8 for a batch of 100); one device needs nothing.
     config.mesh.data = -1  # Devices on the batch axis (must divide batch_size).
     config.mesh.samples = 1  # Devices on the MC-sample axis (must divide objective.num_samples).
 

@@ -115,18 +115,21 @@ def _worker(workdir: str) -> dict:
     with open(os.path.join(workdir, "metrics.jsonl")) as f:
         report["run"] = [json.loads(line) for line in f]
 
-    # Bad meshes on 8 real devices.
-    report["errors"] = {}
+    # Meshes on 8 real devices, bad ones and ones that use fewer devices: the error message,
+    # or the mesh's shape and devices.
+    report["errors"], report["fewer"] = {}, {}
     for data_axis, samples_axis, num_samples in [(4, 2, 3), (3, -1, 8), (2, 2, 8), (-1, 1, 4)]:
         config = _mesh_config(_tiny_config(), data_axis, samples_axis)
         config.objective.num_samples = num_samples
         config.batch_size = 12 if data_axis == -1 else 16
+        case = f"{data_axis},{samples_axis},{num_samples}"
         try:
-            train.build(config, NUM_TRAIN, (28, 28, 1))
+            mesh = train.build(config, NUM_TRAIN, (28, 28, 1)).mesh
+            report["fewer"][case] = [list(mesh.devices.shape), [d.id for d in mesh.devices.flat]]
             message = ""
         except ConfigError as e:
             message = str(e)
-        report["errors"][f"{data_axis},{samples_axis},{num_samples}"] = message
+        report["errors"][case] = message
     return report
 
 
@@ -175,13 +178,19 @@ def test_training_loop_on_a_mesh_resumes_and_matches_one_device(eight_devices):
     ("case", "expected"),
     [
         ("4,2,3", "mesh.samples=2 is invalid: allowed is a divisor of objective.num_samples=3"),
-        ("3,-1,8", "mesh.data=3 is invalid: allowed is a divisor of the 8 devices"),
-        ("2,2,8", "mesh.data × mesh.samples = 2 × 2 = 4 equal to the 8 devices"),
-        ("-1,1,4", "mesh.data=-1 is invalid: allowed is a divisor of batch_size=12"),
+        ("3,-1,8", "mesh.data=3 is invalid: allowed is a divisor of batch_size=16"),
     ],
 )
 def test_bad_mesh_on_eight_devices_names_the_field(eight_devices, case, expected):
     assert expected in eight_devices["errors"][case]
+
+
+def test_a_mesh_may_take_fewer_devices_than_there_are(eight_devices):
+    """On 8 devices a 2 × 2 mesh takes the first 4, and mesh.data = -1 with a batch of 12 takes
+    6, the most that divide it (a batch of 100 on 8 GPUs runs on 4, rather than not at all)."""
+    assert eight_devices["errors"]["2,2,8"] == eight_devices["errors"]["-1,1,4"] == ""
+    assert eight_devices["fewer"]["2,2,8"] == [[2, 2], [0, 1, 2, 3]]
+    assert eight_devices["fewer"]["-1,1,4"] == [[6, 1], [0, 1, 2, 3, 4, 5]]
 
 
 # In this process (one device) -------------------------------------------------------------
@@ -190,11 +199,24 @@ def test_bad_mesh_on_eight_devices_names_the_field(eight_devices, case, expected
 @pytest.mark.parametrize(
     ("data", "samples", "devices", "expected"),
     [((-1, 1, 8, (8, 1))), (2, -1, 8, (2, 4)), (-1, 4, 8, (2, 4)), (4, 2, 8, (4, 2))]
-    + [(-1, 1, 1, (1, 1)), (1, -1, 1, (1, 1))],
+    + [(-1, 1, 1, (1, 1)), (1, -1, 1, (1, 1)), (2, 1, 8, (2, 1)), (3, -1, 8, (3, 2))]
+    + [(-1, 1, 5, (4, 1)), (-1, 3, 8, (2, 3)), (1, -1, 7, (1, 6)), (-1, 1, 40, (32, 1))],
 )
 def test_mesh_shape_takes_the_devices_the_other_axis_leaves(data, samples, devices, expected):
+    """-1 takes the most of the devices the other axis leaves that its own count divides
+    (B = 96, K = 12 here); a mesh may use fewer devices than there are."""
     mesh = ml_collections.ConfigDict({"data": data, "samples": samples})
-    assert parallel.mesh_shape(mesh, devices, batch_size=64, num_samples=8) == expected
+    assert parallel.mesh_shape(mesh, devices, batch_size=96, num_samples=12) == expected
+
+
+@pytest.mark.parametrize(
+    ("data", "samples", "expected"),
+    [(-1, 1, (8, 1)), (-1, 2, (4, 2)), (4, -1, (4, 2)), (2, 4, (2, 4))],
+)
+def test_a_multi_host_mesh_takes_every_device(data, samples, expected):
+    mesh = ml_collections.ConfigDict({"data": data, "samples": samples})
+    shape = parallel.mesh_shape(mesh, 8, batch_size=64, num_samples=8, every_device=True)
+    assert shape == expected
 
 
 @pytest.mark.parametrize(
@@ -204,22 +226,34 @@ def test_mesh_shape_takes_the_devices_the_other_axis_leaves(data, samples, devic
         (0, 1, 8, 64, 8, "mesh.data=0", "a positive integer, or -1"),
         (2.0, 1, 2, 64, 8, "mesh.data=2.0", "a positive integer, or -1"),
         (1, True, 1, 64, 8, "mesh.samples=True", "a positive integer, or -1"),
-        (3, -1, 8, 64, 8, "mesh.data=3", "a divisor of the 8 devices"),
-        (-1, 3, 8, 64, 8, "mesh.samples=3", "a divisor of the 8 devices"),
-        (2, 1, 8, 64, 8, "mesh.data=2", "2 × 1 = 2 equal to the 8 devices"),
-        (8, 2, 8, 64, 8, "mesh.data=8", "8 × 2 = 16 equal to the 8 devices"),
-        (2, 1, 1, 64, 8, "mesh.data=2", "2 × 1 = 2 equal to the 1 device "),
-        (-1, 1, 8, 100, 8, "mesh.data=-1", "a divisor of batch_size=100"),
+        (3, -1, 8, 64, 8, "mesh.data=3", "a divisor of batch_size=64"),
+        (-1, 3, 8, 64, 8, "mesh.samples=3", "a divisor of objective.num_samples=8"),
+        (9, -1, 8, 64, 8, "mesh.data=9", "at most the 8 devices"),
+        (-1, 9, 8, 64, 8, "mesh.samples=9", "at most the 8 devices"),
+        (8, 2, 8, 64, 8, "mesh.data=8", "8 × 2 = 16 at most the 8 devices"),
+        (2, 1, 1, 64, 8, "mesh.data=2", "2 × 1 = 2 at most the 1 device "),
         (4, 2, 8, 64, 3, "mesh.samples=2", "a divisor of objective.num_samples=3"),
         (1, 8, 8, 64, 4, "mesh.samples=8", "a divisor of objective.num_samples=4"),
+        (2, 1, "8 hosts", 64, 8, "mesh.data=2", "2 × 1 = 2 equal to the 8 devices of this"),
+        (3, -1, "8 hosts", 64, 8, "mesh.data=3", "a divisor of the 8 devices of this multi"),
+        (-1, 1, "8 hosts", 100, 8, "mesh.data=-1", "a divisor of batch_size=100"),
     ],
 )
 def test_bad_mesh_is_a_config_error_naming_the_field(
     data, samples, devices, batch_size, num_samples, field, allowed
 ):
+    """ "8 hosts": 8 devices of a multi-host job, where the mesh must cover every device."""
     mesh = ml_collections.ConfigDict({"data": data, "samples": samples})
+    every_device = devices == "8 hosts"
+    devices = 8 if every_device else devices
     with pytest.raises(ConfigError) as info:
-        parallel.mesh_shape(mesh, devices, batch_size=batch_size, num_samples=num_samples)
+        parallel.mesh_shape(
+            mesh,
+            devices,
+            batch_size=batch_size,
+            num_samples=num_samples,
+            every_device=every_device,
+        )
     assert f"config field {field} is invalid" in str(info.value)
     assert allowed in str(info.value)
 
@@ -231,7 +265,7 @@ def test_build_checks_the_mesh_against_the_devices_before_any_compute():
     with pytest.raises(ConfigError, match=r"objective\.num_samples=3"):
         train.build(config, NUM_TRAIN, (28, 28, 1), devices=jax.devices() * 8)
     config = _mesh_config(_tiny_config(), 2, 1)  # 2 devices asked, 1 here
-    with pytest.raises(ConfigError, match=r"mesh\.data=2 .* equal to the 1 device "):
+    with pytest.raises(ConfigError, match=r"mesh\.data=2 .* at most the 1 device "):
         train.build(config, NUM_TRAIN, (28, 28, 1))
 
 
@@ -269,7 +303,7 @@ def test_cli_bad_mesh_exits_2_and_leaves_the_workdir(tmp_path):
         timeout=300,
     )
     assert result.returncode == 2, result.stderr[-2000:]
-    assert "mesh.data=2" in result.stderr and "equal to the 1 device " in result.stderr
+    assert "mesh.data=2" in result.stderr and "at most the 1 device " in result.stderr
     assert _digest(str(workdir)) == before
 
 
