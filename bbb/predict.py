@@ -49,6 +49,7 @@ def predict(
     classification: bool = True,
     estimator: str = "reparam",
     mc_dropout: bool = False,
+    sample_batch: int | None = None,
 ) -> Prediction:
     """Per-sample outputs, the MC-averaged predictive, and the posterior-mean prediction.
 
@@ -61,6 +62,10 @@ def predict(
       classification: map outputs to probabilities with a softmax.
       estimator: how a sample is drawn ("reparam" draws whole networks, the others per example).
       mc_dropout: keep dropout on at prediction (MC dropout; Gal & Ghahramani 2016).
+      sample_batch: draw the samples this many at a time (`lax.map` over groups, each
+        vectorised), so that memory holds that many networks and their activations rather
+        than K; None draws all K at once. The samples are the same either way (to float
+        rounding: a group is fused differently).
 
     Returns:
       A `Prediction`.
@@ -71,7 +76,11 @@ def predict(
     def one_sample(k: jax.Array) -> jax.Array:
         return transform(estimators.sample_output(model, posterior, x, k, estimator, **kwargs))
 
-    samples = jax.vmap(one_sample)(jax.random.split(key, num_samples))  # [K, B, ...]
+    keys = jax.random.split(key, num_samples)
+    if sample_batch is None or sample_batch >= num_samples:
+        samples = jax.vmap(one_sample)(keys)  # [K, B, ...]
+    else:
+        samples = jax.lax.map(one_sample, keys, batch_size=sample_batch)
     mean_out = model.apply(
         {"params": posterior.mean()}, x, rngs={"dropout": key}, **train_kwargs(model, False)
     )
@@ -87,6 +96,7 @@ def predict_in_batches(
     key: jax.Array,
     num_samples: int,
     batch_size: int = 500,
+    input_shape: tuple[int, ...] | None = None,
     **kwargs: Any,
 ) -> Prediction:
     """`predict` over a large array, in chunks that `lax.map` runs one after another.
@@ -101,6 +111,8 @@ def predict_in_batches(
       key: a PRNG key.
       num_samples: K.
       batch_size: examples per chunk.
+      input_shape: the model's shape of one example, for `x` stored flat ([N, D], as
+        `train.examples_on_device` places data); None: `x.shape[1:]`.
       **kwargs: passed to `predict`.
 
     Returns:
@@ -112,8 +124,11 @@ def predict_in_batches(
     padded = jnp.concatenate([x, jnp.zeros((num_chunks * batch_size - n, *x.shape[1:]), x.dtype)])
     chunks = padded.reshape(num_chunks, batch_size, *x.shape[1:])
 
+    shape = x.shape[1:] if input_shape is None else tuple(input_shape)
+
     def one_chunk(args):
         index, chunk = args
+        chunk = chunk.reshape(batch_size, *shape)
         return predict(
             model, posterior, chunk, jax.random.fold_in(key, index), num_samples, **kwargs
         )

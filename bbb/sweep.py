@@ -851,7 +851,7 @@ def _train_group(group: Sequence[Member], stop_after_epochs: int | None) -> tupl
         run = workdir_lib.Run(member.workdir, member.config)
         runs.append(run)
         restored.append(run.restore(_unstack(host_states, index)))
-    device_data = {name: tuple(jnp.asarray(a) for a in arrays) for name, arrays in splits.items()}
+    device_data = train.examples_on_device(splits, None)  # Flat examples (TPU memory).
     diverged = []
     by_step: dict[int, list[int]] = {}
     for index, (state, _) in enumerate(restored):

@@ -32,7 +32,8 @@ from bbb.errors import ConfigError
 PyTree = Any
 # Fields that may change between a run and its resumption (training length, logging cadence,
 # where the data are found, and how the steps run: the device mesh, so a run may resume on
-# other hardware, and the epoch loop, which follows the scan's trajectory). The length may not
+# other hardware, the epoch loop, which follows the scan's trajectory, and how many posterior
+# samples an evaluation draws at once, which changes its memory, not its values). The length may not
 # change under the cosine schedule, which decays over it (`check_workdir`).
 RESUMABLE_FIELDS = (
     "num_epochs",
@@ -42,6 +43,7 @@ RESUMABLE_FIELDS = (
     "mesh.data",
     "mesh.samples",
     "epoch_loop",
+    "eval.sample_batch",
     "data.data_dir",
     "data.manual_dir",
     "data.cache_dir",

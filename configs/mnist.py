@@ -19,7 +19,9 @@ def get_config(width: str | None = None) -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
     config.seed = 0  # Root of every random stream (init, shuffling, MC noise, evaluation).
     # PRNG: "threefry2x32" (JAX's default, splittable and reproducible everywhere) or "rbg" /
-    # "unsafe_rbg" (faster on some accelerators; weaker guarantees for split keys).
+    # "unsafe_rbg" (faster on some accelerators; weaker guarantees for split keys; their bits
+    # are each platform's own generator's, so CPU, GPU and TPU draw different noise, and under
+    # vmap they differ from a loop's, which is why `scripts/sweep.py --vectorize` refuses them).
     config.prng_impl = "threefry2x32"
     # Passes over the 50,000 training images: sized for `make train` on a 2-core CPU; the paper
     # trained for 600 or more (--config.num_epochs=600).
@@ -115,7 +117,11 @@ def get_config(width: str | None = None) -> ml_collections.ConfigDict:
     # Evaluate on validation and test every this many epochs (each K = 100 evaluation costs
     # about 5 epochs on a 2-core CPU, so 20 keeps `make train` well inside 30 minutes).
     config.eval.every_epochs = 20
-    config.eval.batch_size = 1000  # Examples per evaluation chunk (memory: K × this × width).
+    config.eval.batch_size = 1000  # Examples per evaluation chunk.
+    # Posterior samples drawn at once within a chunk: memory holds this many sampled networks and
+    # their activations (sample_batch × batch_size × width), not all K; the same values (to float
+    # rounding). A vectorised sweep evaluates all its members at once, so this multiplies too.
+    config.eval.sample_batch = 10
 
     config.mesh = ml_collections.ConfigDict()
     # The device mesh (jax.sharding.Mesh) with axes ("data", "samples"): the minibatch is sharded

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 
+import chex
 import jax
 import numpy as np
 import pytest
@@ -66,3 +67,48 @@ def test_a_mesh_the_topology_refuses_is_split_or_named(monkeypatch):
     monkeypatch.setattr(mesh_utils, "create_device_mesh", refuse)
     with pytest.raises(ConfigError, match=r"mesh\.data=1 is invalid: .*\(1, 1\) cannot"):
         parallel.make_mesh((1, 1), jax.devices()[:1])
+
+
+@pytest.mark.parametrize(("model", "epoch_loop"), [("mlp", "scan"), ("lenet", "steps")])
+def test_examples_stored_flat_train_and_evaluate_as_the_images(model, epoch_loop):
+    """The device copy of the data is [N, 784], not [N, 28, 28, 1] (which TPUs pad 146-fold);
+    each gathered batch gets its shape back, so an epoch and an evaluation on the flat copy
+    give, bit for bit, those on the images, for the MLP's scan and LeNet's stepwise loop."""
+    config = _tiny_config()
+    config.model.name, config.epoch_loop = model, epoch_loop
+    if model == "lenet":
+        config.model.features, config.model.hidden_sizes = (2, 3), (8,)
+    config.objective.num_samples = 2
+    experiment = train.build(config, config.data.train_subset, (28, 28, 1))
+    splits = _synthetic_splits(config)
+    flat = train.examples_on_device(splits, None)
+    assert flat["train"][0].shape == (config.data.train_subset, 784)
+    assert flat["test"][0].shape == (config.data.eval_subset, 784)
+    images = {name: tuple(jax.numpy.asarray(a) for a in arrays) for name, arrays in splits.items()}
+    keys = train.root_keys(config)
+    results = []
+    for data in (flat, images):
+        state = jax.jit(lambda key: train.init_state(experiment, key))(keys["init"])
+        state, metrics = train.compile_epoch(experiment)(state, data["train"], np.int32(0), keys)
+        evaluation = train.compile_evaluate(experiment)(state.params, data["test"], keys["eval"])
+        results.append(jax.device_get((state.params, metrics, evaluation)))
+    chex.assert_trees_all_equal(results[0], results[1])
+
+
+def test_training_places_the_examples_flat(tmp_path, monkeypatch):
+    from bbb import parallel
+
+    shapes = []
+    replicate = parallel.replicate
+
+    def recording(tree, mesh):
+        shapes.extend(np.shape(leaf) for leaf in jax.tree_util.tree_leaves(tree))
+        return replicate(tree, mesh)
+
+    monkeypatch.setattr(parallel, "replicate", recording)
+    config = _tiny_config()
+    config.num_epochs = 1
+    monkeypatch.setattr(train, "load_data", lambda config: _synthetic_splits(config))
+    train.train_and_evaluate(config, str(tmp_path / "wd"))
+    n, m = config.data.train_subset, config.data.eval_subset
+    assert sorted(shapes) == sorted([(n, 784), (n,), (m, 784), (m,), (m, 784), (m,)])

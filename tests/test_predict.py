@@ -148,6 +148,31 @@ def test_predict_in_batches_equals_predict_per_chunk():
     )
 
 
+@pytest.mark.parametrize("estimator", ["reparam", "local_reparam"])
+def test_samples_drawn_a_few_at_a_time_are_the_same_samples_in_less_memory(estimator):
+    """`sample_batch` draws the K samples in groups (K = 7 in groups of 3: the last is short):
+    the same keys, the same samples (to float32 rounding: a group is fused differently); the
+    compiled program's temporaries shrink with the group (3 sampled networks and their
+    activations, not 7)."""
+    post, key = _posterior(), jax.random.key(4)
+    x = np.repeat(X, 20, axis=0)  # 220 examples: activations that weigh.
+
+    def run(sample_batch):
+        fn = jax.jit(
+            lambda post, x, key: predict(
+                MODEL, post, x, key, 7, estimator=estimator, sample_batch=sample_batch
+            )
+        )
+        compiled = fn.lower(post, x, key).compile()
+        return compiled(post, x, key), compiled.memory_analysis().temp_size_in_bytes
+
+    together, memory_together = run(None)
+    grouped, memory_grouped = run(3)
+    chex.assert_trees_all_close(grouped, together, rtol=2e-6, atol=1e-7)
+    assert memory_grouped < 0.7 * memory_together, (memory_grouped, memory_together)
+    assert run(7)[1] == memory_together  # A group of all K: one vectorised draw.
+
+
 def test_mc_dropout_keeps_dropout_on_only_when_asked():
     model = models.MLP(hidden_sizes=(16,), num_outputs=C, dropout_rate=0.5)
     rng = np.random.default_rng(4)

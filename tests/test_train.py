@@ -475,6 +475,8 @@ BAD_VALUES = [
     ("optim.name", "lbfgs", "optim.name"),
     ("optim.learning_rate", 0.0, "optim.learning_rate"),
     ("eval.num_samples", 0, "eval.num_samples"),
+    ("eval.sample_batch", 0, "eval.sample_batch"),
+    ("eval.sample_batch", 2.5, "eval.sample_batch"),
     ("data.name", "cifar10", "data.name"),
     ("data.num_train", 70000, "data.num_train"),
     ("likelihood.name", "poisson", "likelihood.name"),
@@ -853,7 +855,7 @@ def test_the_loop_logs_epoch_means_and_evaluates_every_eval_every_epochs_and_at_
         for (x, key, result), split, prefix in zip(
             evaluations[2 * j : 2 * j + 2], ("validation", "test"), ("val", "test"), strict=True
         ):
-            np.testing.assert_array_equal(x, splits[split][0])
+            np.testing.assert_array_equal(x, splits[split][0].reshape(len(x), -1))  # Stored flat.
             np.testing.assert_array_equal(key, expected_key)
             for name, value in result.items():
                 assert record[f"eval/{prefix}_{name}"] == pytest.approx(float(value), rel=1e-6)
