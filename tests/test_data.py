@@ -724,8 +724,9 @@ def test_fashion_mnist_sources_in_order(tmp_path, monkeypatch, capsys):
     debian.mkdir()
     used = []
     monkeypatch.setattr(mnist_module, "DEBIAN_FASHION_MNIST_DIR", debian)
-    monkeypatch.setattr(tfds_local, "prepared_root", lambda name, data_dir: (False, "root"))
-    monkeypatch.setattr(tfds_local, "prepare_from_idx", lambda *args: used.append(args) or "root")
+    root = str(tmp_path / "root")  # Where the lock goes: never the working directory.
+    monkeypatch.setattr(tfds_local, "prepared_root", lambda name, data_dir: (False, root))
+    monkeypatch.setattr(tfds_local, "prepare_from_idx", lambda *args: used.append(args) or root)
     monkeypatch.setattr(
         tfds_local, "host_reachable", lambda *a, **k: pytest.fail("tried the download")
     )
@@ -737,7 +738,7 @@ def test_fashion_mnist_sources_in_order(tmp_path, monkeypatch, capsys):
         ("fashion_mnist", debian, data_dir),
     ]
     assert capsys.readouterr().out.splitlines()[1] == (
-        f"fashion_mnist: prepared from {debian} into root"
+        f"fashion_mnist: prepared from {debian} into {root}"
     )
 
 
