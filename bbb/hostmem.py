@@ -58,6 +58,18 @@ _THP_ENABLED = "/sys/kernel/mm/transparent_hugepage/enabled"
 KEEP_ENV = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(_TRIM_THRESHOLD)}
 # Both policies: freed memory kept, and the heap on huge pages.
 PEER_ENV = {**KEEP_ENV, "GLIBC_TUNABLES": HUGE_PAGES_TUNABLE}
+# Every environment variable glibc's malloc reads at start-up (the aliases of its
+# glibc.malloc.* tunables), KEEP_ENV's among them.
+MALLOC_ENV = (
+    "MALLOC_ARENA_MAX",
+    "MALLOC_ARENA_TEST",
+    "MALLOC_CHECK_",
+    "MALLOC_MMAP_MAX_",
+    "MALLOC_MMAP_THRESHOLD_",
+    "MALLOC_PERTURB_",
+    "MALLOC_TOP_PAD_",
+    "MALLOC_TRIM_THRESHOLD_",
+)
 
 _applied = False
 # Distributions whose presence means JAX computes on an accelerator by default.
@@ -192,7 +204,7 @@ def peer_environment(
 ) -> dict[str, str]:
     """The environment for a process that bbb starts but does not run (the benchmark's peer).
 
-    Every malloc setting is taken out of `environ` (glibc's `MALLOC_*_` variables and the
+    Every malloc setting is taken out of `environ` (glibc's `MALLOC_*` variables and the
     `glibc.malloc.*` entries of GLIBC_TUNABLES; other tunables stay), then the policies asked
     for are put back, so that the process runs under exactly these policies and no others.
 
@@ -201,7 +213,7 @@ def peer_environment(
       keep_freed: keep freed memory (`keep_freed_memory`'s policy, through KEEP_ENV).
       huge_pages: add the huge-page tunable to GLIBC_TUNABLES.
     """
-    env = {k: v for k, v in environ.items() if k not in KEEP_ENV}
+    env = {k: v for k, v in environ.items() if k not in MALLOC_ENV}
     tunables = [
         t
         for t in env.pop("GLIBC_TUNABLES", "").split(":")

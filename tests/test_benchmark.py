@@ -597,3 +597,415 @@ def test_ablation_posteriors_have_treedefs_of_their_own():
     for i, a in enumerate(treedefs):
         for b in treedefs[i + 1 :]:
             assert a != b
+
+
+def test_every_generator_list_times_threefry_first():
+    """ "jax" (threefry) noise is always timed, first, whatever `noises` lists: the reference
+    every other generator is compared with."""
+    cases = benchmark.benchmark_grid((8,), (1,), ("reparam",), ("gaussian",), ("hash",))
+    assert [c.noise for c in cases] == ["none", "jax", "hash"]
+    cases = benchmark.benchmark_grid((8,), (1,), ("reparam",), ("gaussian",), ("hash", "jax"))
+    assert [c.noise for c in cases] == ["none", "jax", "hash"]
+
+
+def test_case_config_overrides_the_base_noise_and_dropout():
+    """The case's noise generator and no dropout replace whatever the base config says (the
+    MNIST config's own values, "hash" and 0.0, would hide a field left unset)."""
+    base = mnist.get_config()
+    base.model.dropout_rate = 0.5
+    base.posterior.noise = "hash"
+    case = benchmark.Case(8, 1, "reparam", "gaussian", "closed_form", "jax")
+    assert case.config(base).posterior.noise == "jax"
+    assert case.config(base).model.dropout_rate == 0.0
+    assert benchmark.deterministic_case(8).config(base).model.dropout_rate == 0.0
+
+
+def _fake_grid(monkeypatch, step_ms, epoch_s, steps_per_epoch):
+    """Replaces the compilation of `run_grid` by fakes on a fake clock.
+
+    Case i's step takes `step_ms[i]` (ms, one entry per call, in order); its epoch e returns
+    `epoch_s[i][e]` seconds; its experiment has `steps_per_epoch` steps. Returns the list of
+    (case index, epoch number) of the epochs run.
+    """
+    from types import SimpleNamespace
+
+    now, epochs_run, count = [0.0], [], [0]
+    monkeypatch.setattr(benchmark.time, "perf_counter", lambda: now[0])
+
+    def prepare(case, base_config, batch, epoch_examples):
+        index = count[0]
+        count[0] += 1
+        durations = iter(step_ms[index])
+
+        def run_once():
+            now[0] += next(durations) / 1e3
+
+        record = {"kind": "grid", **case.record(batch[0].shape[0]), "compile_s": 0.5}
+        experiment = SimpleNamespace(steps_per_epoch=steps_per_epoch, index=index)
+        return benchmark.PreparedCase(record, experiment, {}, run_once, [None])
+
+    def compile_epoch(experiment, box, data, keys):
+        def run_epoch(epoch):
+            epochs_run.append((experiment.index, epoch))
+            return epoch_s[experiment.index][epoch]
+
+        return 1.5, run_epoch
+
+    monkeypatch.setattr(benchmark, "prepare_case", prepare)
+    monkeypatch.setattr(benchmark, "compile_epoch_timer", compile_epoch)
+    return epochs_run
+
+
+def test_grid_records_by_hand_from_a_fake_clock(monkeypatch):
+    """ms/step is the median of the warm calls, the first call the median of the rounds' cold
+    ones, examples/s = B / step, the epoch the median of the first `epoch_repeats` rounds'
+    epochs (each its own permutation number) and the loop overhead the epoch over steps ×
+    the warm median, all by hand from made-up times."""
+    # 1 warm-up round and 4 timed rounds of 1 + 2 calls each; the first call of a round is cold.
+    rounds = [(50, 1, 1), (40, 1, 2), (40, 3, 4), (60, 2, 9), (40, 1, 3)]
+    step_ms = [[1.0] * 15, [ms for r in rounds for ms in r]]
+    epochs = [[0.1, 0.2, 0.3], [1.0, 2.0, 9.0]]
+    epochs_run = _fake_grid(monkeypatch, step_ms, epochs, steps_per_epoch=7)
+    cases = benchmark.benchmark_grid((8,), (1,), ("reparam",), ("gaussian",), ("jax",))
+    records = benchmark.run_grid(
+        cases,
+        mnist.get_config(),
+        repeats=4,
+        warmup=1,
+        calls_per_round=2,
+        epoch_repeats=3,
+        epoch_examples=64,
+        batch_size=16,
+    )
+    floor, bayes = records
+    # Warm calls 1, 2, 3, 4, 2, 9, 1, 3: median 2.5 (mean 3.125, min 1); cold: 40, 40, 60, 40.
+    assert bayes["ms_per_step"] == pytest.approx(2.5)
+    assert bayes["ms_per_step_first_call"] == pytest.approx(40.0)
+    assert (bayes["repeats"], bayes["timed_calls"], bayes["calls_per_round"]) == (4, 8, 2)
+    assert bayes["examples_per_s"] == pytest.approx(16 / 2.5e-3)
+    # Three epochs per case, in the first three rounds, epochs 0, 1, 2: median 2.0 s.
+    assert epochs_run == [(0, 0), (1, 0), (0, 1), (1, 1), (0, 2), (1, 2)]
+    assert bayes["epoch_s"] == 2.0 and bayes["epoch_steps"] == 7
+    assert bayes["host_overhead_pct"] == pytest.approx(100 * (2.0 / (7 * 2.5e-3) - 1))
+    assert (bayes["compile_s"], bayes["epoch_compile_s"]) == (0.5, 1.5)
+    assert floor["ms_per_step"] == pytest.approx(1.0) and floor["epoch_s"] == 0.2
+
+
+def test_add_ratios_takes_no_floor_from_the_ablation():
+    """The ablation's "deterministic" line (same system, H and dtype as the grid's floor) is
+    not a floor: a mixed list keeps the grid's."""
+    floor = {**benchmark.deterministic_case(8).record(4), "kind": "grid", "ms_per_step": 2.0}
+    line = {**floor, "kind": "ablation", "ablation": "deterministic", "ms_per_step": 5.0}
+    bayes = {
+        **benchmark.Case(8, 1, "reparam", "scale_mixture", "mc", "jax").record(4),
+        "kind": "grid",
+        "ms_per_step": 6.0,
+    }
+    benchmark.add_ratios([floor, line, bayes])
+    assert bayes["ratio_to_deterministic"] == 3.0 and line["ratio_to_deterministic"] == 2.5
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"repeats": 2, "epoch_repeats": 2},  # One epoch in every round.
+        {"repeats": 1, "epoch_repeats": 5, "ablation": True},  # The ablation runs no epoch.
+        {"epoch_examples": 128},  # Exactly one batch.
+        {"epoch_examples": 100, "ablation": True},
+        {"epoch_examples": 100, "epoch_repeats": 0},
+        {"peer_python": "/no/such/python"},  # Listing times no peer...
+        {"json_path": "/no/such/folder/b.json"},  # ...and writes no JSON.
+    ],
+)
+def test_settings_that_listing_or_the_ablation_does_not_use_are_accepted(kwargs):
+    """Limits that only the grid's epoch, the peer or the written records need do not stop a
+    run that has none of them; the boundary values themselves are allowed."""
+    records = benchmark.run(
+        mnist.get_config(),
+        hidden=(8,),
+        num_samples=(1,),
+        list_only=True,
+        out=lambda _: None,
+        **kwargs,
+    )
+    assert records
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "field"),
+    [
+        ({"epoch_repeats": -1}, "epoch_repeats"),
+        ({"warmup": 1.5}, "warmup"),
+        ({"warmup": -1}, "warmup"),
+        ({"epoch_examples": 128.0}, "--epoch_examples"),
+    ],
+)
+def test_more_bad_timing_settings_are_named(kwargs, field):
+    """Negative epochs, fractional warm-up rounds and a float N are refused (checked even
+    when only listing, so that a mistaken value here never starts a real run)."""
+    with pytest.raises(ConfigError, match=field):
+        benchmark.run(
+            mnist.get_config(), hidden=(8,), num_samples=(1,), list_only=True, out=print, **kwargs
+        )
+    with pytest.raises(ConfigError, match="--peer_threads"):
+        benchmark.check_peer(sys.executable, 1.5)
+
+
+def test_listing_the_ablation_names_its_lines():
+    """--list --ablation prints the ablation's lines, per H, not the grid."""
+    lines = []
+    records = benchmark.run(
+        mnist.get_config(), hidden=(8, 16), ablation=True, list_only=True, out=lines.append
+    )
+    names = [line.name for line in benchmark.ablation_lines(8)]
+    assert [(r["hidden"], r["ablation"]) for r in records] == [
+        (h, name) for h in (8, 16) for name in names
+    ]
+    assert {r["kind"] for r in records} == {"ablation"}
+    assert [json.loads(line) for line in lines] == records
+
+
+def _fake_peer(tmp_path, canned, exit_code=0, stderr=""):
+    """A peer python that appends its JSON arguments and thread settings to `seen`, prints
+    `stderr` to stderr and `canned` as JSON, and exits with `exit_code`. Returns (path, seen)."""
+    seen = tmp_path / "seen"
+    fake = tmp_path / "python"
+    fake.write_text(
+        "#!/bin/sh\n"
+        f'echo "$OMP_NUM_THREADS $MKL_NUM_THREADS $3" >> {seen}\n'
+        f"printf '{stderr}' >&2\n"
+        f"echo '{json.dumps(canned)}'\n"
+        f"exit {exit_code}\n"
+    )
+    fake.chmod(0o755)
+    return str(fake), seen
+
+
+PEER_OUTPUT = {
+    "versions": {"torch": "2.13.0"},
+    "records": [
+        {"system": "torch", "hidden": 8, "num_samples": 1, "times_ms": [4.0, 5.0, 9.0]},
+        {"system": "bayesian-torch", "hidden": 8, "num_samples": 1, "times_ms": [10.0, 12.0]},
+    ],
+}
+
+
+def test_peer_gets_its_settings_and_its_records_their_fields(tmp_path):
+    """The peer is told H, K, its timed and untimed steps, B, N (for KL / N) and its threads
+    (also through OMP/MKL_NUM_THREADS); its records say torch's noise and examples/s."""
+    fake, seen = _fake_peer(tmp_path, PEER_OUTPUT)
+    records = benchmark.run_peer(
+        fake, (8,), (1, 2), repeats=7, warmup=2, batch_size=32, threads=3, num_train=640
+    )
+    threads, mkl, arguments = seen.read_text().split(" ", 2)
+    assert (threads, mkl) == ("3", "3")
+    assert json.loads(arguments) == {
+        "hidden": [8],
+        "num_samples": [1, 2],
+        "repeats": 7,
+        "warmup": 2,
+        "batch_size": 32,
+        "threads": 3,
+        "num_train": 640,
+    }
+    torch_floor, peer = records
+    assert (torch_floor["noise"], peer["noise"]) == ("none", "torch")
+    assert peer["ms_per_step"] == 11.0 and peer["examples_per_s"] == pytest.approx(32 / 11e-3)
+    assert torch_floor["examples_per_s"] == pytest.approx(32 / 5e-3)
+    assert peer["threads"] == 3 and peer["versions"] == {"torch": "2.13.0"}
+    benchmark.run_peer(fake, (8,), (1,), repeats=1)  # N defaults to the paper's 50,000.
+    assert json.loads(seen.read_text().splitlines()[-1].split(" ", 2)[2])["num_train"] == 50_000
+
+
+def test_a_failing_or_hanging_peer_is_skipped_with_its_last_message(tmp_path, capsys):
+    """A peer that exits non-zero gives no records, even with a JSON line printed, and its
+    last stderr line (the exception, after the traceback) is shown; one past its time limit is
+    skipped too."""
+    fake, _ = _fake_peer(tmp_path, PEER_OUTPUT, exit_code=3, stderr="Traceback\\nImportError: x")
+    assert benchmark.run_peer(fake, (8,), (1,), repeats=1) == []
+    assert "failed (exit 3): ImportError: x" in capsys.readouterr().err
+    slow = tmp_path / "slow"
+    slow.write_text("#!/bin/sh\nexec sleep 5\n")
+    slow.chmod(0o755)
+    assert benchmark.run_peer(str(slow), (8,), (1,), repeats=1, timeout_s=0.2) == []
+    assert "could not run" in capsys.readouterr().err
+
+
+def test_run_times_the_peer_as_long_as_the_grid_and_keeps_the_grid_first(tmp_path, monkeypatch):
+    """With a peer, `run` gives it repeats × calls_per_round timed steps (as many as each grid
+    case), the grid's warm-up and N, one run per malloc policy; the grid's records are written
+    before the peer starts, so that a peer that crashes loses nothing of them."""
+    grid = [
+        {**case.record(16), "kind": "grid", **benchmark._summary([2.0]), "examples_per_s": 1.0}
+        for case in benchmark.benchmark_grid((8,), (1,), ("reparam",), ("gaussian",), ("jax",))
+    ]
+    monkeypatch.setattr(benchmark, "run_grid", lambda *a, **k: [dict(r) for r in grid])
+    fake, seen = _fake_peer(tmp_path, PEER_OUTPUT)
+    path = tmp_path / "bench.json"
+    lines = []
+    records = benchmark.run(
+        mnist.get_config(),
+        hidden=(8,),
+        num_samples=(1,),
+        repeats=5,
+        warmup=2,
+        calls_per_round=3,
+        epoch_examples=640,
+        batch_size=16,
+        peer_python=fake,
+        peer_host_memory=("default", "kept"),
+        json_path=str(path),
+        out=lines.append,
+    )
+    sent = [json.loads(line.split(" ", 2)[2]) for line in seen.read_text().splitlines()]
+    assert [(a["repeats"], a["warmup"], a["num_train"], a["batch_size"]) for a in sent] == [
+        (15, 2, 640, 16)
+    ] * 2
+    assert [r.get("host_memory") for r in records] == [None, None, *["default"] * 2, *["kept"] * 2]
+    assert records[1]["peer_speedup"] == {"default": 5.5, "kept": 5.5}
+    assert json.loads(path.read_text()) == json.loads(json.dumps(records))
+
+    def crash(*args, **kwargs):
+        raise RuntimeError("peer crashed")
+
+    monkeypatch.setattr(benchmark, "run_peer", crash)
+    with pytest.raises(RuntimeError):
+        benchmark.run(
+            mnist.get_config(), hidden=(8,), peer_python=fake, json_path=str(path), out=print
+        )
+    written = json.loads(path.read_text())
+    assert [r["estimator"] for r in written] == ["deterministic", "reparam"]
+    assert all(r["machine"]["backend"] == "cpu" for r in written)
+
+
+def test_run_without_json_still_gives_every_record_its_machine(monkeypatch):
+    """The machine is in every returned record whether or not the records are written."""
+    grid = [
+        {**case.record(16), "kind": "grid", **benchmark._summary([2.0]), "examples_per_s": 1.0}
+        for case in benchmark.benchmark_grid((8,), (1,), ("reparam",), ("gaussian",), ("jax",))
+    ]
+    monkeypatch.setattr(benchmark, "run_grid", lambda *a, **k: grid)
+    records = benchmark.run(mnist.get_config(), hidden=(8,), num_samples=(1,), out=lambda _: None)
+    assert len(records) == 2 and all(r["machine"]["backend"] == "cpu" for r in records)
+
+
+def test_table_row_by_hand():
+    """One whole row of the table, every cell from a made-up record: the ratios each in
+    its own column, the loop overhead signed, a missing value as "–", the peer as shipped /
+    malloc kept; and as many columns in every line as in the header."""
+    record = {
+        **benchmark.Case(400, 2, "flipout", "gaussian", "closed_form", "hash").record(128),
+        "compile_s": 3.04,
+        **benchmark._summary([1.0, 2.0, 3.0, 4.0], [9.0], 4),
+        "examples_per_s": 51_200.0,
+        "ratio_to_deterministic": 1.5,
+        "ratio_to_own_floor": 2.5,
+        "epoch_s": None,
+        "host_overhead_pct": -4.0,
+        "peer_speedup": {"kept": 3.0},
+    }
+    floor = {
+        **benchmark.deterministic_case(400).record(128),
+        **benchmark._summary([2.0]),
+        "examples_per_s": 64_000.0,
+        "host_overhead_pct": 4.0,
+    }
+    lines = benchmark.format_table([record, floor]).splitlines()
+    assert lines[2] == (
+        "| bbb | 400 | 2 | flipout | gaussian / closed_form | hash | float32 | 3.0 | 2.50 | "
+        "[1.75, 3.25] | 9.00 | 51,200 | 1.50 | 2.50 | – | -4.0% | – / 3.00× |"
+    )
+    assert lines[3].endswith("| – | – | – | +4.0% | – |")
+    assert {line.count("|") for line in lines} == {lines[0].count("|")}
+
+
+# Runs scripts/benchmark.py's main with `bbb.benchmark.run` replaced by a function that prints
+# the settings it is given, as JSON.
+_SCRIPT_SETTINGS = """
+import json, runpy, sys
+sys.argv = ["scripts/benchmark.py", *json.loads(sys.argv[1])]
+sys.path.insert(0, ".")
+from bbb import benchmark
+benchmark.run = lambda base_config, **kwargs: print(json.dumps(kwargs, default=str))
+runpy.run_path("scripts/benchmark.py", run_name="__main__")
+"""
+
+
+def _script_settings(*flags):
+    result = subprocess.run(
+        [sys.executable, "-c", _SCRIPT_SETTINGS, json.dumps(flags)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "BBB_HUGE_PAGES": "0"},
+    )
+    if result.returncode:
+        return result.returncode, result.stderr
+    return json.loads(result.stdout.splitlines()[-1])
+
+
+def test_script_hands_run_the_settings_its_flags_ask_for():
+    """The defaults (the whole grid, 4 warm calls a round, one epoch, both peer policies, no
+    peer without --peer); --quick's smaller grid without the epoch, where a flag given says
+    otherwise (here K); and a width that is not an integer named with exit code 2."""
+    default = _script_settings()
+    assert (default["hidden"], default["num_samples"]) == ([400, 1200], [1, 2, 8])
+    assert (default["repeats"], default["warmup"], default["calls_per_round"]) == (20, 3, 4)
+    assert (default["epoch_repeats"], default["epoch_examples"]) == (1, 50_000)
+    assert default["peer_python"] is None and default["peer_host_memory"] == ["kept", "default"]
+    quick = _script_settings("--quick", "--num_samples=2", "--peer")
+    assert (quick["hidden"], quick["num_samples"], quick["epoch_repeats"]) == ([400], [2], 0)
+    assert quick["peer_python"] == ".venv-peer/bin/python"
+    code, err = _script_settings("--hidden=4OO")
+    assert code == 2 and "comma-separated integers" in err
+
+
+def test_memory_floors_count_the_bytes_each_part_moves():
+    """Each elementwise part's floor is its bytes per weight (the reads and writes counted in
+    BYTES_PER_WEIGHT's comments: ε; w and ∂w; ε, ρ, ∂μ, ∂ρ; Adam's 7 arrays of 2n and the norm's
+    read; the sampling's 9) × n at the memory rate."""
+    rates = {"gb_per_s": 10.0, "gflop_per_s": 100.0}
+    parts = {
+        p["key"]: p
+        for p in benchmark.add_floors(benchmark.ablation_breakdown(LINE_MS), 2, 1, rates)
+    }
+    n = benchmark.mlp_weights(2)
+    floats = {"rng": 1, "prior": 2, "entropy": 4, "optimiser": 7 * 2 + 2, "rest": 9}
+    for key, count in floats.items():
+        assert parts[key]["bound"] == "memory"
+        assert parts[key]["floor_ms"] == pytest.approx(4 * count * n / 1e7), key
+
+
+def test_ablation_records_by_hand_from_a_fake_clock(monkeypatch):
+    """Each line's ms/step is its warm median, `pct_of_full` 100 × it over the full step's,
+    examples/s = B / step, and the breakdown the differences of those medians, each part
+    with the step's identifying fields and the measured rates."""
+    now = [0.0]
+    monkeypatch.setattr(benchmark.time, "perf_counter", lambda: now[0])
+
+    def compile_line(line, base_config, batch):
+        def run_once():
+            now[0] += LINE_MS[line.name] / 1e3
+
+        record = {"kind": "ablation", **line.case.record(4), "ablation": line.name}
+        record["measures"] = line.measures
+        return {**record, "compile_s": 0.1}, run_once
+
+    rates = {"gb_per_s": 10.0, "gflop_per_s": 100.0}
+    monkeypatch.setattr(benchmark, "compile_ablation_line", compile_line)
+    monkeypatch.setattr(benchmark, "measure_rates", lambda num_weights, repeats: rates)
+    records = benchmark.run_ablation(
+        mnist.get_config(), (8,), repeats=2, warmup=0, calls_per_round=1, batch_size=4
+    )
+    lines = {r["ablation"]: r for r in records if r["kind"] == "ablation"}
+    for name, ms in LINE_MS.items():
+        assert lines[name]["ms_per_step"] == pytest.approx(ms)
+        assert lines[name]["pct_of_full"] == pytest.approx(100 * ms / LINE_MS["full"])
+        assert lines[name]["examples_per_s"] == pytest.approx(4 / (ms / 1e3))
+    parts = {r["key"]: r for r in records if r["kind"] == "breakdown"}
+    assert parts["rng"]["ms"] == pytest.approx(3.0)
+    assert parts["rng"]["pct_of_full"] == pytest.approx(30.0)
+    assert parts["entropy"]["ms"] == pytest.approx(0.5)
+    assert (parts["rest"]["hidden"], parts["rest"]["gb_per_s"]) == (8, 10.0)
+    table = benchmark.format_ablation(records)
+    assert "| no_kl | flat prior and log q = 0: no KL term at all | 8.50 | 85% |" in table

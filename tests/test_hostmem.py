@@ -283,3 +283,100 @@ def test_peer_environment_has_exactly_the_policies_asked_for(
 ):
     env = hostmem.peer_environment(environ, keep_freed=keep_freed, huge_pages=huge_pages)
     assert env == expected
+
+
+def test_huge_pages_from_the_first_glibc_with_the_tunable():
+    """glibc 2.35 itself has glibc.malloc.hugetlb: it restarts there."""
+    env = hostmem.huge_pages_environment({}, "madvise", (2, 35))
+    assert env == {"GLIBC_TUNABLES": hostmem.HUGE_PAGES_TUNABLE, "BBB_HUGE_PAGES_RESTARTED": "1"}
+
+
+@pytest.mark.parametrize(
+    "confstr, expected",
+    [("glibc 2.36", (2, 36)), ("glibc 2.35.1", (2, 35)), ("musl 1.2", None), ("glibc", None)],
+)
+def test_glibc_version_reads_the_major_and_minor_of_glibc_only(monkeypatch, confstr, expected):
+    monkeypatch.setattr(hostmem.os, "confstr", lambda name: confstr)
+    assert hostmem.glibc_version() == expected
+
+
+@pytest.mark.parametrize(
+    "mode, tunables, expected",
+    [
+        ("always", "", True),  # The kernel backs every large mapping.
+        ("madvise", "glibc.rtld.nns=2:glibc.malloc.hugetlb=1", True),
+        ("madvise", "glibc.rtld.nns=2", False),  # madvise, and glibc does not ask.
+        ("never", "glibc.malloc.hugetlb=1", False),
+        (None, "glibc.malloc.hugetlb=1", False),
+    ],
+)
+def test_huge_pages_in_effect_by_mode_and_tunable(monkeypatch, mode, tunables, expected):
+    monkeypatch.setattr(hostmem, "thp_mode", lambda: mode)
+    monkeypatch.setenv("GLIBC_TUNABLES", tunables)
+    assert hostmem.huge_pages_in_effect() is expected
+
+
+def test_thp_mode_without_a_bracketed_choice_is_unknown(tmp_path):
+    path = tmp_path / "enabled"
+    path.write_text("always madvise never\n")
+    assert hostmem.thp_mode(str(path)) is None
+
+
+@pytest.mark.parametrize(
+    "argv, orig_argv, reruns",
+    [
+        (["script.py", "--x=1"], ["python3", "script.py", "--x=1"], True),
+        (["-c"], ["python3", "-c", "print(1)"], True),
+        ([""], ["python3"], False),  # Interactive.
+        (["-"], ["python3", "-"], False),  # The program came from stdin: it is gone.
+        (["script.py"], [], False),  # Nothing to re-execute with.
+    ],
+)
+def test_restart_re_executes_the_original_command_line(monkeypatch, argv, orig_argv, reruns):
+    """Where huge pages need the tunable, the process re-executes `sys.orig_argv` (the
+    interpreter's own options included) with the new environment; never when there is no
+    program to run again."""
+    calls = []
+    monkeypatch.setattr(hostmem, "thp_mode", lambda: "madvise")
+    monkeypatch.setattr(hostmem, "glibc_version", lambda: (2, 36))
+    for name in ("GLIBC_TUNABLES", hostmem.HUGE_PAGES_SWITCH, "BBB_HUGE_PAGES_RESTARTED"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(hostmem.sys, "argv", argv)
+    monkeypatch.setattr(hostmem.sys, "orig_argv", orig_argv, raising=False)
+    monkeypatch.setattr(hostmem.os, "execve", lambda *args: calls.append(args))
+    hostmem.restart_with_huge_pages()
+    if not reruns:
+        assert calls == []
+        return
+    [(executable, command, env)] = calls
+    assert executable == hostmem.sys.executable and command == orig_argv
+    assert env["GLIBC_TUNABLES"] == hostmem.HUGE_PAGES_TUNABLE
+    assert env["BBB_HUGE_PAGES_RESTARTED"] == "1"
+
+
+def test_a_policy_in_effect_is_reported_as_such_by_later_calls(monkeypatch):
+    """Once applied, mallopt's settings stay for the life of the process: a later call says
+    so even if the switch is now off (it cannot undo them), without calling mallopt again."""
+    monkeypatch.setattr(hostmem, "_applied", True)
+    monkeypatch.setenv(hostmem.ENV_SWITCH, "0")
+    monkeypatch.setattr(hostmem.ctypes, "CDLL", lambda *args: pytest.fail("mallopt called again"))
+    assert hostmem.keep_freed_memory() is True and hostmem.is_kept()
+
+
+def test_peer_environment_removes_every_glibc_malloc_variable():
+    """Not only the two that bbb sets: a user's MALLOC_MMAP_THRESHOLD_, MALLOC_ARENA_MAX...
+    would give the "default" peer a malloc that is not glibc's default (and the "kept" one a
+    policy besides bbb's)."""
+    user = {
+        "MALLOC_MMAP_THRESHOLD_": "4096",
+        "MALLOC_TOP_PAD_": "1",
+        "MALLOC_ARENA_MAX": "2",
+        "MALLOC_ARENA_TEST": "1",
+        "MALLOC_PERTURB_": "7",
+        "MALLOC_CHECK_": "3",
+    }
+    assert hostmem.peer_environment(
+        {**user, "PATH": "/bin"}, keep_freed=False, huge_pages=False
+    ) == {"PATH": "/bin"}
+    kept = hostmem.peer_environment(user, keep_freed=True, huge_pages=False)
+    assert kept == hostmem.KEEP_ENV
