@@ -37,10 +37,12 @@ def check_positive(field: str, value: Any, *, integer: bool = False) -> None:
 
 
 def check_non_negative(field: str, value: Any, *, integer: bool = False) -> None:
-    """Raises ConfigError unless `value` is a number >= 0, and an int if `integer`."""
+    """Raises ConfigError unless `value` is a (finite) number >= 0, and an int if `integer`."""
     kinds = (int,) if integer else (int, float)
     if isinstance(value, bool) or not isinstance(value, kinds) or not value >= 0:
         raise ConfigError(field, value, "a non-negative " + ("integer" if integer else "number"))
+    if not integer and value == float("inf"):
+        raise ConfigError(field, value, "a finite non-negative number")
 
 
 def check_integer_at_least(field: str, value: Any, minimum: int, why: str = "") -> None:

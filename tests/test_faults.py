@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 from bbb import train
+from bbb.errors import ConfigError
 from bbb.workdir import WorkdirError
 from configs import test as test_config
 from tests.conftest import REPO
@@ -291,3 +292,48 @@ def test_a_metrics_line_cut_short_is_dropped_and_a_bad_one_before_it_is_named(tm
     path.write_text('{"step": 32}\n{"step": 6\n{"step": 96}\n')
     with pytest.raises(WorkdirError, match="line 2"):
         read_records(str(path))
+
+
+def _fake_splits(num_train, shape=(28, 28, 1)):
+    def split(n):
+        return np.zeros((n, *shape), np.float32), np.zeros((n,), np.int32)
+
+    return {"train": split(num_train), "validation": split(8), "test": split(8)}
+
+
+def test_a_bad_config_fails_before_the_data_are_loaded(tmp_path, monkeypatch):
+    """Config errors come first: before MNIST is loaded (minutes on a fresh machine, and a
+    download where a network allows) and before the workdir is created."""
+    loads = []
+    monkeypatch.setattr(train, "load_data", lambda config: loads.append(config) or 1 / 0)
+    config = test_config.get_config()
+    config.posterior.init_rho_spread = -1.0
+    workdir = tmp_path / "wd"
+    with pytest.raises(ConfigError, match=r"posterior\.init_rho_spread=-1\.0"):
+        train.train_and_evaluate(config, str(workdir))
+    assert loads == [] and not workdir.exists()
+
+
+@pytest.mark.parametrize("num_train", [2047, 2049])
+def test_data_of_another_size_is_a_config_error_before_the_workdir_is_touched(
+    tmp_path, monkeypatch, num_train
+):
+    """The loaded training split must have the size that the config declares (N sets the KL
+    weight 1/N): otherwise a ConfigError, raised before the workdir is created, and an
+    existing workdir keeps every byte."""
+    monkeypatch.setattr(train, "load_data", lambda config: _fake_splits(num_train))
+    config = test_config.get_config()  # Declares 2,048 training images.
+    fresh = tmp_path / "fresh"
+    with pytest.raises(ConfigError) as info:
+        train.train_and_evaluate(config, str(fresh))
+    assert info.value.field == "data" and "declared size and shape" in str(info.value)
+    assert not fresh.exists()
+    existing = tmp_path / "existing"
+    existing.mkdir()
+    (existing / "metrics.jsonl").write_text('{"step": 32}\n')
+    (existing / "config.json").write_text(config.to_json_best_effort())
+    before = _digest(str(existing))
+    with pytest.raises(ConfigError):
+        train.train_and_evaluate(config, str(existing))
+    assert _digest(str(existing)) == before
+    assert sorted(os.listdir(existing)) == ["config.json", "metrics.jsonl"]
