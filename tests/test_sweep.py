@@ -417,6 +417,7 @@ def test_collect_tolerates_missing_and_unfinished_members(tmp_path, fake_trainin
         ([{"num_epochs": 2.5}], {}, "sweep[0].num_epochs=2.5"),
         ([{"prior.sigma": "wide"}], {}, "sweep[0].prior.sigma='wide'"),
         ([], {}, "sweep=[]"),
+        ({"prior.sigma": 0.5}, {}, "sweep={'prior.sigma': 0.5} is invalid"),
         ([{"prior.sigma": 1}, {"prior.sigma": 1.0}], {}, "same config as sweep[0]"),
         ([{"seed": 0}, {}], {}, "sweep[1]={} is invalid: allowed is members that differ"),
         ([{"prng_impl": "rbg"}], {"vectorize": True}, "sweep[0].prng_impl='rbg'"),
