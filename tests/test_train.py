@@ -476,7 +476,6 @@ BAD_VALUES = [
     ("optim.learning_rate", 0.0, "optim.learning_rate"),
     ("eval.num_samples", 0, "eval.num_samples"),
     ("eval.sample_batch", 0, "eval.sample_batch"),
-    ("eval.sample_batch", 2.5, "eval.sample_batch"),
     ("data.name", "cifar10", "data.name"),
     ("data.num_train", 70000, "data.num_train"),
     ("likelihood.name", "poisson", "likelihood.name"),
