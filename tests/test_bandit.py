@@ -649,6 +649,20 @@ def _greedy_agent(epsilon_agents=(0.0,)):
     return experiment, learner, state
 
 
+def _interact(experiment, learner, problem, state, t, epsilon):
+    """`bandit.interact` at interaction t with the environment's key 1 and the agent's key 2."""
+    return bandit.interact(
+        learner,
+        experiment.rewards,
+        problem,
+        state,
+        t,
+        jax.random.key(1),
+        jax.random.key(2),
+        jnp.float32(epsilon),
+    )
+
+
 def test_epsilon_greedy_explores_with_probability_epsilon_uniformly():
     """With probability ε the action is uniform over {PASS, EAT} (so it differs from the greedy
     one with probability ε/2), otherwise greedy: not 2ε, not always the other action."""
@@ -689,17 +703,7 @@ def test_an_exact_tie_between_the_actions_is_a_pass():
     state = dataclasses.replace(state, params={**state.params, "posterior": tied})
 
     def act(state, t):
-        _, out = bandit.interact(
-            learner,
-            experiment.rewards,
-            problem,
-            state,
-            t,
-            jax.random.key(1),
-            jax.random.key(2),
-            jnp.float32(0.0),
-        )
-        return out["action"]
+        return _interact(experiment, learner, problem, state, t, 0.0)[1]["action"]
 
     actions = jax.jit(jax.vmap(act, in_axes=(None, 0)))(state, jnp.arange(50))
     np.testing.assert_array_equal(np.asarray(actions), bandit.PASS)
@@ -723,18 +727,7 @@ def test_the_buffer_stores_the_action_taken_and_its_reward():
     greedy one) and the reward it received (not the oracle's)."""
     experiment, learner, state = _greedy_agent()
     problem = synthetic_problem()
-    step = jax.jit(
-        lambda state, t: bandit.interact(
-            learner,
-            experiment.rewards,
-            problem,
-            state,
-            t,
-            jax.random.key(1),
-            jax.random.key(2),
-            jnp.float32(1.0),
-        )
-    )
+    step = jax.jit(lambda state, t: _interact(experiment, learner, problem, state, t, 1.0))
     actions, rewards, indices = [], [], []
     for t in range(12):
         state, out = step(state, jnp.int32(t))
