@@ -89,6 +89,17 @@ def fast_compile():
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def run_script(script: str, *flags: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    """`python scripts/<script> <flags>` from the repository, its output captured as text."""
+    return subprocess.run(
+        [sys.executable, os.path.join(REPO, "scripts", script), *flags],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
 def report_on_fake_cpus(function: str, workdir: str, devices: int, **env: str) -> tuple[dict, str]:
     """Runs `function(workdir)` ("tests.module:name") in a subprocess with `devices` fake CPU
     devices (`XLA_FLAGS` must be set before JAX starts, hence the subprocess).

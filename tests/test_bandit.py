@@ -21,6 +21,7 @@ from bbb import bandit
 from bbb.data import DataError, mushroom
 from bbb.errors import ConfigError
 from configs import bandit_mushroom
+from tests.conftest import run_script
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PAPER = bandit.Rewards()
@@ -491,18 +492,8 @@ def test_bad_config_names_the_field(field, value):
 )
 def test_script_exits_2_naming_the_problem(tmp_path, override, message):
     workdir = tmp_path / "run"
-    result = subprocess.run(
-        [
-            sys.executable,
-            os.path.join(ROOT, "scripts", "bandit.py"),
-            "--config=" + os.path.join(ROOT, "configs", "bandit_mushroom.py"),
-            f"--workdir={workdir}",
-            override,
-        ],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        timeout=120,
+    result = run_script(
+        "bandit.py", "--config=configs/bandit_mushroom.py", f"--workdir={workdir}", override
     )
     assert result.returncode == 2, result.stderr[-2000:]
     assert message in result.stderr

@@ -105,27 +105,14 @@ def test_bad_num_samples_is_named_before_training(tmp_path, num_samples):
 def test_script_takes_config_overrides_and_names_a_bad_one_before_anything(tmp_path):
     """`--config.…` reaches Bayes by Backprop's config: a bad value exits with code 2, naming
     the field, before the workdir is made; a misspelt field is a flag error (code 2 too)."""
-    import subprocess
-    import sys
-
-    from tests.conftest import REPO
+    from tests.conftest import run_script
 
     for flag, message in [
         ("--config.likelihood.noise_std=-1", "likelihood.noise_std"),
         ("--config.likelihood.noise_sd=1", "noise_sd"),
     ]:
-        result = subprocess.run(
-            [
-                sys.executable,
-                "scripts/regression.py",
-                f"--workdir={tmp_path / 'wd'}",
-                "--config=configs/regression.py",
-                flag,
-            ],
-            cwd=REPO,
-            capture_output=True,
-            text=True,
-            timeout=300,
+        result = run_script(
+            "regression.py", f"--workdir={tmp_path / 'wd'}", "--config=configs/regression.py", flag
         )
         assert result.returncode == 2, result.stderr[-2000:]
         assert message in result.stderr, result.stderr[-2000:]
