@@ -1,8 +1,12 @@
-"""SPMD over a ("data", "samples") mesh: same trajectory as one device, clear errors, process 0.
+"""SPMD over a ("data", "samples") mesh: same trajectory as one device, where each array lives,
+clear errors, process 0.
 
 The multi-device tests run in one subprocess with 8 fake CPU devices
 (`XLA_FLAGS=--xla_force_host_platform_device_count=8`), which computes every mesh at once and
-reports in JSON; the others run in this process, on its one device.
+reports in JSON; the others run in this process, on its one device. A layout mutation (the batch
+replicated instead of sharded, the samples over the wrong axis, a lost constraint) leaves every
+value unchanged: the layout tests read the shardings of the arrays and of the lowered and
+compiled programs instead.
 """
 
 from __future__ import annotations
@@ -10,6 +14,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -18,6 +23,8 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from bbb import parallel, train
 from bbb.errors import ConfigError
@@ -71,6 +78,40 @@ def _mesh_config(config, data, samples):
     return config
 
 
+def _layout(lowered_text: str) -> dict:
+    """Where a lowered (StableHLO, Shardy) program puts its arrays, as written in its text.
+
+    JAX lowers with the Shardy partitioner by default (`sdy.*` ops); with the older GSPMD one
+    nothing here would be found, and the layout tests would fail rather than pass unchecked.
+
+    Returns:
+      {"mesh": the `sdy.mesh` axes, e.g. '"data"=4, "samples"=2' (or None),
+       "constraints": {spec: sorted tensor types} of every `with_sharding_constraint`, e.g.
+         {'[{"samples"}]': ["tensor<8xf32>"], '[{}]': [...]},
+       "inputs"/"outputs": the specs of main's arguments and results, one per array (None for an
+         array that has none, left to the partitioner)}.
+    """
+    mesh = re.search(r"sdy\.mesh @mesh = <\[(.*?)\]>", lowered_text)
+    constraints: dict[str, set] = {}
+    pattern = r"sdy\.sharding_constraint %\S+ <@mesh, (\[.*?\])> : (tensor<[^>]*>)"
+    for spec, tensor in re.findall(pattern, lowered_text):
+        constraints.setdefault(spec, set()).add(tensor)
+    main = next(line for line in lowered_text.splitlines() if "func.func public @main(" in line)
+    arguments, results = main.split(") -> (", 1)
+
+    def specs(signature: str) -> list:
+        parts = re.split(r"(?:%arg\d+: )?tensor<", signature)[1:]  # one per array
+        found = [re.search(r"#sdy\.sharding<@mesh, (\[.*?\])>", part) for part in parts]
+        return [m.group(1) if m else None for m in found]
+
+    return {
+        "mesh": mesh.group(1) if mesh else None,
+        "constraints": {spec: sorted(types) for spec, types in constraints.items()},
+        "inputs": specs(arguments),
+        "outputs": specs(results),
+    }
+
+
 def _worker(workdir: str) -> dict:
     """In the 8-device subprocess: trajectories on one device and on each mesh, and the checks
     that need several devices. Returns what the tests assert on."""
@@ -80,6 +121,7 @@ def _worker(workdir: str) -> dict:
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     splits = _synthetic_splits(_tiny_config())
     report = {"losses": {}, "cache_sizes": {}, "replicated": {}, "shapes": {}}
+    report.update(layouts={}, logits={}, data_replicated={}, mesh_devices={})
     initial = None  # One initial state (on the host) for every mesh.
     for shape in [(1, 1), *MESHES]:
         name = "x".join(map(str, shape))
@@ -92,10 +134,20 @@ def _worker(workdir: str) -> dict:
             initial = jax.device_get(init(keys["init"]))
         state = parallel.replicate(initial, experiment.mesh)
         data = parallel.replicate(splits, experiment.mesh)
+        report["mesh_devices"][name] = [d.id for d in experiment.mesh.devices.flat]
+        report["data_replicated"][name] = [
+            leaf.sharding.is_equivalent_to(NamedSharding(experiment.mesh, P()), leaf.ndim)
+            for leaf in jax.tree_util.tree_leaves((state, data))
+        ]
         epoch_fn = train.compile_epoch(experiment)
-        text = epoch_fn.lower(state, data["train"], np.int32(0), keys).compile().as_text()
+        lowered = epoch_fn.lower(state, data["train"], np.int32(0), keys)
+        report["layouts"][name] = _layout(lowered.as_text())
+        text = lowered.compile().as_text()
         # The sampled first-layer weights: [K / samples, 784, 20] on each device.
         report["shapes"][name] = [k for k in (1, 2, 4, 8) if f"f32[{k},784,20]" in text]
+        # The logits [K, B, 10] as each device holds them, e.g. "4,4": [K / 2, B / 4, 10].
+        sizes = [(k, b) for k in (1, 2, 4, 8) for b in (1, 2, 4, 8, 16)]
+        report["logits"][name] = [f"{k},{b}" for k, b in sizes if f"f32[{k},{b},10]" in text]
         losses = []
         for epoch in range(NUM_EPOCHS):
             state, metrics = epoch_fn(state, data["train"], np.int32(epoch), keys)
@@ -107,9 +159,46 @@ def _worker(workdir: str) -> dict:
             for leaf in jax.tree_util.tree_leaves(state)
         )
 
-    # The whole loop on the (4, 2) mesh, stopped after one epoch and resumed.
+    # The stepwise epoch on the (4, 2) mesh: its programs' layouts, and its first epoch.
+    config = _mesh_config(_tiny_config(), 4, 2)
+    config.epoch_loop = "steps"
+    experiment = train.build(config, NUM_TRAIN, (28, 28, 1))
+    state = parallel.replicate(initial, experiment.mesh)
+    data = parallel.replicate(splits, experiment.mesh)
+    stepwise = train.compile_epoch(experiment)
+    order = stepwise._order(data["train"], np.int32(0), keys)
+    step = stepwise._step.lower(state, data["train"], order, np.int32(0), keys)
+    evaluate = train.compile_evaluate(experiment)
+    report["stepwise"] = {
+        "order": _layout(stepwise._order.lower(data["train"], np.int32(0), keys).as_text()),
+        "step": _layout(step.as_text()),
+        "evaluate": _layout(evaluate.lower(state.params, data["test"], keys["eval"]).as_text()),
+    }
+    state, metrics = stepwise(state, data["train"], np.int32(0), keys)
+    report["losses"]["4x2 steps"] = np.asarray(metrics["loss"]).tolist()
+
+    # The whole loop on the (4, 2) mesh, stopped after one epoch and resumed; whether each
+    # array that its epoch and evaluation programs receive is a whole copy on every device.
     config = _mesh_config(_tiny_config(), 4, 2)
     train.load_data = lambda config: splits
+    report["loop_inputs"] = {"epoch": [], "evaluate": []}
+
+    def recording(compile_fn, calls):
+        def compile_and_record(experiment):
+            fn = compile_fn(experiment)
+            whole = NamedSharding(experiment.mesh, P())
+
+            def call(*args):
+                leaves = [a for a in jax.tree_util.tree_leaves(args) if isinstance(a, jax.Array)]
+                calls.append([a.sharding.is_equivalent_to(whole, a.ndim) for a in leaves])
+                return fn(*args)
+
+            return call
+
+        return compile_and_record
+
+    train.compile_epoch = recording(train.compile_epoch, report["loop_inputs"]["epoch"])
+    train.compile_evaluate = recording(train.compile_evaluate, report["loop_inputs"]["evaluate"])
     train.train_and_evaluate(config, workdir, stop_after_epochs=1)
     train.train_and_evaluate(config, workdir)
     with open(os.path.join(workdir, "metrics.jsonl")) as f:
@@ -130,6 +219,11 @@ def _worker(workdir: str) -> dict:
         except ConfigError as e:
             message = str(e)
         report["errors"][case] = message
+
+    # A config without a mesh block (as before there was one).
+    config = _tiny_config()
+    del config["mesh"]
+    report["default_mesh"] = dict(train.build(config, NUM_TRAIN, (28, 28, 1)).mesh.shape)
     return report
 
 
@@ -174,6 +268,109 @@ def test_training_loop_on_a_mesh_resumes_and_matches_one_device(eight_devices):
     assert all("eval/test_error" in r for r in records)
 
 
+# Where the arrays live: the same values on a wrong layout would pass every test above.
+
+# The step's `with_sharding_constraint`s on every mesh (B = 16, K = 8, M = 4, 784-20-10): each
+# spec with the arrays it applies to.
+STEP_CONSTRAINTS = {
+    '[{"data"}, {}, {}, {}]': ["tensor<16x28x28x1xf32>"],  # the minibatch's images [B, ...]
+    '[{"data"}]': ["tensor<16xi32>"],  # and labels [B]
+    '[{"samples"}, {}]': ["tensor<8x2xui32>"],  # the K samples' keys
+    '[{"samples"}, {"data"}, {}]': ["tensor<8x16x10xf32>"],  # the logits [K, B, 10]
+    '[{"samples"}]': ["tensor<8xf32>"],  # the K MC KL estimates (and their cotangent)
+    # The new state, a whole copy on every device: the step, the biases and the kernels.
+    "[]": ["tensor<i32>"],
+    "[{}]": ["tensor<10xf32>", "tensor<20xf32>"],
+    "[{}, {}]": ["tensor<20x10xf32>", "tensor<784x20xf32>"],
+}
+ORDER_CONSTRAINT = {'[{}, {"data"}]': ["tensor<4x16xi32>"]}  # the epoch's minibatches [M, B]
+
+
+def _is_replicated(specs: list) -> bool:
+    """Whether every array of a program's signature is given, and given no mesh axis."""
+    return bool(specs) and all(spec is not None and '"' not in spec for spec in specs)
+
+
+@pytest.mark.parametrize("shape", MESHES)
+def test_mesh_lays_out_the_configured_axes_over_the_given_devices(eight_devices, shape):
+    """("data", "samples") in this order, of the configured sizes, over the devices in order."""
+    name = "x".join(map(str, shape))
+    assert eight_devices["layouts"][name]["mesh"] == f'"data"={shape[0]}, "samples"={shape[1]}'
+    assert eight_devices["mesh_devices"][name] == list(range(8))
+    assert eight_devices["mesh_devices"]["1x1"] == [0]
+
+
+@pytest.mark.parametrize("shape", MESHES)
+def test_step_shards_the_batch_over_data_and_the_samples_over_samples(eight_devices, shape):
+    """The epoch's program constrains the minibatch [M, B] and [B, ...] over "data", the K keys,
+    KL estimates and logits over "samples" (and the logits' B over "data"), and the new state
+    to a whole copy: exactly these specs, on exactly these arrays."""
+    name = "x".join(map(str, shape))
+    expected = STEP_CONSTRAINTS | ORDER_CONSTRAINT
+    assert eight_devices["layouts"][name]["constraints"] == expected
+
+
+@pytest.mark.parametrize("shape", MESHES)
+def test_epoch_takes_and_returns_whole_copies(eight_devices, shape):
+    """Every argument and result of the epoch's program is replicated (given, no mesh axis);
+    on one device none is given, as with plain `jax.jit`."""
+    layout = eight_devices["layouts"]["x".join(map(str, shape))]
+    assert _is_replicated(layout["inputs"]) and _is_replicated(layout["outputs"])
+    one_device = eight_devices["layouts"]["1x1"]
+    assert set(one_device["inputs"]) == set(one_device["outputs"]) == {None}
+    assert one_device["mesh"] is None and one_device["constraints"] == {}
+
+
+@pytest.mark.parametrize(
+    ("shape", "expected"),
+    [((1, 1), (8, 16)), ((8, 1), (8, 2)), ((4, 2), (4, 4)), ((1, 8), (1, 16))],
+)
+def test_each_device_computes_its_share_of_the_logits(eight_devices, shape, expected):
+    """In the compiled program each device holds logits [K / samples, B / data, 10] and no
+    larger block of them: the sharding took effect, and the work is split."""
+    found = [
+        tuple(map(int, kb.split(","))) for kb in eight_devices["logits"]["x".join(map(str, shape))]
+    ]
+    assert expected in found
+    assert max(k * b for k, b in found) == expected[0] * expected[1], found
+
+
+@pytest.mark.parametrize("shape", [(1, 1), *MESHES])
+def test_replicate_puts_a_whole_copy_on_every_device_of_the_mesh(eight_devices, shape):
+    """`parallel.replicate` of the initial state and of the data: every one of the 33 arrays
+    is equivalent to NamedSharding(mesh, P()) (on one device: that device)."""
+    flags = eight_devices["data_replicated"]["x".join(map(str, shape))]
+    assert len(flags) == 33 and all(flags)
+
+
+def test_stepwise_epoch_on_a_mesh_has_the_layouts_and_losses_of_the_scan(eight_devices):
+    """`epoch_loop="steps"` on (4, 2): the order's program constrains [M, B] over "data", the
+    step's has the scan's step constraints, and both they and the evaluation take and return
+    whole copies; its first epoch has the one-device losses."""
+    layouts = eight_devices["stepwise"]
+    assert layouts["order"]["constraints"] == ORDER_CONSTRAINT
+    assert layouts["step"]["constraints"] == STEP_CONSTRAINTS
+    assert layouts["evaluate"]["constraints"] == {}
+    for name in ("order", "step", "evaluate"):
+        assert layouts[name]["mesh"] == '"data"=4, "samples"=2'
+        assert _is_replicated(layouts[name]["inputs"]), name
+        assert _is_replicated(layouts[name]["outputs"]), name
+    reference = eight_devices["losses"]["1x1"][: NUM_TRAIN // 16]
+    np.testing.assert_allclose(
+        eight_devices["losses"]["4x2 steps"], reference, rtol=1e-5, atol=1e-5
+    )
+
+
+def test_training_loop_gives_its_programs_whole_copies(eight_devices):
+    """`train_and_evaluate` on (4, 2): the state, data and keys each epoch receives (33 arrays),
+    and the parameters, data and key of each evaluation (validation and test, 11 arrays), are
+    replicated over the whole mesh (the keys and initial state are made on the mesh)."""
+    calls = eight_devices["loop_inputs"]
+    assert [len(c) for c in calls["epoch"]] == [33, 33]  # epoch 1, and epoch 2 after the resume
+    assert [len(c) for c in calls["evaluate"]] == [11] * 4
+    assert all(all(c) for c in calls["epoch"] + calls["evaluate"])
+
+
 @pytest.mark.parametrize(
     ("case", "expected"),
     [
@@ -191,6 +388,11 @@ def test_a_mesh_may_take_fewer_devices_than_there_are(eight_devices):
     assert eight_devices["errors"]["2,2,8"] == eight_devices["errors"]["-1,1,4"] == ""
     assert eight_devices["fewer"]["2,2,8"] == [[2, 2], [0, 1, 2, 3]]
     assert eight_devices["fewer"]["-1,1,4"] == [[6, 1], [0, 1, 2, 3, 4, 5]]
+
+
+def test_config_without_a_mesh_splits_the_batch_over_every_device(eight_devices):
+    """No `config.mesh`: the default is data = -1, samples = 1 (the minibatch over all 8)."""
+    assert eight_devices["default_mesh"] == {"data": 8, "samples": 1}
 
 
 # In this process (one device) -------------------------------------------------------------
