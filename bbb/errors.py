@@ -27,22 +27,29 @@ def check_choice(field: str, value: Any, choices: Iterable[Any]) -> None:
         raise ConfigError(field, value, "one of " + ", ".join(repr(c) for c in choices))
 
 
+def _check_signed(field: str, value: Any, integer: bool, *, zero: bool) -> None:
+    """Raises ConfigError unless `value` is a finite number > 0 (>= 0 with `zero`), and an int if
+    `integer`: `check_positive` and `check_non_negative`."""
+    kind = "non-negative" if zero else "positive"
+    kinds = (int,) if integer else (int, float)
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, kinds)
+        or not (value >= 0 if zero else value > 0)
+    ):
+        raise ConfigError(field, value, f"a {kind} " + ("integer" if integer else "number"))
+    if not integer and value == float("inf"):
+        raise ConfigError(field, value, f"a finite {kind} number")
+
+
 def check_positive(field: str, value: Any, *, integer: bool = False) -> None:
     """Raises ConfigError unless `value` is a (finite) number > 0, and an int if `integer`."""
-    kinds = (int,) if integer else (int, float)
-    if isinstance(value, bool) or not isinstance(value, kinds) or not value > 0:
-        raise ConfigError(field, value, "a positive " + ("integer" if integer else "number"))
-    if not integer and value == float("inf"):
-        raise ConfigError(field, value, "a finite positive number")
+    _check_signed(field, value, integer, zero=False)
 
 
 def check_non_negative(field: str, value: Any, *, integer: bool = False) -> None:
     """Raises ConfigError unless `value` is a (finite) number >= 0, and an int if `integer`."""
-    kinds = (int,) if integer else (int, float)
-    if isinstance(value, bool) or not isinstance(value, kinds) or not value >= 0:
-        raise ConfigError(field, value, "a non-negative " + ("integer" if integer else "number"))
-    if not integer and value == float("inf"):
-        raise ConfigError(field, value, "a finite non-negative number")
+    _check_signed(field, value, integer, zero=True)
 
 
 def check_integer_at_least(field: str, value: Any, minimum: int, why: str = "") -> None:

@@ -128,6 +128,7 @@ def predict_in_batches(
 
     def one_chunk(args):
         index, chunk = args
+        # Shaped per chunk, not as a whole: flat data stay flat in device memory (TPU padding).
         chunk = chunk.reshape(batch_size, *shape)
         return predict(
             model, posterior, chunk, jax.random.fold_in(key, index), num_samples, **kwargs

@@ -228,20 +228,21 @@ def build(
         num_samples=config.objective.num_samples,
         every_device=jax.process_count() > 1,
     )
-    if math.prod(shape) < len(devices):
+    used = math.prod(shape)
+    if used < len(devices):
         logging.warning(
             "mesh: %d × %d uses %d of the %d devices (mesh.data=%s, mesh.samples=%s with "
             "batch_size=%d, objective.num_samples=%d); a batch size that the device count "
             "divides would use them all.",
             *shape,
-            math.prod(shape),
+            used,
             len(devices),
             mesh_config.data,
             mesh_config.samples,
             config.batch_size,
             config.objective.num_samples,
         )
-    mesh = parallel.make_mesh(shape, devices[: math.prod(shape)])
+    mesh = parallel.make_mesh(shape, devices[:used])
     steps_per_epoch = num_train // config.batch_size
     model = make_model(config.model)
     free_energy = objective_lib.FreeEnergy(
