@@ -21,7 +21,7 @@ from bbb import bandit
 from bbb.data import DataError, mushroom
 from bbb.errors import ConfigError
 from configs import bandit_mushroom
-from tests.conftest import run_script
+from tests.conftest import REPO, report_on_fake_cpus, run_script
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PAPER = bandit.Rewards()
@@ -413,6 +413,77 @@ def test_agents_share_what_a_seed_fixes_and_nothing_else():
             np.testing.assert_array_equal(leaf_point[a * seeds : (a + 1) * seeds], leaf_mu)
         if leaf_mu.ndim == 3:  # Kernels [S, in, out] (biases start at 0 on every seed).
             assert not np.array_equal(leaf_mu[0], leaf_mu[1])  # Seeds differ.
+
+
+def bandit_on_two_devices(workdir: str) -> dict:
+    """In a subprocess with 2 fake CPU devices: the devices of each agent kind, and the per-step
+    regret of the small run (`test_each_kind_runs_on_its_own_device_with_the_same_results`)."""
+    config = small_config(**{"agents.epsilons": (0.0, 0.5)})
+    families = bandit._families(bandit.build(config), synthetic_problem())
+    devices = [
+        sorted({d.id for leaf in jax.tree_util.tree_leaves(f.states) for d in leaf.devices()})
+        for f in families
+    ]
+    bandit.bandit_experiment(config, workdir, problem=synthetic_problem())
+    return {
+        "devices": devices,
+        "regret": np.load(os.path.join(workdir, "regret.npz"))["regret"].tolist(),
+    }
+
+
+def test_each_kind_runs_on_its_own_device_with_the_same_results(tmp_path):
+    """With two devices (scripts/bandit.py asks for two CPU devices) Bayes by Backprop runs on one
+    and the ε-greedy agents on the other, at once; every agent's regret is the same, bit for bit,
+    as on one device."""
+    report, _ = report_on_fake_cpus(
+        "tests.test_bandit:bandit_on_two_devices", str(tmp_path / "two"), devices=2
+    )
+    assert report["devices"] == [[0], [1]]
+    config = small_config(**{"agents.epsilons": (0.0, 0.5)})
+    bandit.bandit_experiment(config, str(tmp_path / "one"), problem=synthetic_problem())
+    one = np.load(tmp_path / "one" / "regret.npz")["regret"]
+    assert jax.device_count() == 1
+    assert one.shape == (3, 2, 240)
+    np.testing.assert_array_equal(np.asarray(report["regret"]), one)
+
+
+@pytest.mark.parametrize(
+    "env, thompson, expected",
+    [
+        ({}, True, "2 2"),  # Bayes by Backprop and ε-greedy: a device each.
+        ({}, False, "1 1"),  # One kind: one device.
+        ({"JAX_NUM_CPU_DEVICES": "3"}, True, "None 3"),  # The user's count is kept...
+        (
+            {"XLA_FLAGS": "--xla_force_host_platform_device_count=4"},
+            True,
+            "None 4",
+        ),  # ... either way.
+    ],
+)
+def test_the_script_asks_for_a_cpu_device_per_agent_kind(env, thompson, expected):
+    code = (
+        "import jax; from bbb import bandit; from configs import bandit_mushroom; "
+        "c = bandit_mushroom.get_config(); "
+        f"c.agents.thompson = {thompson}; "
+        "n = bandit.request_cpu_devices(c); print(n, jax.device_count())"
+    )
+    clean = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_NUM_CPU_DEVICES")}
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=REPO,
+        env={**clean, "JAX_PLATFORMS": "cpu", **env},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.split("\n")[-2] == expected
+
+
+def test_asking_for_devices_after_jax_started_changes_nothing():
+    jax.devices()  # The backend has started (as in this test process).
+    assert bandit.request_cpu_devices(small_config()) is None
+    assert jax.device_count() == 1
 
 
 def test_thompson_draws_a_new_sample_at_every_interaction(monkeypatch):
