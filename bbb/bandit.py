@@ -37,13 +37,18 @@ the agents of one kind (the three ε-greedy agents, or Bayes by Backprop, each o
 stacked on a leading axis and `vmap`ped. The host sees only chunk boundaries, to log, to
 advance the progress bar and, every few chunks, to checkpoint (Orbax) what a resumed run needs.
 
-Cost. The paper's schedule is 64 × 50,000 = 3.2M gradient steps per agent. On a quiet 2-core
-CPU one step of all eight agents (Bayes by Backprop and three ε-greedy agents, 2 seeds, vmapped
-per kind) takes ≈1.0 ms, so the whole run takes about an hour (README, "Contextual bandit").
-Bayes by Backprop is most of it: its 2 weight samples, their log-densities under q and the
-scale-mixture prior and the gradients of all three; the rest is small batched matmuls and
-Adam. `update_every` = k runs the same 64-step rounds after every k interactions instead of after
-each, dividing the cost by k and keeping everything else as in the paper.
+Cost. The paper's schedule is 64 × 50,000 = 3.2M gradient steps per agent, each hundreds of
+small ops (64 × 119 matmuls, elementwise work on ~22k weights) that one program cannot spread
+over two cores. So the two kinds of agent run at once, each on a CPU device of its own
+(`request_cpu_devices`, asked for by scripts/bandit.py), with the same results as on one
+device; every update's 64 minibatches are drawn in one vectorised call; Bayes by Backprop's
+gradients are stored once per step. Bayes by Backprop is most of the cost: its 2 weight
+samples, their log-densities under q and the scale-mixture prior and the gradients of all
+three. Timed alone, each change saves what the comments say; in the whole script on this
+project's 2-core CPU, alternating with the code before, the saving was within the machine's
+noise (docs/experiments.md, "Speed"). `update_every` = k runs the same 64-step
+rounds after every k interactions instead of after each, dividing the cost by k and keeping
+everything else as in the paper.
 
 The setup follows Blundell et al. (2015), §5.3; the ε-greedy baselines and the uniform minibatch
 updates from a buffer are those of Riquelme et al. (2018), "Deep Bayesian Bandits Showdown".
@@ -325,7 +330,7 @@ class Learner:
 
         # Every step's minibatch and noise key at once: the same draws as step by step (the
         # buffer does not change during the updates), but one vectorised threefry call
-        # instead of a few small looped ones per step (10–20% of an ε-greedy update on a CPU).
+        # instead of a few small looped ones per step (10–20% of an ε-greedy update, timed alone).
         slots, noise_keys = jax.vmap(draws)(jnp.arange(self.num_updates))
 
         def one_step(carry, draw):
@@ -337,7 +342,7 @@ class Learner:
             if self.thompson:
                 # Stored once, as in `bbb.train.train_step`: Adam's two moments would each
                 # recompute the chain of noise, softplus and prior terms behind Bayes by
-                # Backprop's gradients (a fifth of its update on a CPU). A point estimate's
+                # Backprop's gradients (a fifth of its update, timed alone). A point estimate's
                 # chain is cheap, and left as it was (its rounding, and so its runs, unchanged).
                 grads = jax.tree_util.tree_map(materialize, grads)
             updates, opt_state = self.optimizer.update(grads, opt_state, params)
