@@ -516,7 +516,9 @@ def request_cpu_devices(config: ml_collections.ConfigDict) -> int | None:
     Each update of the paper's schedule is hundreds of small ops (64 × 119 matmuls, Adam on
     ~22k weights), which one kind's program cannot spread over two cores; on two CPU devices
     the Bayes by Backprop and ε-greedy programs run side by side, with the same results.
-    Called by scripts/bandit.py before JAX starts its backend. A device count the user set
+    Called by scripts/bandit.py before JAX starts its backend, on any platform: the count is
+    the CPU backend's alone, so on a GPU or TPU the agents stay on the accelerators
+    (`jax.local_devices()`). A device count the user set
     (`XLA_FLAGS=--xla_force_host_platform_device_count`, `JAX_NUM_CPU_DEVICES`) is kept.
 
     Args:

@@ -25,10 +25,9 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 def main(argv):
     del argv
-    from bbb import bandit, hostmem
+    from bbb import bandit
 
-    if hostmem.jax_computes_on_cpu():
-        bandit.request_cpu_devices(_CONFIG.value)  # Each agent kind on a CPU device of its own.
+    bandit.request_cpu_devices(_CONFIG.value)  # Each agent kind on a CPU device of its own.
     cli.run_or_exit(lambda: bandit.bandit_experiment(_CONFIG.value, _WORKDIR.value))
 
 
