@@ -1184,15 +1184,21 @@ def bandit_experiment(
     with PreemptionWatcher() as preemption:
         for start in range(done, steps, chunk):
             outputs = []
-            for family in families:  # Dispatched asynchronously; both run before we wait.
-                family.states, metrics = family.chunk(
-                    family.states,
-                    jnp.int32(start),
-                    family.env_keys,
-                    family.agent_keys,
-                    family.epsilons,
-                )
-                outputs.append(metrics)
+            # Dispatched asynchronously, every family's chunk runs before we wait. An argument
+            # on another device would break that: its copy waits for the chunk running there,
+            # and the kinds would run one after the other (as a jnp `start` on the default
+            # device did until 2026-11-30). So `start` goes as a NumPy scalar, straight to each
+            # family's devices, and a copy between devices is an error.
+            with jax.transfer_guard_device_to_device("disallow"):
+                for family in families:
+                    family.states, metrics = family.chunk(
+                        family.states,
+                        np.int32(start),
+                        family.env_keys,
+                        family.agent_keys,
+                        family.epsilons,
+                    )
+                    outputs.append(metrics)
             record = {"step": start + chunk}
             rows = []
             for family, metrics in zip(families, outputs, strict=True):

@@ -434,7 +434,9 @@ def bandit_on_two_devices(workdir: str) -> dict:
 def test_each_kind_runs_on_its_own_device_with_the_same_results(tmp_path):
     """With two devices (scripts/bandit.py asks for two CPU devices) Bayes by Backprop runs on one
     and the ε-greedy agents on the other, at once; every agent's regret is the same, bit for bit,
-    as on one device."""
+    as on one device. At once: an argument of one kind's chunk left on the other's device would
+    make it wait for that device's chunk, and the run loop turns such a copy into an error (a jnp
+    `start` on the default device raised it here)."""
     report, _ = report_on_fake_cpus(
         "tests.test_bandit:bandit_on_two_devices", str(tmp_path / "two"), devices=2
     )
