@@ -39,16 +39,17 @@ advance the progress bar and, every few chunks, to checkpoint (Orbax) what a res
 
 Cost. The paper's schedule is 64 × 50,000 = 3.2M gradient steps per agent, each hundreds of
 small ops (64 × 119 matmuls, elementwise work on ~22k weights) that one program cannot spread
-over two cores. So the two kinds of agent run at once, each on a CPU device of its own
-(`request_cpu_devices`, asked for by scripts/bandit.py), with the same results as on one
-device; every update's 64 minibatches are drawn in one vectorised call; Bayes by Backprop's
-gradients are stored once per step. Bayes by Backprop is most of the cost: its 2 weight
-samples, their log-densities under q and the scale-mixture prior and the gradients of all
-three. Timed alone, each change saves what the comments say; in the whole script on this
-project's 2-core CPU, alternating with the code before, the saving was within the machine's
-noise (docs/experiments.md, "Speed"). `update_every` = k runs the same 64-step
-rounds after every k interactions instead of after each, dividing the cost by k and keeping
-everything else as in the paper.
+over two cores. So scripts/bandit.py asks JAX for a CPU device per core
+(`request_cpu_devices`), each kind's stack of agents is split over the devices
+(`agent_shardings`: one seed of Bayes by Backprop and three ε-greedy agents on each of two)
+and every device runs its share of each chunk at the same time. The results are those of one
+device up to rounding, which differs with the number of agents a device's program holds (the
+same device count gives the same results bit for bit). Every update's 64 minibatches are drawn
+in one vectorised call; Bayes by Backprop's gradients are stored once per step. Bayes by
+Backprop is most of the cost: its 2 weight samples, their log-densities under q and the
+scale-mixture prior and the gradients of all three. docs/experiments.md ("Speed") has the
+timings. `update_every` = k runs the same 64-step rounds after every k interactions instead
+of after each, dividing the cost by k and keeping everything else as in the paper.
 
 The setup follows Blundell et al. (2015), §5.3; the ε-greedy baselines and the uniform minibatch
 updates from a buffer are those of Riquelme et al. (2018), "Deep Bayesian Bandits Showdown".
@@ -505,17 +506,21 @@ def run_chunk(
 # Building the agents from a config --------------------------------------------------------
 
 
-def agent_kinds(config: ml_collections.ConfigDict) -> int:
-    """How many kinds of agent `config` runs (Bayes by Backprop, ε-greedy): 0, 1 or 2."""
-    return int(bool(config.agents.thompson)) + int(len(config.agents.epsilons) > 0)
+def stack_sizes(config: ml_collections.ConfigDict) -> list[int]:
+    """The rows of each kind's stack of agents (agents × seeds), Bayes by Backprop's first."""
+    thompson = [config.num_seeds] if config.agents.thompson else []
+    return thompson + (
+        [len(config.agents.epsilons) * config.num_seeds] * bool(config.agents.epsilons)
+    )
 
 
-def request_cpu_devices(config: ml_collections.ConfigDict) -> int | None:
-    """Asks JAX for one CPU device per agent kind, so that the kinds' chunks run at once.
+def request_cpu_devices(config: ml_collections.ConfigDict, cores: int | None = None) -> int | None:
+    """Asks JAX for a CPU device per core (at most as many as the largest stack of agents), so
+    that the agents' chunks run on all the cores at once.
 
     Each update of the paper's schedule is hundreds of small ops (64 × 119 matmuls, Adam on
-    ~22k weights), which one kind's program cannot spread over two cores; on two CPU devices
-    the Bayes by Backprop and ε-greedy programs run side by side, with the same results.
+    ~22k weights), which one program cannot spread over two cores; on several CPU devices each
+    kind's stack of agents is split over them (`agent_shardings`), with the same results.
     Called by scripts/bandit.py before JAX starts its backend, on any platform: the count is
     the CPU backend's alone, so on a GPU or TPU the agents stay on the accelerators
     (`jax.local_devices()`). A device count the user set
@@ -523,6 +528,7 @@ def request_cpu_devices(config: ml_collections.ConfigDict) -> int | None:
 
     Args:
       config: the bandit config.
+      cores: the cores to use; None counts those this process may run on.
 
     Returns:
       The device count asked for, or None where nothing was changed (already set, or too late:
@@ -532,12 +538,42 @@ def request_cpu_devices(config: ml_collections.ConfigDict) -> int | None:
         return None
     if jax.config.jax_num_cpu_devices != -1:
         return None
-    count = max(agent_kinds(config), 1)
+    if cores is None:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    count = max(1, min(cores or 1, max(stack_sizes(config), default=1)))
     try:
         jax.config.update("jax_num_cpu_devices", count)
     except RuntimeError:  # The backend has started: the devices are what they are.
         return None
     return count
+
+
+def agent_shardings(rows: int, kind: int) -> tuple[jax.sharding.Sharding, jax.sharding.Sharding]:
+    """Where a kind's stack of `rows` agents lives, and where the data its chunks read lives.
+
+    The agents never exchange anything, so the stack is split over as many local devices as
+    divide `rows` evenly: each device runs its share of every chunk, all at the same time,
+    and every kind is spread over the same devices (Bayes by Backprop's 2 seeds and the six
+    ε-greedy agents over two CPU devices: one seed and three agents on each). Where no split
+    works, kind k sits on device k (mod the count), so two kinds still run at once.
+
+    Args:
+      rows: the stack's size (agents × seeds).
+      kind: the kind's index (0 for Bayes by Backprop where it runs).
+
+    Returns:
+      (the stack's sharding, along its leading axis; the replicated sharding of the data).
+    """
+    devices = jax.local_devices()
+    split = max(n for n in range(1, len(devices) + 1) if rows % n == 0)
+    if split == 1:
+        device = jax.sharding.SingleDeviceSharding(devices[kind % len(devices)])
+        return device, device
+    mesh = jax.sharding.Mesh(np.asarray(devices[:split]), ("agents",))
+    return (
+        jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("agents")),
+        jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()),
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -757,14 +793,13 @@ def _families(experiment: Experiment, problem: Problem) -> list[_Family]:
         names = experiment.agent_names()[-len(experiment.epsilons) :]
         kinds.append((experiment.greedy, names, list(experiment.epsilons), False))
     families, agent_index = [], 0
-    # Each kind on a device of its own where there are several: on a CPU whose cores the small
-    # ops of one kind cannot fill, two CPU devices (scripts/bandit.py asks for them) run the
-    # kinds' chunks at once. Same programs, same results: only where they run changes.
-    devices = jax.local_devices()
+    # Each kind's stack split over the devices (`agent_shardings`): on a CPU whose cores the
+    # small ops of one program cannot fill, the CPU devices scripts/bandit.py asks for run
+    # their shares of every chunk at once.
     for kind, (learner, names, epsilons, bayesian) in enumerate(kinds):
         count = len(names)
-        device = devices[kind % len(devices)]
-        problem_here = jax.device_put(problem, device)
+        stack, replicated = agent_shardings(count * seeds, kind)
+        problem_here = jax.device_put(problem, replicated)
         # Agent a of seed s sits at row a * S + s of the stack.
         states = jax.jit(
             jax.vmap(
@@ -773,7 +808,7 @@ def _families(experiment: Experiment, problem: Problem) -> list[_Family]:
                 )
             )
         )(jnp.tile(init_keys, count))
-        states = jax.device_put(states, device)
+        states = jax.device_put(states, stack)
         agent_ids = jnp.repeat(agent_index + jnp.arange(count), seeds)
         agent_keys = jax.vmap(
             lambda a, s: jax.random.fold_in(jax.random.fold_in(agent_root, a), s)
@@ -798,10 +833,10 @@ def _families(experiment: Experiment, problem: Problem) -> list[_Family]:
                 names=names,
                 learner=learner,
                 states=states,
-                env_keys=jax.device_put(jnp.tile(env_keys, count), device),
-                agent_keys=jax.device_put(agent_keys, device),
+                env_keys=jax.device_put(jnp.tile(env_keys, count), stack),
+                agent_keys=jax.device_put(agent_keys, stack),
                 epsilons=jax.device_put(
-                    jnp.repeat(jnp.asarray(epsilons, jnp.float32), seeds), device
+                    jnp.repeat(jnp.asarray(epsilons, jnp.float32), seeds), stack
                 ),
                 chunk=chunk,
             )

@@ -27,7 +27,7 @@ def main(argv):
     del argv
     from bbb import bandit
 
-    bandit.request_cpu_devices(_CONFIG.value)  # Each agent kind on a CPU device of its own.
+    bandit.request_cpu_devices(_CONFIG.value)  # A CPU device per core, the agents split over them.
     cli.run_or_exit(lambda: bandit.bandit_experiment(_CONFIG.value, _WORKDIR.value))
 
 

@@ -20,6 +20,7 @@ import pytest
 from bbb import bandit
 from bbb.data import DataError, mushroom
 from bbb.errors import ConfigError
+from bbb.workdir import read_records
 from configs import bandit_mushroom
 from tests.conftest import REPO, report_on_fake_cpus, run_script
 
@@ -417,57 +418,91 @@ def test_agents_share_what_a_seed_fixes_and_nothing_else():
 
 def bandit_on_two_devices(workdir: str) -> dict:
     """In a subprocess with 2 fake CPU devices: the devices of each agent kind, and the per-step
-    regret of the small run (`test_each_kind_runs_on_its_own_device_with_the_same_results`)."""
-    config = small_config(**{"agents.epsilons": (0.0, 0.5)})
-    families = bandit._families(bandit.build(config), synthetic_problem())
-    devices = [
-        sorted({d.id for leaf in jax.tree_util.tree_leaves(f.states) for d in leaf.devices()})
-        for f in families
-    ]
-    bandit.bandit_experiment(config, workdir, problem=synthetic_problem())
-    return {
-        "devices": devices,
-        "regret": np.load(os.path.join(workdir, "regret.npz"))["regret"].tolist(),
-    }
+    regret of the small run (`test_the_agents_are_split_over_the_devices_with_the_same_results`)."""
+    layouts = {}
+    for name, overrides in {
+        "split": {"agents.epsilons": (0.0, 0.5)},  # Stacks of 2 and 4: halves on each device.
+        "whole": {"agents.epsilons": (0.0,), "num_seeds": 1},  # Stacks of 1: a device each.
+    }.items():
+        families = bandit._families(bandit.build(small_config(**overrides)), synthetic_problem())
+        layouts[name] = [  # The distinct sets of devices the family's leaves are on.
+            sorted(
+                {
+                    tuple(sorted(d.id for d in leaf.devices()))
+                    for leaf in jax.tree_util.tree_leaves((f.states, f.env_keys, f.epsilons))
+                }
+            )
+            for f in families
+        ]
+        layouts[name + "_rows"] = [
+            sorted(
+                {
+                    len(shard.data)
+                    for leaf in jax.tree_util.tree_leaves(f.states)
+                    for shard in leaf.addressable_shards
+                }
+            )
+            for f in families
+        ]
+    bandit.bandit_experiment(split_run_config(), workdir, problem=synthetic_problem())
+    return layouts
 
 
-def test_each_kind_runs_on_its_own_device_with_the_same_results(tmp_path):
-    """With two devices (scripts/bandit.py asks for two CPU devices) Bayes by Backprop runs on one
-    and the ε-greedy agents on the other, at once; every agent's regret is the same, bit for bit,
-    as on one device. At once: an argument of one kind's chunk left on the other's device would
-    make it wait for that device's chunk, and the run loop turns such a copy into an error (a jnp
-    `start` on the default device raised it here)."""
+def split_run_config():
+    """48 interactions of 8 updates each, in 4 chunks: short enough that rounding (which differs
+    with the number of agents each device's program holds) has not yet changed an action."""
+    return small_config(**{"agents.epsilons": (0.0, 0.5), "num_steps": 48, "chunk_steps": 12})
+
+
+def test_the_agents_are_split_over_the_devices_with_the_same_results(tmp_path):
+    """With two devices (scripts/bandit.py asks for a CPU device per core) each kind's stack of
+    agents is split over both, all at once; a stack that does not split evenly keeps a device of
+    its own per kind. Every agent acts as on one device and its losses agree to rounding: no
+    agent gets another's ε, keys or data. At once: an argument of a chunk left on another
+    device would make it wait for that device's work, and the run loop turns such a copy into
+    an error (a jnp `start` on the default device raised it here)."""
     report, _ = report_on_fake_cpus(
         "tests.test_bandit:bandit_on_two_devices", str(tmp_path / "two"), devices=2
     )
-    assert report["devices"] == [[0], [1]]
-    config = small_config(**{"agents.epsilons": (0.0, 0.5)})
-    bandit.bandit_experiment(config, str(tmp_path / "one"), problem=synthetic_problem())
-    one = np.load(tmp_path / "one" / "regret.npz")["regret"]
+    assert report["split"] == [[[0, 1]], [[0, 1]]]  # Every leaf of both kinds on both devices:
+    assert report["split_rows"] == [[1], [2]]  # one seed of BBB, two ε-greedy agents on each.
+    assert report["whole"] == [[[0]], [[1]]]
+    assert report["whole_rows"] == [[1], [1]]
+    bandit.bandit_experiment(split_run_config(), str(tmp_path / "one"), problem=synthetic_problem())
     assert jax.device_count() == 1
-    assert one.shape == (3, 2, 240)
-    np.testing.assert_array_equal(np.asarray(report["regret"]), one)
+    runs = {}
+    for name in ("one", "two"):
+        regret = np.load(tmp_path / name / "regret.npz")["regret"]
+        records = read_records(str(tmp_path / name / "metrics.jsonl"))
+        losses = [[v for k, v in r.items() if k.endswith("/loss")] for r in records]
+        runs[name] = regret, np.asarray(losses)
+    assert runs["one"][0].shape == (3, 2, 48)
+    np.testing.assert_array_equal(runs["two"][0], runs["one"][0])
+    assert runs["one"][1].shape == (4, 3)
+    # Adam turns rounding-sized gradients into whole steps, so the losses drift apart by ~0.1%.
+    np.testing.assert_allclose(runs["two"][1], runs["one"][1], rtol=1e-2)
 
 
 @pytest.mark.parametrize(
-    "env, thompson, expected",
+    "env, setting, expected",
     [
-        ({}, True, "2 2"),  # Bayes by Backprop and ε-greedy: a device each.
-        ({}, False, "1 1"),  # One kind: one device.
-        ({"JAX_NUM_CPU_DEVICES": "3"}, True, "None 3"),  # The user's count is kept...
+        ({}, "cores=2", "2 2"),  # A device per core...
+        ({}, "cores=8", "6 6"),  # ... at most one per agent of the largest stack (3 ε × 2 seeds),
+        ({}, "cores=1", "1 1"),
+        ({}, "cores=4; c.num_seeds = 1; c.agents.epsilons = ()", "1 1"),  # (one BBB agent).
+        ({"JAX_NUM_CPU_DEVICES": "3"}, "cores=2", "None 3"),  # The user's count is kept...
         (
             {"XLA_FLAGS": "--xla_force_host_platform_device_count=4"},
-            True,
+            "cores=2",
             "None 4",
         ),  # ... either way.
     ],
 )
-def test_the_script_asks_for_a_cpu_device_per_agent_kind(env, thompson, expected):
+def test_the_script_asks_for_a_cpu_device_per_core(env, setting, expected):
     code = (
         "import jax; from bbb import bandit; from configs import bandit_mushroom; "
-        "c = bandit_mushroom.get_config(); "
-        f"c.agents.thompson = {thompson}; "
-        "n = bandit.request_cpu_devices(c); print(n, jax.device_count())"
+        f"c = bandit_mushroom.get_config(); {setting}; "
+        "n = bandit.request_cpu_devices(c, cores); print(n, jax.device_count())"
     )
     clean = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_NUM_CPU_DEVICES")}
     result = subprocess.run(
