@@ -45,12 +45,12 @@ from bbb import estimators, parallel
 from bbb.errors import ConfigError, check_positive
 from bbb.posterior import MeanFieldGaussian, PointEstimate, sum_samples
 from bbb.priors import Prior, closed_form_unavailable
+from bbb.special import HALF_LOG_2PI
 
 PyTree = Any
 Metrics = dict[str, jax.Array]
 KL_MODES = ("mc", "closed_form")
 KL_SCHEDULES = ("uniform", "blundell", "anneal")
-_HALF_LOG_2PI = 0.5 * math.log(2.0 * math.pi)
 
 
 # Likelihoods ------------------------------------------------------------------------------
@@ -118,7 +118,7 @@ class Gaussian:
         y = y.reshape(outputs.shape)
         log_s = self.log_noise_std(params)
         z = (y - outputs) * jnp.exp(-log_s)
-        return jnp.sum(-0.5 * jnp.square(z) - log_s - _HALF_LOG_2PI, axis=-1)
+        return jnp.sum(-0.5 * jnp.square(z) - log_s - HALF_LOG_2PI, axis=-1)
 
 
 def make_likelihood(config: Any) -> Categorical | Gaussian:

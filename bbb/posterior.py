@@ -23,11 +23,9 @@ from jax.extend.core import Primitive
 from jax.interpreters import ad, batching, mlir
 
 from bbb.errors import check_choice
-from bbb.special import horner, materialize, softplus
+from bbb.special import HALF_LOG_2PI, horner, materialize, softplus
 
 PyTree = Any
-
-_HALF_LOG_2PI = 0.5 * math.log(2.0 * math.pi)
 
 
 def inverse_softplus(sigma: jax.Array | float) -> jax.Array:
@@ -416,7 +414,7 @@ class MeanFieldGaussian:
         )
         log_q = _sum_leaves(
             jax.tree_util.tree_map(
-                lambda s, e: -0.5 * jnp.square(e) - shared(jnp.log(s), e) - _HALF_LOG_2PI,
+                lambda s, e: -0.5 * jnp.square(e) - shared(jnp.log(s), e) - HALF_LOG_2PI,
                 sigma,
                 eps,
             )
@@ -435,7 +433,7 @@ class MeanFieldGaussian:
         sigma = self.stddev()
         return _sum_leaves(
             jax.tree_util.tree_map(
-                lambda x, m, s: -0.5 * jnp.square((x - m) / s) - jnp.log(s) - _HALF_LOG_2PI,
+                lambda x, m, s: -0.5 * jnp.square((x - m) / s) - jnp.log(s) - HALF_LOG_2PI,
                 w,
                 self.mu,
                 sigma,
@@ -445,7 +443,7 @@ class MeanFieldGaussian:
     def entropy(self) -> jax.Array:
         """H[q] = Σ_i (½ log 2πe + log σ_i), in nats."""
         return _sum_leaves(
-            jax.tree_util.tree_map(lambda s: jnp.log(s) + _HALF_LOG_2PI + 0.5, self.stddev())
+            jax.tree_util.tree_map(lambda s: jnp.log(s) + HALF_LOG_2PI + 0.5, self.stddev())
         )
 
     def signal_to_noise(self) -> PyTree:

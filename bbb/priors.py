@@ -33,7 +33,6 @@ from bbb.errors import ConfigError, check_open_interval, check_positive
 from bbb.posterior import MeanFieldGaussian
 
 PyTree = Any
-_HALF_LOG_2PI = 0.5 * math.log(2.0 * math.pi)
 
 
 class ClosedFormUnavailableError(ConfigError):
@@ -121,7 +120,7 @@ class Gaussian(Prior):
 
     def log_density(self, params: dict[str, jax.Array], w: jax.Array) -> jax.Array:
         log_sigma = self._log_sigma(params)
-        return -0.5 * jnp.square(w * jnp.exp(-log_sigma)) - log_sigma - _HALF_LOG_2PI
+        return -0.5 * jnp.square(w * jnp.exp(-log_sigma)) - log_sigma - special.HALF_LOG_2PI
 
     def kl(self, params: dict[str, jax.Array], posterior: MeanFieldGaussian) -> jax.Array:
         """Σ_i [log(σ_p/σ_i) + (σ_i² + μ_i²) / (2σ_p²) − ½]."""
@@ -173,7 +172,7 @@ class ScaleMixture(Prior):
         square = jnp.square(w)
         log_n1 = log_pi - log_sigma1 - 0.5 * square * jnp.exp(-2.0 * log_sigma1)
         log_n2 = log_1m_pi - log_sigma2 - 0.5 * square * jnp.exp(-2.0 * log_sigma2)
-        return special.logaddexp(log_n1, log_n2) - _HALF_LOG_2PI
+        return special.logaddexp(log_n1, log_n2) - special.HALF_LOG_2PI
 
 
 @dataclasses.dataclass(frozen=True)

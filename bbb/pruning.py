@@ -31,6 +31,7 @@ import numpy as np
 
 from bbb.errors import ConfigError, check_choice, check_probability
 from bbb.posterior import MeanFieldGaussian, PointEstimate, count_params
+from bbb.special import HALF_LOG_2PI
 
 PyTree = Any
 CRITERIA = ("snr", "magnitude")
@@ -99,7 +100,7 @@ class PrunedGaussian(MeanFieldGaussian):
             lambda m, s, e, k: (m + s * e) * k, self.mu, sigma, eps, self.mask
         )
         log_q = jax.tree_util.tree_map(
-            lambda s, e: -0.5 * jnp.square(e) - jnp.log(s) - 0.5 * math.log(2 * math.pi),
+            lambda s, e: -0.5 * jnp.square(e) - jnp.log(s) - HALF_LOG_2PI,
             sigma,
             eps,
         )
@@ -126,9 +127,7 @@ class PrunedGaussian(MeanFieldGaussian):
           A float32 scalar.
         """
         log_q = jax.tree_util.tree_map(
-            lambda x, m, s: (
-                -0.5 * jnp.square((x - m) / s) - jnp.log(s) - 0.5 * math.log(2 * math.pi)
-            ),
+            lambda x, m, s: -0.5 * jnp.square((x - m) / s) - jnp.log(s) - HALF_LOG_2PI,
             w,
             self.mu,
             self._kept_sigma(),
@@ -138,7 +137,7 @@ class PrunedGaussian(MeanFieldGaussian):
     def entropy(self) -> jax.Array:
         """H[q] of the kept weights, Σ_kept (½ log 2πe + log σ_i), in nats."""
         per_weight = jax.tree_util.tree_map(
-            lambda s: jnp.log(s) + 0.5 * math.log(2 * math.pi) + 0.5, self._kept_sigma()
+            lambda s: jnp.log(s) + HALF_LOG_2PI + 0.5, self._kept_sigma()
         )
         return self._sum_kept(per_weight)
 

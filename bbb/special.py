@@ -11,10 +11,13 @@ multiply-adds, and the derivatives reuse t (custom JVPs, themselves differentiab
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
+
+HALF_LOG_2PI = 0.5 * math.log(2.0 * math.pi)  # ½ log 2π, of every Gaussian log density.
 
 
 def materialize(x: jax.Array) -> jax.Array:
