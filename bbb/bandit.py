@@ -520,7 +520,8 @@ def request_cpu_devices(config: ml_collections.ConfigDict, cores: int | None = N
 
     Each update of the paper's schedule is hundreds of small ops (64 × 119 matmuls, Adam on
     ~22k weights), which one program cannot spread over two cores; on several CPU devices each
-    kind's stack of agents is split over them (`agent_shardings`), with the same results.
+    kind's stack of agents is split over them (`agent_shardings`), with the results of one
+    device up to rounding.
     Called by scripts/bandit.py before JAX starts its backend, on any platform: the count is
     the CPU backend's alone, so on a GPU or TPU the agents stay on the accelerators
     (`jax.local_devices()`). A device count the user set

@@ -23,7 +23,8 @@ def get_config() -> ml_collections.ConfigDict:
     config.num_updates = 64  # Gradient steps per round of updates (the paper: 64).
     config.batch_size = 64  # Minibatch size of each step, drawn uniformly from the buffer.
     # Interactions per round of 64 updates (the paper: 1, after each). The paper's 3.2M steps per
-    # agent take 1–1.5 hours on a 2-core CPU; --config.update_every=25 divides that by 25.
+    # agent took 52.5 min on this project's 2-core CPU (README); --config.update_every=25
+    # divides that by 25.
     config.update_every = 1
     config.chunk_steps = 250  # Interactions per compiled chunk (the host logs between chunks).
     # An Orbax checkpoint (agents and regret so far) every this many chunks, at the end, and on
