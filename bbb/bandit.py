@@ -87,6 +87,7 @@ from bbb.errors import (
 from bbb.models import make_model
 from bbb.priors import make_prior
 from bbb.special import materialize
+from bbb.train import base_optimizer
 from bbb.workdir import flatten_config
 
 PyTree = Any
@@ -619,7 +620,7 @@ def _make_learner(config: ml_collections.ConfigDict, model: nn.Module, bayesian:
         temperature=config.objective.kl_temperature,
     )
     check_positive("optim.learning_rate", config.optim.learning_rate)
-    optimizer = optax.adam(config.optim.learning_rate)
+    optimizer = base_optimizer(config.optim, config.optim.learning_rate)
     return Learner(
         model=model,
         free_energy=free_energy,

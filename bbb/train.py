@@ -104,6 +104,25 @@ class Experiment:
 # Building and validation ------------------------------------------------------------------
 
 
+def base_optimizer(config: ml_collections.ConfigDict, learning_rate: optax.ScalarOrSchedule):
+    """The Optax optimiser that `config.name` names ("sgd", "momentum" or "adam").
+
+    Args:
+      config: an `optim` block with `name` and, for "momentum", `momentum`.
+      learning_rate: a number or an Optax schedule.
+
+    Returns:
+      An `optax.GradientTransformation`.
+    """
+    check_choice("optim.name", config.name, OPTIMIZERS)
+    if config.name == "sgd":
+        return optax.sgd(learning_rate)
+    if config.name == "momentum":
+        check_in_range("optim.momentum", config.momentum, 0, 1, include_high=False)
+        return optax.sgd(learning_rate, momentum=config.momentum)
+    return optax.adam(learning_rate)
+
+
 def make_optimizer(config: ml_collections.ConfigDict, steps_per_epoch: int, num_epochs: int):
     """The Optax optimiser and learning-rate schedule of `config.optim`.
 
@@ -156,13 +175,7 @@ def make_optimizer(config: ml_collections.ConfigDict, steps_per_epoch: int, num_
         schedule = optax.join_schedules(
             [optax.linear_schedule(0.0, lr, warmup), schedule], [warmup]
         )
-    if config.name == "sgd":
-        tx = optax.sgd(schedule)
-    elif config.name == "momentum":
-        check_in_range("optim.momentum", config.momentum, 0, 1, include_high=False)
-        tx = optax.sgd(schedule, momentum=config.momentum)
-    else:
-        tx = optax.adam(schedule)
+    tx = base_optimizer(config, schedule)
     if config.grad_clip_norm:
         tx = optax.chain(optax.clip_by_global_norm(config.grad_clip_norm), tx)
     return tx

@@ -581,6 +581,7 @@ def test_agents_of_one_seed_meet_the_same_mushrooms():
         ("likelihood.noise_std", 0.0),
         ("prior.name", "nonsense"),
         ("optim.learning_rate", -1.0),
+        ("optim.name", "rmsprop"),
         ("objective.kl_data_size", "everything"),
         ("seed", 2**32),  # JAX keys seeds by 32 bits: this would repeat seed 0.
         ("model.name", "lenet"),
@@ -854,6 +855,37 @@ class _RecordBatches:
     def __call__(self, params, batch, key, kl_weight):
         jax.debug.callback(lambda y: self.seen.append(np.asarray(y)[:, 0]), batch[1])
         return self.free_energy(params, batch, key, kl_weight)
+
+
+@pytest.mark.parametrize(
+    "name, steps",
+    [
+        ("adam", [-1.0, -1.0]),  # Adam's step is the learning rate whatever the gradient's scale.
+        ("sgd", [-3.0, -3.0]),  # −lr · g.
+        ("momentum", [-3.0, -3.0 * 1.5]),  # The velocity: g, then g + 0.5 g.
+    ],
+)
+def test_every_agent_takes_the_configured_optimiser_steps(name, steps):
+    """Both kinds of agent step with `optim.name` at `optim.learning_rate` (gradient 3 per
+    weight, learning rate 0.01, momentum 0.5)."""
+    config = small_config(
+        **{"optim.name": name, "optim.momentum": 0.5, "optim.learning_rate": 0.01}
+    )
+    experiment = bandit.build(config)
+    for learner in (experiment.thompson, experiment.greedy):
+        params = {"w": jnp.zeros(3)}
+        opt_state = learner.optimizer.init(params)
+        grads = {"w": jnp.full(3, 3.0)}
+        for expected in steps:
+            updates, opt_state = learner.optimizer.update(grads, opt_state, params)
+            np.testing.assert_allclose(updates["w"], 0.01 * expected, rtol=1e-4)
+
+
+def test_momentum_outside_zero_to_one_names_the_field():
+    config = small_config(**{"optim.name": "momentum", "optim.momentum": 1.0})
+    with pytest.raises(ConfigError) as error:
+        bandit.build(config)
+    assert error.value.field == "optim.momentum"
 
 
 def test_update_takes_num_updates_steps_on_fresh_minibatches_of_filled_slots():
