@@ -89,8 +89,8 @@ def get_config() -> ml_collections.ConfigDict:
     config.optim.name = "adam"  # "adam", "sgd" (the paper's optimiser for MNIST) or "momentum".
     config.optim.momentum = 0.9  # For "momentum".
     # The learning rate, for every agent; the paper gives none for the bandit. With Adam and 64
-    # steps per interaction (3.2M in all), at 1e-3 Bayes by Backprop lost to ε = 1% (its mean σ rising
-    # all run); at 1e-4 it was about level with ε = 1% (README, "Contextual bandit").
+    # steps per interaction (3.2M in all), at 1e-3 Bayes by Backprop lost to ε = 1% (its mean
+    # σ rising all run); at 1e-4 it was about level with ε = 1% (README, "Contextual bandit").
     config.optim.learning_rate = 1e-4
 
     config.data = ml_collections.ConfigDict()
