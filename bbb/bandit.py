@@ -88,7 +88,7 @@ from bbb.models import make_model
 from bbb.priors import make_prior
 from bbb.special import materialize
 from bbb.train import base_optimizer
-from bbb.workdir import flatten_config
+from bbb.workdir import flatten_config, with_added_fields
 
 PyTree = Any
 PASS, EAT = 0, 1  # The two actions.
@@ -941,6 +941,10 @@ def results_table(summary: dict[str, dict[str, Any]], num_steps: int, num_seeds:
 
 # Pooling finished runs -----------------------------------------------------------------------
 
+# Fields the config gained after runs were made, and what those runs did: resuming or pooling
+# such a run compares it as if it had saved these values.
+ADDED_FIELDS = {"optim.name": "adam", "optim.momentum": 0.9}
+
 REFERENCE_AGENT = "BBB (Thompson)"
 # Config fields that do not change what an agent meets or does: where the data are, how the
 # run logs and checkpoints, which agents ran beside it, and the seeds themselves. (An agent's
@@ -996,7 +1000,7 @@ def pool_runs(workdirs: list[str]) -> dict[str, Any]:
             raise ConfigError("workdirs", workdir, "a finished run (config.json and regret.npz)")
         with open(paths[0]) as f:
             config = json.load(f)
-        configs.append(flatten_config(config))
+        configs.append(with_added_fields(flatten_config(config), ADDED_FIELDS))
         with np.load(paths[1]) as record:
             names = [str(n) for n in record["names"]]
             regret, expected = record["regret"], record["expected_regret"]
@@ -1157,7 +1161,7 @@ def bandit_experiment(
         write_text_atomically,
     )
 
-    check_workdir(workdir, config, resumable=RESUMABLE_FIELDS)
+    check_workdir(workdir, config, resumable=RESUMABLE_FIELDS, added=ADDED_FIELDS)
     experiment = build(config)
     checkpoint_dir = os.path.join(os.path.abspath(workdir), "checkpoints")
     if os.path.exists(os.path.join(workdir, "results.json")) and not os.path.isdir(checkpoint_dir):

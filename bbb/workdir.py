@@ -19,6 +19,7 @@ import json
 import math
 import os
 import tempfile
+from collections.abc import Mapping
 from typing import Any
 
 import jax
@@ -133,10 +134,24 @@ def holds_results(path: str) -> bool:
     return False
 
 
+def with_added_fields(flat: dict[str, Any], added: Mapping[str, Any] | None) -> dict[str, Any]:
+    """A saved, flattened config with the fields it predates filled in.
+
+    Args:
+      flat: a config saved before some fields existed, flattened (`flatten_config`).
+      added: each added field and the value that runs saved without it behaved as.
+
+    Returns:
+      `flat`, with `added`'s value for each field that it lacks.
+    """
+    return {**(added or {}), **flat}
+
+
 def check_workdir(
     workdir: str,
     config: ml_collections.ConfigDict,
     resumable: tuple[str, ...] = RESUMABLE_FIELDS,
+    added: Mapping[str, Any] | None = None,
 ) -> None:
     """Checks, leaving nothing behind, that `workdir` can take this run.
 
@@ -144,6 +159,8 @@ def check_workdir(
       workdir: the output folder.
       config: the run's config.
       resumable: the fields that may differ from the config saved in the workdir.
+      added: fields added to the config after runs were made, each with the value that runs
+        saved without it behaved as (`with_added_fields`).
 
     Raises:
       WorkdirError: the parent folder is missing or not writable, the workdir is a file, or it
@@ -169,7 +186,7 @@ def check_workdir(
     # config may start afresh in that workdir.
     if os.path.exists(saved) and holds_results(path):
         with open(saved) as f:
-            old = flatten_config(json.load(f))
+            old = with_added_fields(flatten_config(json.load(f)), added)
         new = flatten_config(_config_dict(config))
         changed = sorted(
             k for k in set(old) | set(new) if old.get(k) != new.get(k) and k not in resumable

@@ -20,7 +20,7 @@ import pytest
 from bbb import bandit
 from bbb.data import DataError, mushroom
 from bbb.errors import ConfigError
-from bbb.workdir import read_records
+from bbb.workdir import WorkdirError, check_workdir, read_records
 from configs import bandit_mushroom
 from tests.conftest import REPO, report_on_fake_cpus, run_script
 
@@ -309,11 +309,13 @@ def test_summary_per_seed_and_second_half_rate():
     assert "| a | 9 ± 6 | 18 ± 12 | 15, 3 | 4.000, 1.000 |" in table
 
 
-def _finished_run(path, seed, names, totals, rho=-5.0):
+def _finished_run(path, seed, names, totals, rho=-5.0, optim=None):
     """A finished run's config.json and regret.npz: agent a, seed s loses totals[a][s] in all,
-    spread evenly over 4 interactions."""
+    spread evenly over 4 interactions. Without `optim`, a run saved before its fields existed."""
     os.makedirs(path)
     config = {"seed": seed, "num_seeds": len(totals[0]), "posterior": {"init_rho": rho}}
+    if optim is not None:
+        config["optim"] = optim
     config["data"] = {"path": str(path)}  # Differs between runs, and is ignored.
     with open(os.path.join(path, "config.json"), "w") as f:
         json.dump(config, f)
@@ -364,6 +366,34 @@ def test_pooled_runs_pair_agents_seed_by_seed(tmp_path):
         bandit.pool_runs([first, second, other])
     with pytest.raises(ConfigError, match="finished run"):
         bandit.pool_runs([first, str(tmp_path)])
+
+
+def test_a_run_saved_before_a_field_existed_pools_and_resumes_as_its_old_value(tmp_path):
+    """Runs made before `optim.name` existed used Adam: they pool with Adam runs as one
+    configuration, not with SGD ones, and resume under the config that now says "adam"."""
+    names = [bandit.REFERENCE_AGENT, "ε-greedy 1%"]
+    old = _finished_run(tmp_path / "old", 0, names, [[1, 2], [3, 4]])
+    adam = _finished_run(tmp_path / "adam", 1, names, [[1, 2], [3, 4]], optim=_optim("adam"))
+    sgd = _finished_run(tmp_path / "sgd", 2, names, [[1, 2], [3, 4]], optim=_optim("sgd"))
+    assert bandit.pool_runs([old, adam])["differences"] == {}
+    assert bandit.pool_runs([old, sgd])["differences"] == {"optim.name": ["adam", "sgd"]}
+
+    workdir = tmp_path / "resume"
+    os.makedirs(workdir)
+    saved = json.loads(small_config().to_json())
+    del saved["optim"]["name"], saved["optim"]["momentum"]
+    (workdir / "config.json").write_text(json.dumps(saved))
+    (workdir / "metrics.jsonl").write_text('{"step": 120}\n')  # A run with results.
+    check_workdir(str(workdir), small_config(), bandit.RESUMABLE_FIELDS, bandit.ADDED_FIELDS)
+    with pytest.raises(WorkdirError, match=r"optim\.name: 'adam' -> 'sgd'"):
+        bandit.bandit_experiment(
+            small_config(**{"optim.name": "sgd"}), str(workdir), problem=synthetic_problem()
+        )
+    assert json.loads((workdir / "config.json").read_text()) == saved  # Left as it was.
+
+
+def _optim(name):
+    return {"name": name, "momentum": 0.9}
 
 
 def test_pool_script_writes_the_table_and_names_a_bad_workdir(tmp_path):
