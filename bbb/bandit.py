@@ -849,25 +849,37 @@ def _families(experiment: Experiment, problem: Problem) -> list[_Family]:
 
 
 def summarize(
-    names: list[str], regret: np.ndarray, expected_regret: np.ndarray
+    names: list[str],
+    regret: np.ndarray,
+    expected_regret: np.ndarray,
+    actions: np.ndarray | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Cumulative regret at the last step per agent: mean and std over seeds, and per seed.
 
     The regret per step over the second half of the run (its last ⌈T/2⌉ interactions) tells an
     agent's rate once it has learnt from the cost of its start, which dominates the total on
-    some seeds (README, "Contextual bandit").
+    some seeds (README, "Contextual bandit"). With the actions, also what the regret is made
+    of: the agent's meals that the oracle would have passed (poisonous mushrooms, under the
+    paper's rewards) and its passes where the oracle would have eaten (edible ones), told
+    apart by the expected regret, which is 0 exactly when the agent acts as the oracle does.
 
     Args:
       names: the agents' names [A].
       regret: realised per-step regret [A, S, T].
       expected_regret: expected per-step regret [A, S, T].
+      actions: the actions [A, S, T] (`EAT` or `PASS`), or None.
 
     Returns:
       name → {"cumulative_regret_mean", "..._std", "..._per_seed", the same for the expected
-      regret, and "second_half_regret_per_step_per_seed"}.
+      regret, and "second_half_regret_per_step_per_seed"}; with `actions`, also
+      "eat_fraction", "wrong_meals_per_seed" and "wrong_passes_per_seed".
     """
     out = {}
     half = regret.shape[-1] // 2
+    if actions is not None:
+        wrong = expected_regret > 0
+        wrong_meals = (wrong & (actions == EAT)).sum(axis=-1)  # [A, S]
+        wrong_passes = (wrong & (actions == PASS)).sum(axis=-1)
     for i, name in enumerate(names):
         total = regret[i].sum(axis=-1)  # [S]
         expected_total = expected_regret[i].sum(axis=-1)  # [S]
@@ -881,6 +893,10 @@ def summarize(
             "cumulative_expected_regret_per_seed": [float(v) for v in expected_total],
             "second_half_regret_per_step_per_seed": [float(v) for v in second_half],
         }
+        if actions is not None:
+            out[name]["eat_fraction"] = float((actions[i] == EAT).mean())
+            out[name]["wrong_meals_per_seed"] = [int(v) for v in wrong_meals[i]]
+            out[name]["wrong_passes_per_seed"] = [int(v) for v in wrong_passes[i]]
     return out
 
 
@@ -920,23 +936,36 @@ def plot_regret(path: str, names: list[str], regret: np.ndarray, expected: np.nd
 
 
 def results_table(summary: dict[str, dict[str, Any]], num_steps: int, num_seeds: int) -> str:
-    """The results as a Markdown table."""
+    """The results as a Markdown table (with the wrong meals and passes where `summarize` was
+    given the actions)."""
+    mistakes = all("wrong_meals_per_seed" in row for row in summary.values())
     lines = [
         f"Cumulative regret at {num_steps:,} interactions, mean ± std over {num_seeds} seeds, "
-        "per seed, and regret per step over the second half of the run, per seed.",
+        "per seed, and regret per step over the second half of the run, per seed"
+        + (
+            "; wrong meals (eaten where the oracle passes) and wrong passes (passed where "
+            "it eats), per seed."
+            if mistakes
+            else "."
+        ),
         "",
         "| agent | cumulative regret | cumulative expected regret | per seed "
-        "| regret per step, second half |",
-        "|---|---:|---:|---|---|",
+        "| regret per step, second half |" + (" wrong meals | wrong passes |" if mistakes else ""),
+        "|---|---:|---:|---|---|" + ("---|---|" if mistakes else ""),
     ]
     for name, row in summary.items():
         per_seed = ", ".join(f"{v:.0f}" for v in row["cumulative_regret_per_seed"])
         rate = ", ".join(f"{v:.3f}" for v in row["second_half_regret_per_step_per_seed"])
-        lines.append(
+        line = (
             f"| {name} | {row['cumulative_regret_mean']:.0f} ± {row['cumulative_regret_std']:.0f}"
             f" | {row['cumulative_expected_regret_mean']:.0f} ± "
             f"{row['cumulative_expected_regret_std']:.0f} | {per_seed} | {rate} |"
         )
+        if mistakes:
+            meals = ", ".join(str(v) for v in row["wrong_meals_per_seed"])
+            passes = ", ".join(str(v) for v in row["wrong_passes_per_seed"])
+            line += f" {meals} | {passes} |"
+        lines.append(line)
     return "\n".join(lines) + "\n"
 
 
@@ -1312,9 +1341,7 @@ def bandit_experiment(
         temporary, names=np.asarray(names), regret=regret, expected_regret=expected, action=actions
     )
     os.replace(temporary, os.path.join(workdir, "regret.npz"))
-    summary = summarize(names, regret, expected)
-    for i, name in enumerate(names):
-        summary[name]["eat_fraction"] = float((actions[i] == EAT).mean())
+    summary = summarize(names, regret, expected, actions)
     plot_regret(os.path.join(workdir, "plots", "regret.png"), names, regret, expected)
     results = {
         "num_steps": steps,

@@ -306,7 +306,24 @@ def test_summary_per_seed_and_second_half_rate():
     assert summary["cumulative_expected_regret_per_seed"] == [30.0, 6.0]
     assert summary["second_half_regret_per_step_per_seed"] == pytest.approx([4.0, 1.0])
     table = bandit.results_table({"a": summary}, 5, 2)
-    assert "| a | 9 ± 6 | 18 ± 12 | 15, 3 | 4.000, 1.000 |" in table
+    assert "| a | 9 ± 6 | 18 ± 12 | 15, 3 | 4.000, 1.000 |\n" in table
+    assert "wrong_meals_per_seed" not in summary and "wrong meals" not in table
+
+
+def test_summary_counts_wrong_meals_and_wrong_passes_by_the_expected_regret():
+    """A meal the oracle would pass (expected regret 15) is wrong even when it went well (its
+    realised regret −5); a pass is wrong where the oracle eats (5); the oracle's own choices
+    have expected regret 0. Seed 0 makes 2 wrong meals and 1 wrong pass, seed 1 the reverse."""
+    eat, pass_ = bandit.EAT, bandit.PASS
+    actions = np.array([[[eat, pass_, eat, pass_, eat], [pass_, pass_, eat, eat, pass_]]])
+    expected = np.array([[[0, 5, 15, 0, 15], [5, 0, 0, 15, 5]]], np.float32)
+    regret = np.array([[[0, 5, -5, 0, 35], [5, 0, 0, -5, 5]]], np.float32)
+    summary = bandit.summarize(["a"], regret, expected, actions)["a"]
+    assert summary["wrong_meals_per_seed"] == [2, 1]
+    assert summary["wrong_passes_per_seed"] == [1, 2]
+    assert summary["eat_fraction"] == 0.5
+    table = bandit.results_table({"a": summary}, 5, 2)
+    assert "| a | 20 ± 15 | 30 ± 5 | 35, 5 | 10.000, 0.000 | 2, 1 | 1, 2 |\n" in table
 
 
 def _finished_run(path, seed, names, totals, rho=-5.0, optim=None):
