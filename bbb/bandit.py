@@ -66,7 +66,7 @@ import json
 import math
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -903,21 +903,29 @@ def summarize(
     return out
 
 
-def plot_regret(path: str, names: list[str], regret: np.ndarray, expected: np.ndarray) -> None:
+def plot_regret(
+    path: str,
+    names: list[str],
+    regret: np.ndarray | Sequence[np.ndarray],
+    expected: np.ndarray | Sequence[np.ndarray],
+) -> None:
     """Cumulative regret curves, mean ± std over seeds, realised and expected (as Figure 6).
 
     Args:
       path: the PNG file.
       names: the agents' names [A].
-      regret: realised per-step regret [A, S, T].
-      expected: expected per-step regret [A, S, T].
+      regret: realised per-step regret [A, S, T], or per agent [S_a, T] (pooled runs, in which
+        agents may have run on different numbers of seeds; the legend then gives each one's).
+      expected: expected per-step regret, the same shapes.
     """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    steps = np.arange(1, regret.shape[-1] + 1)
+    seeds = {len(r) for r in regret}
+    over = f"{len(regret[0])} seeds" if len(seeds) == 1 else "seeds"
+    steps = np.arange(1, regret[0].shape[-1] + 1)
     fig, axes = plt.subplots(1, 2, figsize=(13, 4.5))
     for ax, values, title in (
         (axes[0], regret, "cumulative regret"),
@@ -926,10 +934,11 @@ def plot_regret(path: str, names: list[str], regret: np.ndarray, expected: np.nd
         for i, name in enumerate(names):
             curves = np.cumsum(values[i], axis=-1)  # [S, T]
             mean, std = curves.mean(0), curves.std(0)
-            ax.plot(steps, mean, label=name, color=f"C{i}")
+            label = name if len(seeds) == 1 else f"{name} ({len(curves)} seeds)"
+            ax.plot(steps, mean, label=label, color=f"C{i}")
             ax.fill_between(steps, mean - std, mean + std, color=f"C{i}", alpha=0.2, lw=0)
         ax.set_xlabel("interaction")
-        ax.set_title(f"{title} (mean ± std over {values.shape[1]} seeds)")
+        ax.set_title(f"{title} (mean ± std over {over})")
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("regret")
     axes[0].legend()
@@ -1011,7 +1020,8 @@ def pool_runs(workdirs: list[str]) -> dict[str, Any]:
 
     Returns:
       {"workdirs", "num_steps", "agents": {name: {(root seed, index): {"total",
-      "expected_total", "second_half"}}}, "differences": {field: [value per run]}} where
+      "expected_total", "second_half"}}}, "curves": {name: {(root seed, index): (regret,
+      expected regret), per step [T] each}}, "differences": {field: [value per run]}} where
       `differences` lists the config fields (but seeds, agents, data and logging) that differ
       between the runs.
 
@@ -1022,6 +1032,7 @@ def pool_runs(workdirs: list[str]) -> dict[str, Any]:
     if not workdirs:
         raise ConfigError("workdirs", workdirs, "one or more finished bandit runs")
     agents: dict[str, dict[tuple[int, int], dict[str, float]]] = {}
+    curves: dict[str, dict[tuple[int, int], tuple[np.ndarray, np.ndarray]]] = {}
     origin: dict[tuple[str, tuple[int, int]], str] = {}
     configs, steps = [], None
     for entry in workdirs:
@@ -1061,6 +1072,8 @@ def pool_runs(workdirs: list[str]) -> dict[str, Any]:
                         f"{entry}",
                     )
                 agents[name][key] = result
+                a = names.index(name)
+                curves.setdefault(name, {})[key] = (regret[a, index], expected[a, index])
                 origin.setdefault((name, key), entry)
     fields = sorted(set().union(*configs))
     differences = {
@@ -1074,8 +1087,18 @@ def pool_runs(workdirs: list[str]) -> dict[str, Any]:
         "workdirs": list(workdirs),
         "num_steps": steps,
         "agents": {name: dict(sorted(rows.items())) for name, rows in agents.items()},
+        "curves": {name: dict(sorted(rows.items())) for name, rows in curves.items()},
         "differences": differences,
     }
+
+
+def plot_pooled(path: str, pooled: dict[str, Any]) -> None:
+    """`plot_regret` of pooled runs (`pool_runs`): each agent over every seed it ran."""
+    names = list(pooled["curves"])
+    per_agent = [list(pooled["curves"][name].values()) for name in names]
+    regret = [np.stack([r for r, _ in rows]) for rows in per_agent]
+    expected = [np.stack([e for _, e in rows]) for rows in per_agent]
+    plot_regret(path, names, regret, expected)
 
 
 def sign_test(wins: int, losses: int) -> float:

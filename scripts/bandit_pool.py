@@ -8,7 +8,8 @@ Runs of the same configuration on different `--config.seed` (and, written `path:
 agent over every seed it ran, and, seed by seed on the same mushrooms, how often Bayes by
 Backprop had the lower regret, with the sign test's p-value (bbb.bandit.pool_runs,
 pooled_table). The config fields in which the runs differ are listed under the table. Writes
-out/pooled.md and out/pooled.json.
+out/pooled.md, out/pooled.json and out/pooled.png (each agent's cumulative regret, mean ± std
+over the seeds it ran).
 """
 
 import json
@@ -47,8 +48,10 @@ def main(argv):
                 name: {f"{k[0]}/{k[1]}": r for k, r in by_seed.items()}
                 for name, by_seed in pooled["agents"].items()
             }
+            curves = pooled.pop("curves")
             with open(os.path.join(_OUT.value, "pooled.json"), "w") as f:
                 json.dump({**pooled, "agents": rows}, f, indent=2)
+            bandit.plot_pooled(os.path.join(_OUT.value, "pooled.png"), {"curves": curves})
 
     cli.run_or_exit(run)
 

@@ -372,6 +372,10 @@ def test_pooled_runs_pair_agents_seed_by_seed(tmp_path):
     }
     assert theirs[(1, 1)]["total"] == 60  # Kept once: the two runs agree.
     assert pooled["differences"] == {"posterior.init_rho": [-5.0, -5.0, -3.0]}
+    # The curves behind the plot: each agent's per-step regret on each seed, from its run.
+    assert list(pooled["curves"][names[1]]) == [(0, 0), (0, 1), (1, 0), (1, 1)]
+    np.testing.assert_array_equal(pooled["curves"][names[0]][(1, 1)][0], [12.5] * 4)
+    np.testing.assert_array_equal(pooled["curves"][names[1]][(1, 1)][1], [15.0] * 4)
     table = bandit.pooled_table(pooled)
     # Lower on seeds 0/0, 1/1 (10 < 20, 50 < 60), higher on 0/1 and 1/0: 2 of 4, p = 1, and
     # the agent's regret exceeds ours by (10 - 10 - 1 + 10) / 4 = 2.25 on average.
@@ -423,6 +427,7 @@ def test_pool_script_writes_the_table_and_names_a_bad_workdir(tmp_path):
     )
     assert done.returncode == 0, done.stderr[-2000:]
     assert "| ε-greedy 0% | 4 | 4 of 4 | 0.125 | +2 |" in (out / "pooled.md").read_text()
+    assert (out / "pooled.png").read_bytes().startswith(b"\x89PNG")
     assert json.loads((out / "pooled.json").read_text())["agents"]["ε-greedy 0%"]["1/1"] == {
         "total": 4.0,
         "expected_total": 4.0,
@@ -432,6 +437,28 @@ def test_pool_script_writes_the_table_and_names_a_bad_workdir(tmp_path):
         [*script, f"--workdirs={runs[0]},{tmp_path / 'nothing'}"], capture_output=True, text=True
     )
     assert bad.returncode == 2 and "nothing" in bad.stderr and "finished run" in bad.stderr
+
+
+def test_pooled_plot_averages_each_agent_over_the_seeds_it_ran(tmp_path, monkeypatch):
+    """Bayes by Backprop alone on a third seed: its curve is the mean over three seeds, the
+    other agent's over two, and the legend says so."""
+    import matplotlib.pyplot as plt
+
+    figures, close = [], plt.close
+    monkeypatch.setattr(plt, "close", figures.append)
+    names = [bandit.REFERENCE_AGENT, "ε-greedy 1%"]
+    both = _finished_run(tmp_path / "a", 0, names, [[8, 16], [40, 80]])
+    alone = _finished_run(tmp_path / "b", 1, names[:1], [[36]])
+    bandit.plot_pooled(str(tmp_path / "p.png"), bandit.pool_runs([both, alone]))
+    (figure,) = figures
+    ours, theirs = figure.axes[0].lines
+    # Per step 8/4, 16/4, 36/4 = 2, 4, 9 (mean 5); 10 and 20 (mean 15).
+    np.testing.assert_allclose(ours.get_ydata(), [5, 10, 15, 20])
+    np.testing.assert_allclose(theirs.get_ydata(), [15, 30, 45, 60])
+    labels = [t.get_text() for t in figure.axes[0].get_legend().get_texts()]
+    assert labels == [f"{names[0]} (3 seeds)", f"{names[1]} (2 seeds)"]
+    assert figure.axes[0].get_title() == "cumulative regret (mean ± std over seeds)"
+    close(figure)
 
 
 def test_agents_share_what_a_seed_fixes_and_nothing_else():
