@@ -90,7 +90,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.optim.momentum = 0.9  # For "momentum".
     # The learning rate, for every agent; the paper gives none for the bandit. With Adam and 64
     # steps per interaction (3.2M in all), at 1e-3 Bayes by Backprop lost to ε = 1% (its mean
-    # σ rising all run); at 1e-4 it was about level with ε = 1% (README, "Contextual bandit").
+    # σ rising all run); at 1e-4 it was about level with ε = 1% (docs/experiments.md).
     config.optim.learning_rate = 1e-4
 
     config.data = ml_collections.ConfigDict()
