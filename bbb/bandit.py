@@ -11,7 +11,7 @@ poisonous one), which has much less noise than the realised one.
 Every agent has the same network, f(x, a; w) ≈ E[r | x, a]: a 2×100 ReLU MLP (`bbb.models.MLP`)
 on the context concatenated with the one-hot action, trained with a Gaussian likelihood; the
 same buffer of the last 4,096 interactions; and the same schedule: after each interaction, 64
-steps of the same optimiser (`optim.name`: Adam by default, or plain SGD) on minibatches of 64
+steps of the same optimiser (`optim.name`: plain SGD by default, or Adam) on minibatches of 64
 drawn uniformly (with replacement) from the buffer.
 
 - Bayes by Backprop with Thompson sampling: w ~ q(w|θ) once per step, act greedily under w. The

@@ -184,7 +184,8 @@ STATED_DEFAULTS = {
     # README, "Contextual bandit": ε = 5%, 1%, 0%; +5 if edible, −35 or +5 (½ each) if
     # poisonous; 2×100 ReLU; a buffer of the last 4,096 interactions; rounds of 64 Adam steps
     # on minibatches of 64; scale mixture π = ½, σ1 = 1, σ2 = 0.0025; 2 posterior samples per
-    # step; 50,000 interactions; ρ₀ = −3 since 2026-11-29; Adam's rate 10⁻⁴.
+    # step; 50,000 interactions; ρ₀ = −3 since 2026-11-29; since 2026-11-30 plain SGD at 10⁻³
+    # and the KL weighted by every interaction so far (Adam at 10⁻⁴ and the buffer's size before).
     ("bandit_mushroom", None): {
         "agents.thompson": True,
         "agents.epsilons": (0.05, 0.01, 0.0),
@@ -205,7 +206,9 @@ STATED_DEFAULTS = {
         "prior.sigma2": 0.0025,
         "objective.num_samples": 2,
         "posterior.init_rho": -3.0,
-        "optim.learning_rate": 1e-4,
+        "optim.name": "sgd",
+        "optim.learning_rate": 1e-3,
+        "objective.kl_data_size": "interactions",
     },
 }
 
