@@ -182,7 +182,7 @@ STATED_DEFAULTS = {
         "optim.learning_rate": 1e-2,
     },
     # README, "Contextual bandit": ε = 5%, 1%, 0%; +5 if edible, −35 or +5 (½ each) if
-    # poisonous; 2×100 ReLU; a buffer of the last 4,096 interactions; rounds of 64 Adam steps
+    # poisonous; 2×100 ReLU; a buffer of the last 4,096 interactions; rounds of 64 optimiser steps
     # on minibatches of 64; scale mixture π = ½, σ1 = 1, σ2 = 0.0025; 2 posterior samples per
     # step; 50,000 interactions; ρ₀ = −3 since 2026-11-29; since 2026-11-30 plain SGD at 10⁻³
     # and the KL weighted by every interaction so far (Adam at 10⁻⁴ and the buffer's size before).
