@@ -48,10 +48,10 @@ def main(argv):
                 name: {f"{k[0]}/{k[1]}": r for k, r in by_seed.items()}
                 for name, by_seed in pooled["agents"].items()
             }
-            curves = pooled.pop("curves")
+            bandit.plot_pooled(os.path.join(_OUT.value, "pooled.png"), pooled)
+            del pooled["curves"]  # Per-step arrays, kept in the runs' regret.npz, not the JSON.
             with open(os.path.join(_OUT.value, "pooled.json"), "w") as f:
                 json.dump({**pooled, "agents": rows}, f, indent=2)
-            bandit.plot_pooled(os.path.join(_OUT.value, "pooled.png"), {"curves": curves})
 
     cli.run_or_exit(run)
 
