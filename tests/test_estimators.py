@@ -97,6 +97,19 @@ def test_dense_pre_activations_have_the_analytic_mean_and_variance(
         assert np.max(squares) < 0.8, squares
 
 
+@pytest.mark.parametrize("estimator", estimators.ESTIMATORS)
+def test_output_units_of_one_example_are_uncorrelated(estimator, dense_posterior):
+    """The weights of different output units are independent, so for one input
+    Cov(out_j, out_k) = Σ_i x_i² Cov(W_ij, W_ik) = 0 for j ≠ k, under every estimator. Noise
+    drawn once per example and shared by its units would make them perfectly correlated."""
+    samples = _output_samples(DENSE, dense_posterior, X_DENSE, estimator)  # [S, B, F]
+    off_diagonal = ~np.eye(samples.shape[-1], dtype=bool)
+    for b in range(samples.shape[1]):
+        correlation = np.corrcoef(samples[:, b, :], rowvar=False)[off_diagonal]
+        # Each sample correlation of independent units has standard error 1/√S.
+        assert np.max(np.abs(correlation)) < 5.0 / np.sqrt(NUM_SAMPLES), (b, correlation)
+
+
 class _TwoHeads(nn.Module):
     """Two Dense layers of one width on the same input, side by side."""
 
