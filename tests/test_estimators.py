@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+import scipy.stats
 
 from bbb import estimators, models, objective, priors
 from bbb.errors import ConfigError
@@ -108,6 +109,42 @@ def test_output_units_of_one_example_are_uncorrelated(estimator, dense_posterior
         correlation = np.corrcoef(samples[:, b, :], rowvar=False)[off_diagonal]
         # Each sample correlation of independent units has standard error 1/√S.
         assert np.max(np.abs(correlation)) < 5.0 / np.sqrt(NUM_SAMPLES), (b, correlation)
+
+
+@pytest.mark.parametrize("noise", ["jax", "hash"])
+def test_flipout_perturbs_by_the_given_noise_with_independent_fair_signs(noise):
+    """`apply_local` with ε given, no bias, and one-hot inputs x_b = e_b: unit j of example b is
+    μ_bj + r_bj s_bb ΔW_bj exactly, with ΔW = σ ∘ ε. Its deviation must have the size σ|ε| of
+    the given ε (not of a fresh draw, not σ²|ε|), and the four signs t_bj = r_bj s_bb (two
+    examples, two units) must be independent fair coins, each of their 16 patterns with
+    probability 1/16. Output signs shared by the units or by the examples, or s and r drawn
+    from one stream, leave patterns empty."""
+    rng = np.random.default_rng(8)
+    mu = rng.normal(size=(2, 2))
+    sigma = rng.uniform(0.2, 0.6, size=(2, 2))
+    eps = np.array([[0.7, -1.3], [1.1, 0.4]])
+    posterior = MeanFieldGaussian(
+        mu={"kernel": jnp.asarray(mu, jnp.float32)},
+        rho={"kernel": jnp.asarray(np.log(np.expm1(sigma)), jnp.float32)},
+        noise=noise,
+    )
+    given = {"kernel": jnp.asarray(eps, jnp.float32)}
+    layer, x = nn.Dense(2, use_bias=False), np.eye(2, dtype=np.float32)
+    num_keys = 4000
+    keys = jax.random.split(jax.random.key(4), num_keys)
+    outputs = jax.jit(
+        jax.vmap(lambda k: estimators.apply_local(layer, posterior, x, k, "flipout", noise=given))
+    )(keys)
+    deviation = np.asarray(outputs, np.float64) - mu  # x @ μ = μ: [S, 2, 2]
+    delta = sigma * eps  # row b: the perturbation of input b, the only one example b has
+    np.testing.assert_allclose(
+        np.abs(deviation), np.abs(delta)[None].repeat(num_keys, 0), rtol=1e-4
+    )
+    heads = (deviation / delta > 0).reshape(num_keys, 4)
+    counts = np.bincount(heads @ (2 ** np.arange(4)), minlength=16)
+    expected = num_keys / 16
+    chi_square = np.sum((counts - expected) ** 2 / expected)
+    assert chi_square < scipy.stats.chi2.isf(1e-6, df=15), counts
 
 
 class _TwoHeads(nn.Module):
