@@ -236,6 +236,27 @@ def test_adaptive_calibration_error_matches_numpy(n, num_bins):
     np.testing.assert_allclose(ace, expected, atol=1e-5)
 
 
+def test_adaptive_calibration_error_splits_tied_confidences_in_input_order():
+    """Equal-mass bins rank tied confidences by input order (a stable sort), as numpy's stable
+    argsort and array_split do. 300 examples at three confidences; within each tie the first
+    half is right and the second half wrong, so any other order of the ties moves right and
+    wrong examples between bins and changes the error."""
+    rng = np.random.default_rng(20)
+    top = np.array([0.6, 0.75, 0.9])[rng.integers(0, 3, N)]  # [N], about 100 ties each
+    predictive = np.zeros((N, C), np.float32)
+    predictive[:, 0] = top
+    predictive[:, 1:] = ((1.0 - top) / (C - 1))[:, None]
+    rank_in_tie = np.array([np.sum(top[:n] == top[n]) for n in range(N)])
+    right = rank_in_tie < np.array([np.sum(top == t) for t in top]) / 2
+    labels = np.where(right, 0, 1).astype(np.int32)
+    confidence = predictive.max(axis=-1).astype(np.float64)
+    expected = 0.0
+    for chunk in np.array_split(np.argsort(confidence, kind="stable"), 15):
+        expected += len(chunk) / N * abs(right[chunk].mean() - confidence[chunk].mean())
+    ace = metrics.adaptive_calibration_error(predictive, labels, num_bins=15)
+    np.testing.assert_allclose(ace, expected, atol=1e-5)
+
+
 def test_adaptive_calibration_error_with_fewer_examples_than_bins():
     """N < M: one example per bin, the rest empty, so the error is the mean |gap| over the
     examples, not |mean gap|: right at 0.6 (+0.4) and wrong at 0.9 (−0.9) give 0.65, not 0.25."""
