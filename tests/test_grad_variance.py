@@ -224,3 +224,37 @@ def test_per_example_draws_whole_weight_samples_whatever_the_runs_estimator(prob
         for own in ("reparam", "flipout")
     ]
     assert results[1] == pytest.approx(results[0], rel=1e-6)
+
+
+@pytest.mark.parametrize("estimator", grad_variance.ESTIMATORS)
+def test_kl_gradient_noise_has_its_closed_form_variance_under_each_estimator(problem, estimator):
+    """Inputs of zeros: the likelihood has no gradient in the first kernel, whose gradient is
+    the MC KL's alone. With a N(0, 1) prior, ∂(log q − log P)/∂μ = w = μ + σε, weighted in the
+    loss by M π T / N = 1 / N (π = 1/M, T = 1): variance σ² / N² per weight, and σ² / (N² B)
+    for per_example, whose B examples each draw their own w and are averaged. The likelihood
+    term (KL weight 0) has none. A KL weighted M or N/B times too heavily would give 64 times
+    that; per_example keeping the KL in the likelihood term, a variance above 0."""
+    fe, params, (x, y) = problem
+    mc = dataclasses.replace(fe, kl="mc")
+    zeros, batch_size, num_draws = jnp.zeros_like(x), 32, 60
+
+    def measure(term):
+        return grad_variance.gradient_variance(
+            mc,
+            params,
+            (zeros, y),
+            jax.random.key(6),
+            estimator=estimator,
+            batch_size=batch_size,
+            num_draws=num_draws,
+            term=term,
+        )["['Dense_0']['kernel']"]
+
+    sigma = np.asarray(params["posterior"].stddev()["Dense_0"]["kernel"], np.float64)
+    expected = np.mean(np.square(sigma)) / fe.num_train**2
+    if estimator == "per_example":
+        expected /= batch_size
+    # The mean over 8 × 16 independent weights of sample variances from 60 draws: relative
+    # standard error √(2 / 59 / 128) ≈ 0.016.
+    assert measure("free_energy") == pytest.approx(expected, rel=0.1)
+    assert measure("likelihood") == 0.0
