@@ -2,6 +2,7 @@
 posterior-mean prediction against numpy, chunked prediction, and the σ → 0 limit."""
 
 import chex
+import flax.linen as nn
 import jax
 import numpy as np
 import pytest
@@ -99,6 +100,39 @@ def test_tiny_sigma_samples_equal_the_mean_weights_prediction(estimator):
     for k in range(K):
         np.testing.assert_allclose(out.samples[k], out.mean_weights, rtol=1e-6, atol=1e-7)
     np.testing.assert_allclose(out.predictive, out.mean_weights, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("estimator", ["reparam", "local_reparam", "flipout"])
+def test_samples_come_from_the_estimator_asked_for(estimator):
+    """One linear layer and two identical inputs: reparam draws whole networks, so the rows get
+    the same output in every sample; local_reparam and flipout draw per example, and the
+    rows' outputs are uncorrelated (independent weights per unit under local_reparam, random
+    signs per example under flipout): sample correlation within 5 standard errors (1/√K) of 0."""
+    rng = np.random.default_rng(5)
+    layer = nn.Dense(C)
+    params = {
+        "kernel": rng.normal(size=(2, C)).astype(np.float32),
+        "bias": rng.normal(size=(C,)).astype(np.float32),
+    }
+    num_samples = 2000
+    x = np.repeat(X[:1], 2, axis=0)
+    out = _predict(
+        layer,
+        numpy_posterior(params, -1.0),
+        x,
+        jax.random.key(6),
+        num_samples,
+        classification=False,
+        estimator=estimator,
+    )
+    samples = np.asarray(out.samples, np.float64)  # [K, 2, C]
+    if estimator == "reparam":
+        np.testing.assert_array_equal(samples[:, 0], samples[:, 1])
+        assert samples[:, 0].std(axis=0).min() > 0.1  # the networks drawn differ
+        return
+    for j in range(C):
+        correlation = np.corrcoef(samples[:, 0, j], samples[:, 1, j])[0, 1]
+        assert abs(correlation) < 5.0 / np.sqrt(num_samples), (j, correlation)
 
 
 def test_point_estimate_predicts_its_parameters():
