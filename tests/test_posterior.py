@@ -279,6 +279,20 @@ def test_point_estimate_is_a_point_mass():
     assert all(np.all(np.asarray(s) == 0) for s in jax.tree.leaves(point.stddev()))
 
 
+def test_point_estimate_reparameterize_is_the_point_mass_for_any_noise():
+    """Flipout takes the MC KL at `reparameterize(sample_noise(key))`: for a point mass that is
+    (μ, log q = 0), so its KL is −log P(μ) alone, whatever noise it is handed."""
+    params = _mlp_params()
+    point = PointEstimate(mu=params)
+    noise = point.sample_noise(jax.random.key(0))
+    assert all(np.all(np.asarray(e) == 0) for e in jax.tree.leaves(noise))
+    chex.assert_trees_all_equal_structs(noise, params)
+    for eps in (noise, jax.tree_util.tree_map(jnp.ones_like, params)):
+        w, log_q = point.reparameterize(eps)
+        chex.assert_trees_all_equal(w, params)
+        assert float(log_q) == 0.0
+
+
 @jax.jit
 def _through_transformations(post, stacked, keys):
     """vmap over posteriors and over keys, and an Optax step, all inside jit."""
@@ -381,6 +395,16 @@ def test_extreme_rho_is_finite(rho):
 def test_sum_samples_matches_numpy(num_samples):
     """Adds in order up to 16 samples, a product with ones beyond: both the float64 sum."""
     x = np.random.default_rng(num_samples).normal(size=(num_samples, 5, 3)).astype(np.float32)
+    np.testing.assert_allclose(sum_samples(jnp.asarray(x)), x.astype(np.float64).sum(0), rtol=1e-5)
+
+
+@pytest.mark.parametrize("num_samples", [1, 3, 17])
+def test_sum_samples_on_other_backends_is_the_float64_sum(num_samples, monkeypatch):
+    """Off the CPU `sum_samples` takes `jnp.sum` over the samples; the tests run on the CPU, so
+    that branch is reached by reporting another backend. It too must sum, not average: the
+    gradients of every value `shared` by the samples go through it."""
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    x = np.random.default_rng(num_samples).normal(size=(num_samples, 4, 3)).astype(np.float32)
     np.testing.assert_allclose(sum_samples(jnp.asarray(x)), x.astype(np.float64).sum(0), rtol=1e-5)
 
 
