@@ -102,6 +102,16 @@ def test_uniform_and_anneal_weights():
     np.testing.assert_allclose(weights[warmup:], 1 / num_batches, rtol=1e-7)
 
 
+@pytest.mark.parametrize("warmup", [0, 1])
+def test_anneal_without_a_warmup_is_the_uniform_schedule(warmup):
+    """`objective.kl_warmup_steps` may be 0 (train.py admits any non-negative count): no warm-up,
+    so π_i = 1/M from the very first step, as with a warm-up of one step."""
+    num_batches = 4
+    weights = np.asarray(objective.kl_weight("anneal", STEPS, num_batches, warmup))
+    np.testing.assert_allclose(weights, 1 / num_batches, rtol=1e-7)
+    assert float(objective.kl_weight("anneal", 0, num_batches, warmup)) == pytest.approx(0.25)
+
+
 def test_unknown_kl_schedule_names_the_field():
     with pytest.raises(ConfigError) as info:
         objective.kl_weight("cosine", 0, 10)
@@ -239,6 +249,25 @@ def test_point_estimate_loss_is_penalised_negative_log_likelihood():
     np.testing.assert_allclose(float(loss), neg_log_prior / NUM_TRAIN - log_lik.mean(), rtol=1e-5)
     np.testing.assert_allclose(float(metrics["kl"]), neg_log_prior, rtol=1e-5)
     assert float(metrics["sigma_mean"]) == 0.0
+
+
+def test_kl_divergence_is_the_closed_form_or_log_q_minus_log_p_at_one_sample():
+    """`FreeEnergy.kl_divergence`, public, is in the loss only by its MC branch (and only under
+    local_reparam): both branches against numpy, the MC one at the weights of its own key."""
+    sigma_p = math.exp(-1.0)
+    post = _posterior()
+    mu, sigma = _flat(post.mu), np.log1p(np.exp(_flat(post.rho)))
+    closed = np.sum(np.log(sigma_p / sigma) + (sigma**2 + mu**2) / (2 * sigma_p**2) - 0.5)
+    assert closed > 1.0  # a sign error shows
+    key = jax.random.key(9)
+    w = _flat(post.sample(key))
+    at_sample = (
+        scipy.stats.norm.logpdf(w, mu, sigma).sum() - scipy.stats.norm.logpdf(w, 0.0, sigma_p).sum()
+    )
+    for kl, expected in (("closed_form", closed), ("mc", at_sample)):
+        fe = _free_energy(prior=priors.gaussian(sigma_p), kl=kl)
+        got = jax.jit(fe.kl_divergence)(fe.init_params(post), key)
+        np.testing.assert_allclose(float(got), expected, rtol=1e-5, err_msg=kl)
 
 
 def test_dropout_is_on_in_the_training_loss():
