@@ -84,6 +84,30 @@ def test_the_bad_outcome_has_its_configured_probability():
     assert float(out["expected_regret"]) == 2.0
 
 
+@pytest.mark.parametrize(
+    "rewards, poisonous, action, reward, oracle_reward, regret, expected_regret",
+    [
+        # ½(−5) + ½(5) = 0: a poisonous meal is worth nothing on average, so the oracle passes
+        # and an ill-fated meal costs its −5 in full (realised regret 5, expected regret 0).
+        (bandit.Rewards(poisonous_bad=-5.0), 1, bandit.EAT, -5.0, 0.0, 5.0, 0.0),
+        (bandit.Rewards(poisonous_bad=-5.0), 1, bandit.PASS, 0.0, 0.0, 0.0, 0.0),
+        # An edible mushroom worth −1 (a table `build` refuses, but `Rewards` takes): the
+        # oracle passes it, so eating it has regret 1, realised and expected.
+        (bandit.Rewards(edible=-1.0), 0, bandit.EAT, -1.0, 0.0, 1.0, 1.0),
+    ],
+)
+def test_the_oracle_eats_only_where_the_expected_reward_is_positive(
+    rewards, poisonous, action, reward, oracle_reward, regret, expected_regret
+):
+    """Not where it is 0 (a tie is a pass, as the agents' is), and by the table's numbers, not
+    by the class alone: hand-worked, with the outcome of a poisonous meal the bad one."""
+    out = bandit.step_rewards(rewards, jnp.int32(poisonous), jnp.int32(action), jnp.bool_(True))
+    assert float(out["reward"]) == reward
+    assert float(out["oracle_reward"]) == oracle_reward
+    assert float(out["regret"]) == regret
+    assert float(out["expected_regret"]) == expected_regret
+
+
 # The buffer -------------------------------------------------------------------------------
 
 
