@@ -430,6 +430,26 @@ def test_pooled_runs_pair_agents_seed_by_seed(tmp_path):
         bandit.pool_runs([first, str(tmp_path)])
 
 
+def test_pooled_table_drops_ties_from_the_sign_test_and_compares_only_other_agents(tmp_path):
+    """Five seeds; the agent's regret minus ours is 0, +5, +5, +5, −20: ours lower on 3, a tie,
+    higher on 1. The sign test drops the tie (3 of 4, scipy's p), the counts still say "of 5",
+    and the mean difference keeps it: (0 + 5 + 5 + 5 − 20) / 5 = −1. Ours is not compared
+    with itself. The first table's last column is the mean over seeds of the regret per step
+    over the second half: each run spreads its total over 4 steps, so (10 + … + 50) / 5 / 4."""
+    from scipy import stats
+
+    names = [bandit.REFERENCE_AGENT, "ε-greedy 1%"]
+    run = _finished_run(tmp_path / "a", 0, names, [[10, 20, 30, 40, 50], [10, 25, 35, 45, 30]])
+    table = bandit.pooled_table(bandit.pool_runs([run]))
+    p = stats.binomtest(3, 4, 0.5).pvalue  # 0.625
+    assert f"| ε-greedy 1% | 5 | 3 of 5 | {p:.3g} | -1 |" in table
+    per_seed = "0/0: 10, 0/1: 20, 0/2: 30, 0/3: 40, 0/4: 50"
+    std = np.std([10, 20, 30, 40, 50])  # ddof 0: √200 = 14.1
+    assert f"| {bandit.REFERENCE_AGENT} | 5 | 30 ± {std:.0f} | {per_seed} | 7.500 |" in table
+    comparison = table.split("on the seeds both ran:")[1].strip().splitlines()
+    assert [line.split(" | ")[0] for line in comparison[2:]] == ["| ε-greedy 1%"]
+
+
 def test_a_run_saved_before_a_field_existed_pools_and_resumes_as_its_old_value(tmp_path):
     """Runs made before `optim.name` existed used Adam: they pool with Adam runs as one
     configuration, not with SGD ones, and resume under the config that now says "adam"."""
