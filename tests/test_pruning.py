@@ -251,6 +251,31 @@ def test_compact_export_round_trips(posterior, tmp_path, fraction):
     assert _flat(loaded.sample(key)).tobytes() == _flat(pruned.sample(key)).tobytes()
 
 
+@pytest.mark.parametrize("fraction", [0.0, 0.1])
+def test_compact_export_keeps_a_kept_weight_whose_mu_is_zero(posterior, tmp_path, fraction):
+    """The export goes by the mask, not by μ ≠ 0: biases start at exactly 0 (as Flax's do).
+    Of the 19 zero biases (SNR 0, the lowest), ⌊0.1 · 155⌋ = 15 go; the other 4, and all 19
+    at f = 0, are kept with μ = 0 and must come back kept, with their own ρ."""
+    zero_bias = posterior.replace(
+        mu={
+            layer: {**params, "bias": jnp.zeros_like(params["bias"])}
+            for layer, params in posterior.mu.items()
+        }
+    )
+    n = zero_bias.num_weights()
+    assert n == 155 and int(np.sum(_flat(zero_bias.mu) == 0.0)) == 19
+    pruned = pruning.prune(zero_bias, fraction, "snr")
+    kept = _flat(pruned.mask) > 0
+    assert kept.sum() == n - math.floor(round(fraction * 10) * n / 10)
+    assert np.any(kept & (_flat(pruned.mu) == 0.0))  # Kept weights with μ exactly 0.
+    path = str(tmp_path / "pruned.npz")
+    pruning.save_compact(path, pruned)
+    loaded = pruning.load_compact(path)
+    assert loaded.num_kept() == kept.sum()
+    for field in ("mu", "rho", "mask"):
+        assert _flat(getattr(loaded, field)).tobytes() == _flat(getattr(pruned, field)).tobytes()
+
+
 # End to end on a tiny run -----------------------------------------------------------------
 
 
