@@ -276,6 +276,22 @@ def test_compact_export_keeps_a_kept_weight_whose_mu_is_zero(posterior, tmp_path
         assert _flat(getattr(loaded, field)).tobytes() == _flat(getattr(pruned, field)).tobytes()
 
 
+def test_a_pruned_gaussian_masks_its_mean_stddev_and_samples_whatever_its_mu_and_rho():
+    """`PrunedGaussian`'s contract holds for any μ and ρ at a removed weight, not only for the
+    μ = 0, ρ = PRUNED_RHO that `prune` writes there: mean μ ∘ mask, σ = softplus(ρ) ∘ mask
+    (numpy's logaddexp), and samples exactly 0 at the removed weights."""
+    mu = {"w": jnp.asarray([1.0, 2.0, -3.0, 0.5], jnp.float32)}
+    rho = {"w": jnp.asarray([0.0, -1.0, 0.5, 1.0], jnp.float32)}
+    mask = {"w": jnp.asarray([1.0, 0.0, 1.0, 0.0], jnp.float32)}
+    q = pruning.PrunedGaussian(mu=mu, rho=rho, mask=mask)
+    np.testing.assert_array_equal(np.asarray(q.mean()["w"]), [1.0, 0.0, -3.0, 0.0])
+    sigma = np.logaddexp(np.asarray([0.0, -1.0, 0.5, 1.0]), 0.0) * [1, 0, 1, 0]
+    np.testing.assert_allclose(np.asarray(q.stddev()["w"]), sigma, rtol=1e-6)
+    samples = jax.vmap(q.sample)(jax.random.split(jax.random.key(0), 16))["w"]
+    assert np.all(np.asarray(samples)[:, [1, 3]] == 0.0)
+    assert np.all(np.asarray(samples)[:, [0, 2]] != 0.0)
+
+
 # End to end on a tiny run -----------------------------------------------------------------
 
 
