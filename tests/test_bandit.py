@@ -1048,6 +1048,39 @@ def test_update_takes_num_updates_steps_on_fresh_minibatches_of_filled_slots():
     assert len({tuple(y) for y in seen}) == 8
 
 
+def test_each_minibatch_row_pairs_a_slot_s_context_and_action_with_its_own_reward():
+    """The rows the free energy sees are (features of the slot's mushroom, one-hot of the
+    slot's action) → the slot's reward, all three from one slot. Slot i holds row i mod 40 of
+    the synthetic problem (features one-hot of i mod 2), action ⌊i/2⌋ mod 2 and reward i + 1,
+    so each reward names its slot, and numpy rebuilds the input it must come with."""
+    _, learner, state = _greedy_agent()
+    seen = []
+
+    class Record:
+        def __call__(self, params, batch, key, kl_weight):
+            jax.debug.callback(lambda x, y: seen.append((np.asarray(x), np.asarray(y))), *batch)
+            return learner.free_energy(params, batch, key, kl_weight)
+
+    recording = dataclasses.replace(learner, free_energy=Record())
+    capacity, filled = state.buffer.capacity, 100
+    slots = np.arange(capacity)
+    buffer = state.buffer.replace(
+        context_index=jnp.asarray(slots % 40, jnp.int32),
+        action=jnp.asarray(slots // 2 % 2, jnp.int32),
+        reward=jnp.asarray(np.where(slots < filled, slots + 1, 0), jnp.float32),
+        count=jnp.int32(filled),
+    )
+    jax.jit(recording.update)(
+        state.replace(buffer=buffer), synthetic_problem().contexts, jax.random.key(1)
+    )
+    jax.effects_barrier()
+    x = np.concatenate([x for x, _ in seen])  # [8 · 16, 4]
+    slot = np.concatenate([y[:, 0] for _, y in seen]).astype(int) - 1
+    assert len(set(slot)) > 40 and slot.min() >= 0 and slot.max() < filled
+    eye = np.eye(2, dtype=np.float32)
+    np.testing.assert_array_equal(x, np.concatenate([eye[slot % 2], eye[slot // 2 % 2]], 1))
+
+
 def test_rounds_of_update_every_interactions_then_num_updates_steps():
     """With update_every = 4: a chunk of 12 interactions meets mushrooms t = start, ..., and
     reports them in order, per agent; it runs 3 rounds of `num_updates` steps, each round with
