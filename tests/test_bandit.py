@@ -367,6 +367,15 @@ def test_summary_counts_wrong_meals_and_wrong_passes_by_the_expected_regret():
     assert "| a | 20 ± 15 | 30 ± 5 | 35, 5 | 10.000, 0.000 | 2, 1 | 1, 2 |\n" in table
 
 
+def test_eat_fraction_is_the_share_of_meals_over_seeds_and_steps():
+    """3 meals of 4 on seed 0 and 2 of 4 on seed 1: 5/8 (not the passes' 3/8, which the
+    balanced actions of the test above cannot tell apart)."""
+    eat, pass_ = bandit.EAT, bandit.PASS
+    actions = np.array([[[eat, eat, eat, pass_], [pass_, eat, pass_, eat]]])
+    zeros = np.zeros(actions.shape, np.float32)
+    assert bandit.summarize(["a"], zeros, zeros, actions)["a"]["eat_fraction"] == 5 / 8
+
+
 def _finished_run(path, seed, names, totals, rho=-5.0, optim=None):
     """A finished run's config.json and regret.npz: agent a, seed s loses totals[a][s] in all,
     spread evenly over 4 interactions. Without `optim`, a run saved before its fields existed."""
