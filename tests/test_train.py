@@ -925,3 +925,15 @@ def test_step_epochs_that_round_to_one_step_each_decay_there():
     config.step_epochs, config.step_factor, config.warmup_epochs = (1.1, 1.2, 2.0), 0.1, 0.0
     rates = -_updates(train.make_optimizer(config, 4, 3), {"w": jnp.ones(())}, 10)[:, 0]
     np.testing.assert_allclose(rates, [0.1] * 4 + [0.001] * 4 + [0.0001] * 2, rtol=1e-5)
+
+
+def test_divergence_on_one_step_in_two_metrics_names_the_alphabetically_first():
+    """A tie on the earliest bad step names the metric that sorts first, whatever the dict
+    order (a later name winning ties would blame the loss for the gradient's overflow)."""
+    for metrics in (
+        {"loss": [1.0, np.nan], "grad_norm": [1.0, np.inf]},
+        {"grad_norm": [1.0, np.inf], "loss": [1.0, np.nan]},
+    ):
+        with pytest.raises(train.TrainingDivergedError, match=r"train/grad_norm is inf at step 12"):
+            train.check_finite(metrics, 10)
+
