@@ -937,3 +937,31 @@ def test_divergence_on_one_step_in_two_metrics_names_the_alphabetically_first():
         with pytest.raises(train.TrainingDivergedError, match=r"train/grad_norm is inf at step 12"):
             train.check_finite(metrics, 10)
 
+
+def test_anneal_kl_weights_ramp_over_the_warm_up_steps_of_the_loop():
+    """Through the real epoch loop, the "anneal" schedule gives step t the weight
+    min(1, (t + 1) / W) / M with W = objective.kl_warmup_steps (here W = 6, M = 4, by hand),
+    and the loss uses it: loss = M π_t KL / N + nll at T = 1."""
+    config = test_config.get_config()
+    config.objective.kl_schedule, config.objective.kl_warmup_steps = "anneal", 6
+    num_batches = 4
+    num_train = num_batches * config.batch_size
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.uniform(size=(num_train, 28, 28, 1)), jnp.float32)
+    y = jnp.asarray(rng.integers(0, 10, size=num_train), jnp.int32)
+    experiment = train.build(config, num_train=num_train, input_shape=(28, 28, 1))
+    keys = train.root_keys(config)
+    state = train.init_state(experiment, keys["init"])
+    epoch_fn = train.compile_epoch(experiment)
+    ramp = np.array([[1, 2, 3, 4], [5, 6, 6, 6]]) / 6  # min(1, (t + 1) / 6), t = 0 … 7
+    for epoch in range(2):
+        state, metrics = epoch_fn(state, (x, y), np.int32(epoch), keys)
+        metrics = jax.device_get(metrics)
+        expected = ramp[epoch] / num_batches
+        np.testing.assert_allclose(metrics["kl_weight"], expected, rtol=1e-6)
+        np.testing.assert_allclose(
+            metrics["loss"],
+            num_batches * expected * metrics["kl"] / num_train + metrics["nll"],
+            rtol=1e-5,
+        )
+
