@@ -965,3 +965,47 @@ def test_anneal_kl_weights_ramp_over_the_warm_up_steps_of_the_loop():
             rtol=1e-5,
         )
 
+
+def test_regression_evaluate_against_scipy_from_the_same_samples():
+    """A Gaussian likelihood's NLL is −mean log((1/K) Σ_k N(y | f_k(x), s²)) with the learned s
+    (not the mean of the log-densities, nor without the 1/K), and the RMSE is that of the
+    mean of the K outputs; N = 7 examples in evaluation chunks of 3."""
+    from scipy import special, stats
+
+    from bbb import predict as predict_lib
+    from configs import regression as regression_config
+
+    config = regression_config.get_config()
+    config.model.hidden_sizes = (16,)
+    config.likelihood.learnable = True
+    config.eval.batch_size, config.eval.num_samples = 3, 4
+    config.posterior.init_rho = -1.0  # Outputs far apart: log-mean and mean-log differ.
+    experiment = train.build(config, num_train=100, input_shape=(1,), trace=False)
+    params = train.init_state(experiment, jax.random.key(0)).params
+    noise_std = 0.3  # Not the config's 0.0625: the learned s must be the one used.
+    params["likelihood"] = {"log_noise_std": jnp.float32(np.log(noise_std))}
+    rng = np.random.default_rng(4)
+    x = rng.uniform(0.0, 0.5, size=(7, 1)).astype(np.float32)
+    y = rng.normal(0.5, 0.5, size=(7, 1)).astype(np.float32)
+    key = jax.random.key(5)
+    result = train.evaluate(experiment, params, (jnp.asarray(x), jnp.asarray(y)), key)
+    assert set(result) == {"rmse", "nll"}
+    prediction = predict_lib.predict_in_batches(
+        experiment.model,
+        params["posterior"],
+        jnp.asarray(x),
+        key,
+        4,
+        batch_size=3,
+        classification=False,
+        estimator="reparam",
+    )
+    outputs = np.asarray(prediction.samples, np.float64)[..., 0]  # [K, N]
+    assert outputs.shape == (4, 7)
+    log_densities = stats.norm.logpdf(y[:, 0], loc=outputs, scale=noise_std)  # [K, N]
+    nll = -np.mean(special.logsumexp(log_densities, axis=0) - np.log(4))
+    assert float(result["nll"]) == pytest.approx(nll, rel=1e-5)
+    assert nll < -np.mean(log_densities) - 1e-2  # Jensen: the two readings differ here.
+    rmse = np.sqrt(np.mean((outputs.mean(0) - y[:, 0]) ** 2))
+    assert float(result["rmse"]) == pytest.approx(rmse, rel=1e-5)
+    assert rmse != pytest.approx(np.sqrt(np.mean((outputs - y[:, 0]) ** 2)), rel=1e-3)
