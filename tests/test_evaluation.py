@@ -698,3 +698,33 @@ def test_ood_scores_come_from_the_same_k_networks_as_the_in_distribution_ones(ev
         np.asarray(metrics.predictive_entropy(first)),
         np.asarray(metrics.predictive_entropy(second)),
     )
+
+
+def test_rotated_mnist_turns_the_digits_counter_clockwise(evaluated_run):
+    """The 90° entry of the rotation curve is the NLL and error of the first K samples on
+    `np.rot90` of the images (counter-clockwise), computed in numpy; a clockwise turn (or an
+    angle read in other units) gives other figures."""
+    experiment, state = train.load_run(evaluated_run[0])
+    posterior = state.params["posterior"]
+    data = _fake_evaluation_data()
+    key = jax.random.key(7)
+    summary, _ = evaluation.evaluate(
+        experiment, posterior, data, key, num_samples=4, angles=(90.0,), progress=False
+    )
+    rotation = summary["rotation"]
+    x_in, y_in = data["in_distribution"]
+    predictor = evaluation.make_predictor(experiment.model, 4, False)
+    first_half = jax.random.split(key, 2)[0]
+    figures = {}
+    for turns in (1, -1):  # counter-clockwise, clockwise
+        turned = jnp.asarray(np.rot90(x_in, k=turns, axes=(1, 2)).copy())
+        samples = np.asarray(predictor(posterior, turned, first_half), np.float64)  # [K, N, C]
+        predictive = samples.mean(0)  # [N, C]
+        figures[turns] = (
+            -np.mean(np.log(predictive[np.arange(len(y_in)), y_in])),
+            np.mean(predictive.argmax(-1) != y_in),
+        )
+    nll, error = figures[1]
+    assert rotation["nll"][0] == pytest.approx(nll, rel=1e-4)
+    assert rotation["error"][0] == pytest.approx(error, abs=1e-9)
+    assert abs(figures[-1][0] - nll) > 1e-3 * nll  # Power: the other direction differs.
