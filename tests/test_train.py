@@ -1009,3 +1009,25 @@ def test_regression_evaluate_against_scipy_from_the_same_samples():
     rmse = np.sqrt(np.mean((outputs.mean(0) - y[:, 0]) ** 2))
     assert float(result["rmse"]) == pytest.approx(rmse, rel=1e-5)
     assert rmse != pytest.approx(np.sqrt(np.mean((outputs - y[:, 0]) ** 2)), rel=1e-3)
+
+
+def test_initial_rho_is_uniform_over_the_spread_centred_on_init_rho():
+    """posterior.init_rho_spread = s draws every ρ₀ from U(init_rho − s/2, init_rho + s/2)
+    (configs/mnist.py): here U(−4, −2), whose mean is −3 and variance 1/3; s = 0 gives −3."""
+    config = test_config.get_config()
+    config.posterior.init_rho, config.posterior.init_rho_spread = -3.0, 2.0
+    experiment = train.build(config, num_train=64, input_shape=(28, 28, 1), trace=False)
+    state = train.init_state(experiment, jax.random.key(0))
+    rho = np.concatenate(
+        [np.ravel(r) for r in jax.tree_util.tree_leaves(state.params["posterior"].rho)]
+    )
+    assert rho.size > 25_000
+    assert -4.0 <= rho.min() < -3.99 and -2.01 < rho.max() <= -2.0
+    assert np.mean(rho) == pytest.approx(-3.0, abs=0.02)
+    assert np.var(rho) == pytest.approx(1 / 3, rel=0.03)
+    config.posterior.init_rho_spread = 0.0
+    experiment = train.build(config, num_train=64, input_shape=(28, 28, 1), trace=False)
+    state = train.init_state(experiment, jax.random.key(0))
+    for r in jax.tree_util.tree_leaves(state.params["posterior"].rho):
+        np.testing.assert_array_equal(np.asarray(r), -3.0)
+
