@@ -1031,3 +1031,37 @@ def test_initial_rho_is_uniform_over_the_spread_centred_on_init_rho():
     for r in jax.tree_util.tree_leaves(state.params["posterior"].rho):
         np.testing.assert_array_equal(np.asarray(r), -3.0)
 
+
+def test_load_data_cuts_train_to_train_subset_and_validation_and_test_to_eval_subset(
+    monkeypatch,
+):
+    """The MNIST splits as `bbb.data.mnist.load_mnist` gives them (faked here, each example
+    tagged by its split and index), cut to their first train_subset and eval_subset examples,
+    with the config's pixel_scale and num_train passed on."""
+    from bbb.data import mnist
+
+    calls = []
+
+    def fake_load_mnist(**kwargs):
+        calls.append(kwargs)
+        sizes = {"train": 300, "validation": 200, "test": 150}
+        return {
+            name: (
+                np.full((n, 28, 28, 1), tag, np.float32),
+                np.arange(n, dtype=np.int32),
+            )
+            for tag, (name, n) in enumerate(sizes.items())
+        }
+
+    monkeypatch.setattr(mnist, "load_mnist", fake_load_mnist)
+    config = test_config.get_config()
+    config.data.train_subset, config.data.eval_subset = 100, 40
+    splits = _original_load(config)
+    assert calls[0]["pixel_scale"] == config.data.pixel_scale
+    assert calls[0]["num_train"] == config.data.num_train
+    for tag, (name, n) in enumerate((("train", 100), ("validation", 40), ("test", 40))):
+        x, y = splits[name]
+        assert x.shape == (n, 28, 28, 1) and np.all(x == tag), name
+        np.testing.assert_array_equal(y, np.arange(n))  # The first n, in order.
+    config.data.eval_subset = 0  # 0: the whole split.
+    assert len(_original_load(config)["test"][1]) == 150
