@@ -703,16 +703,24 @@ def test_ood_scores_come_from_the_same_k_networks_as_the_in_distribution_ones(ev
 def test_rotated_mnist_turns_the_digits_counter_clockwise(evaluated_run):
     """The 90° entry of the rotation curve is the NLL and error of the first K samples on
     `np.rot90` of the images (counter-clockwise), computed in numpy; a clockwise turn (or an
-    angle read in other units) gives other figures."""
+    angle read in other units) gives other figures. The mean-weights error is that of the
+    network at μ on the turned images too: labels that it gets all right there give 0."""
     experiment, state = train.load_run(evaluated_run[0])
     posterior = state.params["posterior"]
     data = _fake_evaluation_data()
+    x_in = data["in_distribution"][0]
+    turned = jnp.asarray(np.rot90(x_in, k=1, axes=(1, 2)).copy())
+    at_mu = experiment.model.apply({"params": posterior.mu}, turned)  # [N, C] logits
+    y_in = np.asarray(np.argmax(at_mu, -1), np.int32)
+    data["in_distribution"] = (x_in, y_in)
+    at_mu_unturned = experiment.model.apply({"params": posterior.mu}, jnp.asarray(x_in))
+    assert np.mean(np.argmax(at_mu_unturned, -1) != y_in) > 0.1  # Power: unturned errs.
     key = jax.random.key(7)
     summary, _ = evaluation.evaluate(
         experiment, posterior, data, key, num_samples=4, angles=(90.0,), progress=False
     )
     rotation = summary["rotation"]
-    x_in, y_in = data["in_distribution"]
+    assert rotation["error_mean_weights"] == [0.0]
     predictor = evaluation.make_predictor(experiment.model, 4, False)
     first_half = jax.random.split(key, 2)[0]
     figures = {}
