@@ -1065,3 +1065,32 @@ def test_load_data_cuts_train_to_train_subset_and_validation_and_test_to_eval_su
         np.testing.assert_array_equal(y, np.arange(n))  # The first n, in order.
     config.data.eval_subset = 0  # 0: the whole split.
     assert len(_original_load(config)["test"][1]) == 150
+
+
+def test_the_loop_passes_each_epochs_own_index_across_a_resume(tmp_path, monkeypatch):
+    """Epoch e's permutation is drawn from fold_in(shuffle key, e): the loop must hand the
+    epoch function e = 0, 1 and, after a resume, 2 (a constant index would reshuffle the same
+    way every epoch, which neither the straight-vs-resumed comparison nor the logged means
+    can see)."""
+    config = test_config.get_config()
+    config.num_epochs, config.eval.every_epochs = 3, 3
+    config.data.train_subset, config.data.eval_subset = 128, 50
+    seen = []
+    compile_epoch = train.compile_epoch
+
+    def spy_epoch(experiment):
+        epoch_fn = compile_epoch(experiment)
+
+        def run(state, data, epoch, keys):
+            seen.append(int(epoch))
+            return epoch_fn(state, data, epoch, keys)
+
+        return run
+
+    monkeypatch.setattr(train, "compile_epoch", spy_epoch)
+    workdir = str(tmp_path / "wd")
+    assert train.train_and_evaluate(config, workdir, stop_after_epochs=2) is None
+    assert seen == [0, 1]
+    train.train_and_evaluate(config, workdir)
+    assert seen == [0, 1, 2]
+    assert [r["epoch"] for r in _read_metrics(workdir)] == [1, 2, 3]
