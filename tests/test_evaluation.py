@@ -736,3 +736,40 @@ def test_rotated_mnist_turns_the_digits_counter_clockwise(evaluated_run):
     assert rotation["nll"][0] == pytest.approx(nll, rel=1e-4)
     assert rotation["error"][0] == pytest.approx(error, abs=1e-9)
     assert abs(figures[-1][0] - nll) > 1e-3 * nll  # Power: the other direction differs.
+
+
+def test_evaluation_data_are_the_runs_mnist_test_and_the_first_fashion_mnist_images(
+    monkeypatch,
+):
+    """In-distribution: the run's own MNIST test split (as `train.load_data` cuts it);
+    out-of-distribution: Fashion-MNIST's test split, read with the run's data_dir and
+    pixel_scale and cut to its first eval_subset images (faked loaders, tagged examples)."""
+    from bbb.data import mnist
+
+    config = _tiny_config()
+    config.data.eval_subset, config.data.pixel_scale = 40, 255.0
+    config.data.data_dir = "/nowhere/tfds"
+    rng = np.random.default_rng(9)
+    splits = {name: (_images(rng, 60), _labels(rng, 60)) for name in ("train", "validation")}
+    splits["test"] = (_images(rng, 40), _labels(rng, 40))
+    monkeypatch.setattr(train, "load_data", lambda c: splits if c is config else None)
+    calls = []
+
+    def fake_fashion(**kwargs):
+        calls.append(kwargs)
+        images = np.arange(150, dtype=np.float32)[:, None, None, None] * np.ones((1, 28, 28, 1))
+        return {
+            "train": (np.zeros((5, 28, 28, 1), np.float32), np.zeros(5, np.int32)),
+            "test": (images.astype(np.float32), np.arange(150, dtype=np.int32) % 10),
+        }
+
+    monkeypatch.setattr(mnist, "load_fashion_mnist", fake_fashion)
+    data = evaluation.load_evaluation_data(config)
+    assert data["in_distribution"] is splits["test"]
+    assert calls == [{"data_dir": "/nowhere/tfds", "pixel_scale": 255.0}]
+    images, labels = data["out_of_distribution"]
+    assert images.shape == (40, 28, 28, 1) and labels.shape == (40,)
+    np.testing.assert_array_equal(images[:, 0, 0, 0], np.arange(40))  # The first 40, in order.
+    np.testing.assert_array_equal(labels, np.arange(40) % 10)
+    config.data.eval_subset = 0  # 0: the whole split.
+    assert len(evaluation.load_evaluation_data(config)["out_of_distribution"][1]) == 150
