@@ -773,3 +773,21 @@ def test_evaluation_data_are_the_runs_mnist_test_and_the_first_fashion_mnist_ima
     np.testing.assert_array_equal(labels, np.arange(40) % 10)
     config.data.eval_subset = 0  # 0: the whole split.
     assert len(evaluation.load_evaluation_data(config)["out_of_distribution"][1]) == 150
+
+
+def test_each_sample_is_one_network_whatever_the_other_inputs():
+    """Sample k is a whole network w_k ~ q (common random numbers across datasets): its
+    output on an image does not depend on which other images share the call. Per-example
+    noise (the local reparameterisation, flipout) would change with the batch."""
+    config = _tiny_config()
+    model = make_model(config.model)
+    x = jnp.asarray(_images(np.random.default_rng(3), 16))  # [N, 28, 28, 1]
+    posterior = posterior_lib.init_posterior(jax.random.key(0), _numpy_params(model, x), -3.0)
+    predictor = evaluation.make_predictor(model, 4, mc_dropout=False)
+    key = jax.random.key(1)
+    together = np.asarray(predictor(posterior, x, key))  # [K, 16, C]
+    first, rest = (np.asarray(predictor(posterior, part, key)) for part in (x[:5], x[5:]))
+    np.testing.assert_allclose(np.concatenate([first, rest], 1), together, rtol=1e-5, atol=1e-7)
+    alone = np.asarray(predictor(posterior, x[7:8], key))  # [K, 1, C]
+    np.testing.assert_allclose(alone[:, 0], together[:, 7], rtol=1e-5, atol=1e-7)
+    assert np.max(np.abs(together[1] - together[0])) > 1e-3  # Power: the samples differ.
