@@ -791,3 +791,35 @@ def test_each_sample_is_one_network_whatever_the_other_inputs():
     alone = np.asarray(predictor(posterior, x[7:8], key))  # [K, 1, C]
     np.testing.assert_allclose(alone[:, 0], together[:, 7], rtol=1e-5, atol=1e-7)
     assert np.max(np.abs(together[1] - together[0])) > 1e-3  # Power: the samples differ.
+
+
+def test_evaluate_run_draws_the_samples_from_its_seed(evaluated_run, tmp_path, monkeypatch):
+    """`seed` is the key of the weight samples, jax.random.key(seed) with the run's PRNG (here
+    "rbg", not the default), and eval.json records it (on a copy of the run: the shared
+    eval.json stays as it was; the checkpoint holds no key, so the copy's PRNG may change)."""
+    workdir = str(tmp_path / "copy")
+    shutil.copytree(evaluated_run[0], workdir)
+    config_path = os.path.join(workdir, "config.json")
+    with open(config_path) as f:
+        config = json.load(f)
+    with open(config_path, "w") as f:
+        json.dump({**config, "prng_impl": "rbg"}, f)
+    keys = []
+    evaluate = evaluation.evaluate
+
+    def spy(experiment, posterior, data, key, **kwargs):
+        keys.append(np.asarray(jax.random.key_data(key)))
+        return evaluate(experiment, posterior, data, key, **{**kwargs, "angles": ()})
+
+    monkeypatch.setattr(evaluation, "evaluate", spy)
+    monkeypatch.setattr(evaluation, "write_plots", lambda *args: [])
+    summary = evaluation.evaluate_run(
+        workdir, num_samples=2, seed=3, data=_fake_evaluation_data(), progress=False
+    )
+    impl = "rbg"
+    (key,) = keys
+    np.testing.assert_array_equal(
+        key, np.asarray(jax.random.key_data(jax.random.key(3, impl=impl)))
+    )
+    assert not np.array_equal(key, np.asarray(jax.random.key_data(jax.random.key(0, impl=impl))))
+    assert summary["seed"] == 3
