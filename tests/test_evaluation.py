@@ -823,3 +823,39 @@ def test_evaluate_run_draws_the_samples_from_its_seed(evaluated_run, tmp_path, m
     )
     assert not np.array_equal(key, np.asarray(jax.random.key_data(jax.random.key(0, impl=impl))))
     assert summary["seed"] == 3
+
+
+def test_sample_count_sets_are_the_mnist_and_fashion_samples_of_both_halves(evaluated_run):
+    """With K = 2 the pool is the 2 + 2 samples of the two halves' keys: the K = 1 and K = 2
+    entries are the mean and std over the sets {0}, {1}, {2}, {3} and {0, 1}, {2, 3} of the
+    MNIST samples (labelled) and the Fashion-MNIST ones (the positives), in numpy."""
+    experiment, state = train.load_run(evaluated_run[0])
+    posterior = state.params["posterior"]
+    data = _fake_evaluation_data()  # Random images on both sides: every score is ranked.
+    key = jax.random.key(11)
+    summary, _ = evaluation.evaluate(
+        experiment, posterior, data, key, num_samples=2, angles=(), progress=False
+    )
+    sweep = summary["sample_counts"]
+    assert sweep["num_samples"] == [1, 2] and sweep["num_sets"] == [4, 2]
+    predictor = evaluation.make_predictor(experiment.model, 2, False)
+    x_in, labels = data["in_distribution"]
+    pools = [
+        np.concatenate(
+            [np.asarray(predictor(posterior, jnp.asarray(x), k)) for k in jax.random.split(key, 2)]
+        )  # [4, N, C]: the first half's two samples, then the second's
+        for x in (x_in, data["out_of_distribution"][0])
+    ]
+    for column, sets in ((0, [[0], [1], [2], [3]]), (1, [[0, 1], [2, 3]])):
+        per_set = [_numpy_metrics(pools[0][s], pools[1][s], labels) for s in sets]
+        for name in evaluation.SAMPLE_COUNT_METRICS:
+            # This run's σ is small: float32 rounding reorders a few pairs of the tiny
+            # mutual informations (a pair is 1/4096 of the AUROC).
+            tol = 2e-3 if name == "auroc_mutual_information" else 1e-5
+            values = [p[name] for p in per_set]
+            mean, std = np.mean(values), np.std(values, ddof=1)
+            assert sweep[name]["mean"][column] == pytest.approx(mean, abs=tol), name
+            assert sweep[name]["std"][column] == pytest.approx(std, abs=tol), name
+    # Power: the halves differ on both sides.
+    assert abs(per_set[0]["nll"] - per_set[1]["nll"]) > 1e-4
+    assert per_set[0]["auroc_entropy"] != pytest.approx(per_set[1]["auroc_entropy"], abs=1e-3)
