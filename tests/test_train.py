@@ -1091,6 +1091,8 @@ def test_the_loop_passes_each_epochs_own_index_across_a_resume(tmp_path, monkeyp
     workdir = str(tmp_path / "wd")
     assert train.train_and_evaluate(config, workdir, stop_after_epochs=2) is None
     assert seen == [0, 1]
-    train.train_and_evaluate(config, workdir)
+    summary = train.train_and_evaluate(config, workdir)
     assert seen == [0, 1, 2]
     assert [r["epoch"] for r in _read_metrics(workdir)] == [1, 2, 3]
+    # The throughput is of this session: one epoch of M = 128 / 64 = 2 steps, not all 6.
+    assert summary["steps_per_s"] * summary["wall_time_s"] == pytest.approx(2, rel=1e-6)
