@@ -1096,3 +1096,13 @@ def test_the_loop_passes_each_epochs_own_index_across_a_resume(tmp_path, monkeyp
     assert [r["epoch"] for r in _read_metrics(workdir)] == [1, 2, 3]
     # The throughput is of this session: one epoch of M = 128 / 64 = 2 steps, not all 6.
     assert summary["steps_per_s"] * summary["wall_time_s"] == pytest.approx(2, rel=1e-6)
+
+
+def test_train_subset_larger_than_the_training_split_takes_the_whole_split():
+    """data.train_subset cuts the training split; one larger than data.num_train leaves it
+    whole, so N (which scales the likelihood and fixes M) is num_train, not the subset."""
+    config = test_config.get_config()
+    config.data.num_train = 50000
+    for subset, expected in ((2048, 2048), (55000, 50000), (0, 50000)):
+        config.data.train_subset = subset
+        assert train.dataset_spec(config) == (expected, (28, 28, 1)), subset
