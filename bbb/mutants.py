@@ -94,7 +94,8 @@ def stale(mutant: Mutant, root: str) -> str | None:
     path = os.path.join(root, mutant.file)
     if not os.path.isfile(path):
         return f"{mutant.file} does not exist"
-    count = open(path).read().count(mutant.old)
+    with open(path) as f:
+        count = f.read().count(mutant.old)
     if count != 1:
         return f"`old` occurs {count} times in {mutant.file}, not once"
     for test in mutant.tests:
