@@ -377,16 +377,28 @@ def test_stepwise_epoch_runs_the_scans_steps_and_compiles_once():
         np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-4, atol=1e-6)
 
 
-@pytest.mark.parametrize("loop", ["scan", "steps"])
-def test_blundell_kl_weights_reach_each_step_of_each_epoch(loop):
-    """Through the real epoch loop, step i of every epoch weights the KL by 2^(M−i)/(2^M − 1).
+# π_t of steps t = 0 … 7 (two epochs of M = 4): Blundell's 2^(M−i)/(2^M − 1) in every epoch,
+# and the anneal ramp min(1, (t + 1) / W) / M with W = 6 (by hand).
+_KL_WEIGHTS = {
+    "blundell": (0, np.array([[8, 4, 2, 1], [8, 4, 2, 1]]) / 15),
+    "anneal": (6, np.array([[1, 2, 3, 4], [5, 6, 6, 6]]) / 6 / 4),
+}
 
-    The logged `train/kl_weight` is the epoch's mean, 1/M under every schedule, so only the
-    per-step metrics can show that the global step reaches the schedule (and that the weight
-    is the one the loss used: loss = M π_i KL / N + nll at T = 1).
+
+@pytest.mark.parametrize("schedule", sorted(_KL_WEIGHTS))
+@pytest.mark.parametrize("loop", ["scan", "steps"])
+def test_kl_schedule_weights_reach_each_step_of_each_epoch(loop, schedule):
+    """Through the real epoch loop, step t weights the KL by the schedule's π_t: Blundell's
+    2^(M−i)/(2^M − 1) at position i of every epoch, and "anneal"'s ramp over
+    objective.kl_warmup_steps steps of the run.
+
+    The logged `train/kl_weight` is the epoch's mean (1/M under Blundell's), so only the
+    per-step metrics can show that the global step (and the warm-up length) reaches the
+    schedule, and that the weight is the one the loss used: loss = M π_t KL / N + nll at T = 1.
     """
+    warmup, expected = _KL_WEIGHTS[schedule]
     config = test_config.get_config()
-    config.objective.kl_schedule = "blundell"
+    config.objective.kl_schedule, config.objective.kl_warmup_steps = schedule, warmup
     config.epoch_loop = loop
     num_batches, batch_size = 4, config.batch_size
     rng = np.random.default_rng(0)
@@ -398,14 +410,13 @@ def test_blundell_kl_weights_reach_each_step_of_each_epoch(loop):
     keys = train.root_keys(config)
     state = train.init_state(experiment, keys["init"])
     epoch_fn = train.compile_epoch(experiment)
-    expected = np.array([8, 4, 2, 1]) / 15
     for epoch in range(2):
         state, metrics = epoch_fn(state, (x, y), np.int32(epoch), keys)
         metrics = jax.device_get(metrics)
-        np.testing.assert_allclose(metrics["kl_weight"], expected, rtol=1e-6)
+        np.testing.assert_allclose(metrics["kl_weight"], expected[epoch], rtol=1e-6)
         np.testing.assert_allclose(
             metrics["loss"],
-            num_batches * expected * metrics["kl"] / num_train + metrics["nll"],
+            num_batches * expected[epoch] * metrics["kl"] / num_train + metrics["nll"],
             rtol=1e-5,
         )
     assert int(state.step) == 2 * num_batches
@@ -936,34 +947,6 @@ def test_divergence_on_one_step_in_two_metrics_names_the_alphabetically_first():
     ):
         with pytest.raises(train.TrainingDivergedError, match=r"train/grad_norm is inf at step 12"):
             train.check_finite(metrics, 10)
-
-
-def test_anneal_kl_weights_ramp_over_the_warm_up_steps_of_the_loop():
-    """Through the real epoch loop, the "anneal" schedule gives step t the weight
-    min(1, (t + 1) / W) / M with W = objective.kl_warmup_steps (here W = 6, M = 4, by hand),
-    and the loss uses it: loss = M π_t KL / N + nll at T = 1."""
-    config = test_config.get_config()
-    config.objective.kl_schedule, config.objective.kl_warmup_steps = "anneal", 6
-    num_batches = 4
-    num_train = num_batches * config.batch_size
-    rng = np.random.default_rng(0)
-    x = jnp.asarray(rng.uniform(size=(num_train, 28, 28, 1)), jnp.float32)
-    y = jnp.asarray(rng.integers(0, 10, size=num_train), jnp.int32)
-    experiment = train.build(config, num_train=num_train, input_shape=(28, 28, 1))
-    keys = train.root_keys(config)
-    state = train.init_state(experiment, keys["init"])
-    epoch_fn = train.compile_epoch(experiment)
-    ramp = np.array([[1, 2, 3, 4], [5, 6, 6, 6]]) / 6  # min(1, (t + 1) / 6), t = 0 … 7
-    for epoch in range(2):
-        state, metrics = epoch_fn(state, (x, y), np.int32(epoch), keys)
-        metrics = jax.device_get(metrics)
-        expected = ramp[epoch] / num_batches
-        np.testing.assert_allclose(metrics["kl_weight"], expected, rtol=1e-6)
-        np.testing.assert_allclose(
-            metrics["loss"],
-            num_batches * expected * metrics["kl"] / num_train + metrics["nll"],
-            rtol=1e-5,
-        )
 
 
 def test_regression_evaluate_against_scipy_from_the_same_samples():
