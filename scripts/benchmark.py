@@ -38,7 +38,10 @@ _PRIORS = flags.DEFINE_list(
     "Priors: scale_mixture (with the MC KL) and/or gaussian (with the closed-form KL).",
 )
 _NOISES = flags.DEFINE_list(
-    "noises", ["jax", "hash"], "Noise generators (hash: where weight noise is drawn)."
+    "noises",
+    ["jax", "hash"],
+    "Noise generators of the Bayesian cases: hash (bbb's counter-based hash); jax (threefry) is "
+    "always timed too, as the reference.",
 )
 _DTYPES = flags.DEFINE_list(
     "dtypes", ["float32"], "Compute dtypes of the hidden layers (model.dtype): float32, bfloat16."
