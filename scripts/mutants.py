@@ -1,6 +1,6 @@
 """Checks that the tests can fail: applies each catalogued bug, runs the tests that must catch it.
 
-  python scripts/mutants.py                                  # the whole catalogue (hours)
+  python scripts/mutants.py                                  # the whole catalogue (~25 min)
   python scripts/mutants.py --files=estimators,priors        # the mutants of some modules
   python scripts/mutants.py --ids=estimators-E7b,objective-O21 --json=mutants.json
 
