@@ -32,6 +32,11 @@ def _entry(**fields):
     return {**base, "tests": ["tests/test_mod.py"], **fields}
 
 
+def _mutant(**fields):
+    entry = _entry(**fields)
+    return mutants.Mutant(**{**entry, "tests": tuple(entry["tests"])})
+
+
 @pytest.mark.parametrize(
     "entries, field",
     [
@@ -79,14 +84,10 @@ def _snapshot(root):
 def test_killed_survived_and_stale_on_a_scratch_copy(project):
     before = _snapshot(project)
     catalogue = [
-        mutants.Mutant(**{**_entry(id="doubled"), "tests": ("tests/test_mod.py",)}),
-        mutants.Mutant(
-            **{**_entry(id="halved", old="x / 2", new="x / 3"), "tests": ("tests/test_mod.py",)}
-        ),
-        mutants.Mutant(
-            **{**_entry(id="moved", old="4 * x", new="5 * x"), "tests": ("tests/test_mod.py",)}
-        ),
-        mutants.Mutant(**{**_entry(id="no_test"), "tests": ("tests/test_gone.py",)}),
+        _mutant(id="doubled"),
+        _mutant(id="halved", old="x / 2", new="x / 3"),
+        _mutant(id="moved", old="4 * x", new="5 * x"),
+        _mutant(id="no_test", tests=["tests/test_gone.py"]),
     ]
     seen = []
     records = mutants.run(catalogue, str(project), timeout_s=120, after_each=seen.append)
