@@ -615,6 +615,23 @@ class NoLogQPosterior(posterior_lib.MeanFieldGaussian):
         return w, jnp.float32(0.0)
 
 
+@flax.struct.dataclass
+class FlatCounterPosterior(posterior_lib.MeanFieldGaussian):
+    """The mean-field posterior whose hash ε takes its counters from one flat `iota`.
+
+    The same numbers as `posterior.map_hash_bits`'s two rows of counters (to an ulp), in the
+    loop that bbb compiled before 8cdddfa: the ablation's measure of that layout.
+    """
+
+    def sample_noise(self, key: jax.Array) -> Any:
+        """Hash ε like `mu`, one draw for all leaves, counters 0, …, n − 1 as a flat iota."""
+        n = posterior_lib.count_params(self.mu)
+        seed = jax.random.bits(key, (2,), jnp.uint32)
+        counter = jax.lax.iota(jnp.uint32, n)
+        flat = posterior_lib.bits_to_normal(posterior_lib.hash_counter(counter, seed))
+        return posterior_lib.unflatten_like(flat, self.mu)
+
+
 @dataclasses.dataclass(frozen=True)
 class AblationLine:
     """One line of the ablation: a configuration with a part removed, and what it times.
@@ -655,6 +672,12 @@ def ablation_lines(hidden: int) -> list[AblationLine]:
             "threefry_noise",
             "the same with threefry ε (jax.random)",
             dataclasses.replace(full, noise="jax"),
+        ),
+        AblationLine(
+            "flat_counter_noise",
+            "the same with the hash's counters as one flat iota (before 8cdddfa)",
+            full,
+            FlatCounterPosterior,
         ),
         AblationLine(
             "no_noise", "the same with ε = 0 (no RNG; w = μ + σ·0)", full, NoiselessPosterior
@@ -929,7 +952,7 @@ def add_floors(
             floor = mlp_matmul_flops(hidden, batch_size) / rates["gflop_per_s"] / 1e6
         else:
             bound = "memory"
-            floor = BYTES_PER_WEIGHT["rng" if key == "threefry_rng" else key] * n
+            floor = BYTES_PER_WEIGHT["rng" if key.endswith("_rng") else key] * n
             floor = floor / rates["gb_per_s"] / 1e6
         part.update(bound=bound, floor_ms=floor, x_floor=part["ms"] / floor)
     return parts
@@ -940,8 +963,8 @@ def ablation_breakdown(ms: dict[str, float]) -> list[dict[str, Any]]:
 
     The parts are not exactly additive (XLA fuses the elementwise work differently once a part
     is gone), and a difference of two noisy medians can come out negative: read them as
-    estimates. "rest" is the full step minus the sum of the others; the threefry line is an
-    alternative to the hash line, not a part of the sum.
+    estimates. "rest" is the full step minus the sum of the others; the threefry and flat-counter
+    lines are alternatives to the hash line, not parts of the sum.
 
     Args:
       ms: ablation name → median ms/step at one H.
@@ -984,6 +1007,14 @@ def ablation_breakdown(ms: dict[str, float]) -> list[dict[str, Any]]:
             "(instead of hash) RNG: threefry ε",
             "threefry_noise − no_noise",
             ms["threefry_noise"] - ms["no_noise"],
+        )
+    )
+    parts.append(
+        (
+            "flat_counter_rng",
+            "(instead of two-row counters) RNG: hash ε from a flat counter",
+            "flat_counter_noise − no_noise",
+            ms["flat_counter_noise"] - ms["no_noise"],
         )
     )
     return [

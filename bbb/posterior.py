@@ -96,8 +96,8 @@ def hash_bits(key: jax.Array, n: int) -> jax.Array:
     return map_hash_bits(key, n, lambda bits: bits)
 
 
-def _hash(counter: jax.Array, seed: jax.Array) -> jax.Array:
-    """mix(mix(counter·φ + s₀) ⊕ s₁), elementwise (`hash_bits`)."""
+def hash_counter(counter: jax.Array, seed: jax.Array) -> jax.Array:
+    """mix(mix(counter·φ + s₀) ⊕ s₁), elementwise: the words of `hash_bits`, seeds `seed` [2]."""
     return _mix32(_mix32(counter * jnp.uint32(0x9E3779B9) + seed[0]) ^ seed[1])
 
 
@@ -119,9 +119,9 @@ def map_hash_bits(key: jax.Array, n: int, f: Callable[[jax.Array], jax.Array]) -
     if half:
         row = jax.lax.broadcasted_iota(jnp.uint32, (2, half), 0)
         column = jax.lax.broadcasted_iota(jnp.uint32, (2, half), 1)
-        parts.append(f(_hash(row * jnp.uint32(half) + column, seed)).reshape(2 * half))
+        parts.append(f(hash_counter(row * jnp.uint32(half) + column, seed)).reshape(2 * half))
     if n % 2 or not parts:
-        parts.append(f(_hash(jnp.arange(2 * half, n, dtype=jnp.uint32), seed)))
+        parts.append(f(hash_counter(jnp.arange(2 * half, n, dtype=jnp.uint32), seed)))
     return parts[0] if len(parts) == 1 else jnp.concatenate(parts)
 
 
@@ -341,18 +341,23 @@ def normal_like(key: jax.Array, tree: PyTree, generator: str = "jax") -> PyTree:
       ε ~ N(0, I), a pytree like `tree`.
     """
     check_choice("posterior.noise", generator, NOISE_GENERATORS)
-    leaves, treedef = jax.tree_util.tree_flatten(tree)
-    sizes = [leaf.size for leaf in leaves]
+    n = count_params(tree)
     if generator == "hash":
-        flat = hash_normal(key, sum(sizes))
+        flat = hash_normal(key, n)
     else:
-        flat = materialize(jax.random.normal(key, (sum(sizes),), jnp.float32))
-    offsets = [0, *itertools.accumulate(sizes)]
-    noise = [
+        flat = materialize(jax.random.normal(key, (n,), jnp.float32))
+    return unflatten_like(flat, tree)
+
+
+def unflatten_like(flat: jax.Array, tree: PyTree) -> PyTree:
+    """`flat` [n] cut into consecutive pieces shaped (and typed) like the leaves of `tree`."""
+    leaves, treedef = jax.tree_util.tree_flatten(tree)
+    offsets = [0, *itertools.accumulate(leaf.size for leaf in leaves)]
+    pieces = [
         flat[start:stop].reshape(leaf.shape).astype(leaf.dtype)
         for start, stop, leaf in zip(offsets[:-1], offsets[1:], leaves, strict=True)
     ]
-    return jax.tree_util.tree_unflatten(treedef, noise)
+    return jax.tree_util.tree_unflatten(treedef, pieces)
 
 
 @flax.struct.dataclass

@@ -215,6 +215,7 @@ def test_smoke_run_returns_complete_records_and_writes_json(tmp_path, monkeypatc
 LINE_MS = {
     "full": 10.0,
     "threefry_noise": 8.0,
+    "flat_counter_noise": 7.5,
     "no_noise": 7.0,
     "no_prior": 9.0,
     "no_kl": 8.5,
@@ -229,12 +230,14 @@ def test_breakdown_is_the_differences_of_the_lines():
     parts = {p["formula"]: p["ms"] for p in benchmark.ablation_breakdown(ms)}
     assert parts["full − no_noise"] == 3.0
     assert parts["threefry_noise − no_noise"] == 1.0
+    assert parts["flat_counter_noise − no_noise"] == 0.5
     assert parts["full − no_prior"] == 1.0
     assert parts["no_prior − no_kl"] == 0.5
     assert parts["full − grad_only"] == 0.5
     assert parts["deterministic_grad_only"] == 2.0
-    # The rest closes the sum (the threefry line is an alternative, not a part).
-    additive = [p for p in benchmark.ablation_breakdown(ms) if p["key"] != "threefry_rng"]
+    # The rest closes the sum (the threefry and flat-counter lines are alternatives, not parts).
+    alternatives = {"threefry_rng", "flat_counter_rng"}
+    additive = [p for p in benchmark.ablation_breakdown(ms) if p["key"] not in alternatives]
     assert sum(p["ms"] for p in additive) == pytest.approx(ms["full"])
     assert {line.name for line in benchmark.ablation_lines(16)} == set(ms)
 
@@ -251,6 +254,16 @@ def test_ablation_posteriors_remove_only_their_part():
     w_no_q, log_q_none = benchmark.NoLogQPosterior(mu, rho).sample_and_log_prob(key)
     np.testing.assert_allclose(w_no_q["kernel"], w_full["kernel"], rtol=1e-6)
     assert float(log_q_none) == 0.0 and float(log_q_full) != 0.0
+    # The flat counter draws the hash's numbers (n = 3·3 + 2, odd: two rows and a last one).
+    mu_odd = {"kernel": jnp.ones((3, 3)), "bias": jnp.zeros((2,))}
+    hashed = MeanFieldGaussian(mu_odd, mu_odd, "hash")
+    flat = benchmark.FlatCounterPosterior(mu_odd, mu_odd, "hash")
+    for a, b in zip(
+        jax.tree_util.tree_leaves(flat.sample_noise(key)),
+        jax.tree_util.tree_leaves(jax.jit(hashed.sample_noise)(key)),
+        strict=True,
+    ):
+        np.testing.assert_allclose(a, b, rtol=3e-7, atol=1e-7)
 
 
 def test_peer_is_skipped_with_a_message_when_missing(tmp_path, capsys):
@@ -447,9 +460,8 @@ def test_floors_count_the_mlp_and_divide_by_the_measured_rates():
     assert parts["matmuls"]["bound"] == "FLOPs"
     assert parts["matmuls"]["floor_ms"] == pytest.approx(benchmark.mlp_matmul_flops(2, 1) / 1e8)
     assert parts["optimiser"]["floor_ms"] == pytest.approx(64 * n / 1e7)
-    assert (
-        parts["threefry_rng"]["floor_ms"] == parts["rng"]["floor_ms"] == pytest.approx(4 * n / 1e7)
-    )
+    for key in ("rng", "threefry_rng", "flat_counter_rng"):
+        assert parts[key]["floor_ms"] == pytest.approx(4 * n / 1e7)
     for part in parts.values():
         assert part["x_floor"] == pytest.approx(part["ms"] / part["floor_ms"])
     measured = benchmark.measure_rates(4096, repeats=2)
@@ -482,6 +494,7 @@ def test_ablation_runs_every_line_interleaved_and_breaks_the_step_down(monkeypat
         "matmuls",
         "rest",
         "threefry_rng",
+        "flat_counter_rng",
     }
     assert all(p["floor_ms"] > 0 and p["gb_per_s"] > 0 for p in parts)
     assert "× floor" in benchmark.format_ablation(records)
@@ -592,6 +605,7 @@ def test_ablation_posteriors_have_treedefs_of_their_own():
         posterior_lib.MeanFieldGaussian,
         benchmark.NoiselessPosterior,
         benchmark.NoLogQPosterior,
+        benchmark.FlatCounterPosterior,
     )
     treedefs = [jax.tree_util.tree_structure(cls(mu, mu, "hash")) for cls in classes]
     for i, a in enumerate(treedefs):
