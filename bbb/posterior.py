@@ -105,13 +105,12 @@ def map_hash_bits(key: jax.Array, n: int, f: Callable[[jax.Array], jax.Array]) -
     """f(hash_bits(key, n)) for an elementwise f, with the counters laid out as two rows.
 
     The bits are those of one flat counter i = 0, …, n − 1, bit for bit; only the loop that
-    XLA compiles differs. From a flat `iota`, XLA:CPU carried the counter in a vector of
-    64-bit integers, a 512-bit register on an AVX-512 CPU, and the whole loop ran 1.5× slower
-    on an Intel Xeon (where 512-bit instructions close one of the core's vector ports); a flat
-    loop of odd length ran 4–5× slower (docs/performance.md, "The noise's loop"). As two rows
-    of ⌊n/2⌋ (i = row · ⌊n/2⌋ + column; an odd n's last number on its own) the loop keeps
-    32-bit lanes and splits evenly over two cores. f runs on each part before they are
-    joined, so that its work stays in that loop.
+    XLA compiles differs. From a flat `iota`, XLA:CPU carried the counter in 64-bit lanes (a
+    512-bit register on an AVX-512 CPU) and the noise ran 1.4–1.6× slower on an Intel Xeon;
+    at an odd n that loop ran 5–6× slower (docs/performance.md, "The noise's loop"). As two
+    rows of ⌊n/2⌋ (i = row · ⌊n/2⌋ + column; an odd n's last number on its own), the loop
+    keeps 32-bit lanes and an even length. f runs on each part before they are joined, so
+    that its work stays in that loop.
     """
     seed = jax.random.bits(key, (2,), jnp.uint32)
     half = n // 2
