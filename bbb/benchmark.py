@@ -643,6 +643,8 @@ class AblationLine:
       posterior_class: replaces `MeanFieldGaussian` in the state (same μ and ρ), or None.
       gradient_only: time `value_and_grad` of the free energy alone (no optimiser, no
         grad-norm metric) instead of the whole `train_step`.
+      vmap_one_sample: evaluate the free energy's one sample under a vmap of one
+        (`FreeEnergy.vmap_one_sample`).
     """
 
     name: str
@@ -650,6 +652,7 @@ class AblationLine:
     case: Case
     posterior_class: type | None = None
     gradient_only: bool = False
+    vmap_one_sample: bool = False
 
 
 def ablation_lines(hidden: int) -> list[AblationLine]:
@@ -678,6 +681,12 @@ def ablation_lines(hidden: int) -> list[AblationLine]:
             "the same with the hash's counters as one flat iota (before 8cdddfa)",
             full,
             FlatCounterPosterior,
+        ),
+        AblationLine(
+            "vmapped_one_sample",
+            "the same with its one sample under a vmap of one (as up to 7859124)",
+            full,
+            vmap_one_sample=True,
         ),
         AblationLine(
             "no_noise", "the same with ε = 0 (no RNG; w = μ + σ·0)", full, NoiselessPosterior
@@ -741,6 +750,9 @@ def compile_ablation_line(
     batch_size = batch[0].shape[0]
     config = line.case.config(base_config, batch_size)
     experiment = train_lib.build(config, EPOCH_EXAMPLES, INPUT_SHAPE)
+    if line.vmap_one_sample:
+        free_energy = dataclasses.replace(experiment.free_energy, vmap_one_sample=True)
+        experiment = dataclasses.replace(experiment, free_energy=free_energy)
     keys = train_lib.root_keys(config)
     state = jax.jit(lambda key: train_lib.init_state(experiment, key))(keys["init"])
     if line.posterior_class is not None:

@@ -191,6 +191,8 @@ class FreeEnergy:
       temperature: T, multiplying the KL.
       mesh: a ("data", "samples") `jax.sharding.Mesh` to shard the minibatch and the K samples
         over (`bbb.parallel`); None (or one device) computes everything on one device.
+      vmap_one_sample: evaluate K = 1 under a vmap of one sample, as up to 7859124 (the same
+        values; slower on a CPU): for the benchmark's ablation, not a config field.
     """
 
     model: nn.Module
@@ -203,6 +205,7 @@ class FreeEnergy:
     kl: str = "mc"
     temperature: float = 1.0
     mesh: jax.sharding.Mesh | None = None
+    vmap_one_sample: bool = False
 
     def __post_init__(self):
         check_positive("num_train", self.num_train, integer=True)
@@ -297,7 +300,16 @@ class FreeEnergy:
         batch_size = x.shape[0]
         # The keys are split as on one device, then each device takes its K / samples of them.
         keys = parallel.constrain(jax.random.split(key, self.num_samples), self.mesh, "samples")
-        outputs, kl_samples = jax.vmap(lambda k: self._sample(params, x, k))(keys)  # [K, B, ..]
+        if self.num_samples == 1 and not self.vmap_one_sample:
+            # One sample, no vmap: a vmap of one batches every matmul over a sample axis of
+            # size 1, and XLA:CPU then computed each weight gradient transposed ([out, in]) and
+            # transposed it back inside every fusion that reads it (the K = 1 steps 2–15%
+            # slower; docs/performance.md, "One sample without a vmap").
+            sample = self._sample(params, x, keys[0])
+            outputs, kl_samples = jax.tree_util.tree_map(lambda a: a[None], sample)
+        else:
+            outputs, kl_samples = jax.vmap(lambda k: self._sample(params, x, k))(keys)
+        # outputs [K, B, ...], kl_samples [K].
         outputs = parallel.constrain(outputs, self.mesh, "samples", "data")
         kl_samples = parallel.constrain(kl_samples, self.mesh, "samples")  # [K]
         log_lik = jax.vmap(lambda out: self.likelihood.log_prob(params["likelihood"], out, y))(

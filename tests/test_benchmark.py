@@ -216,6 +216,7 @@ LINE_MS = {
     "full": 10.0,
     "threefry_noise": 8.0,
     "flat_counter_noise": 7.5,
+    "vmapped_one_sample": 11.0,
     "no_noise": 7.0,
     "no_prior": 9.0,
     "no_kl": 8.5,

@@ -2,6 +2,7 @@
 (against a numpy computation from the same sampled weights), its gradients (against finite
 differences), the likelihoods and the config checks."""
 
+import dataclasses
 import math
 from fractions import Fraction
 
@@ -18,7 +19,7 @@ import scipy.stats
 from bbb import models, objective, priors
 from bbb.errors import ConfigError
 from bbb.posterior import PointEstimate
-from tests.conftest import numpy_params, numpy_posterior
+from tests.conftest import all_equations, numpy_params, numpy_posterior
 
 pytestmark = pytest.mark.usefixtures("fast_compile")
 
@@ -132,12 +133,11 @@ def _free_energy(**kwargs):
     return objective.FreeEnergy(**{**defaults, **kwargs})
 
 
-_NUM_SAMPLES = 2
-
-
+@pytest.mark.parametrize("num_samples", [1, 2])
 @pytest.mark.parametrize("kl", ["mc", "closed_form"])
-def test_loss_matches_a_numpy_computation_from_the_same_weights(kl):
-    """loss = M π T KL / N − (1/B) Σ_b (1/K) Σ_k log p(y_b | x_b, w_k), and only KL has T."""
+def test_loss_matches_a_numpy_computation_from_the_same_weights(kl, num_samples):
+    """loss = M π T KL / N − (1/B) Σ_b (1/K) Σ_k log p(y_b | x_b, w_k), and only KL has T.
+    (K = 1 takes its own path, without a vmap.)"""
     num_train, num_batches, pi, batch = 40, 3, 0.3, slice(0, 5)
     sigma_p = math.exp(-1.0)
     post = _posterior()
@@ -146,7 +146,7 @@ def test_loss_matches_a_numpy_computation_from_the_same_weights(kl):
             prior=priors.gaussian(sigma_p),
             num_train=num_train,
             num_batches=num_batches,
-            num_samples=_NUM_SAMPLES,
+            num_samples=num_samples,
             kl=kl,
             temperature=temperature,
         )
@@ -160,12 +160,12 @@ def test_loss_matches_a_numpy_computation_from_the_same_weights(kl):
         outputs = {t: fe(params, (X[batch], Y[batch]), key, pi) for t, fe in energies.items()}
         # The weights the objective draws: K keys, each split into (weights, kl, dropout).
         weights = jax.vmap(lambda k: params["posterior"].sample(jax.random.split(k, 3)[0]))(
-            jax.random.split(key, _NUM_SAMPLES)
+            jax.random.split(key, num_samples)
         )
         return outputs, weights
 
     outputs, weights = run(params)
-    samples = [jax.tree_util.tree_map(lambda a, k=k: a[k], weights) for k in range(_NUM_SAMPLES)]
+    samples = [jax.tree_util.tree_map(lambda a, k=k: a[k], weights) for k in range(num_samples)]
     log_lik = np.mean([_np_log_lik(w, X[batch], Y[batch]) for w in samples], axis=0)  # [B]
     mu, sigma = _flat(post.mu), np.log1p(np.exp(_flat(post.rho)))
     if kl == "mc":
@@ -529,6 +529,38 @@ def test_sample_gradients_equal_those_of_the_plain_vmap(estimator, kl, monkeypat
     plain_loss, plain_grads = grad(params)
     np.testing.assert_allclose(loss, plain_loss, rtol=1e-6)
     np.testing.assert_allclose(_flat(grads), _flat(plain_grads), rtol=2e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("estimator", ["reparam", "local_reparam", "flipout"])
+def test_one_sample_is_not_vmapped_so_no_matmul_is_batched(estimator):
+    """K = 1 is evaluated without the sample vmap: a vmap of one batches every matmul over a
+    size-1 axis, and XLA:CPU then computed the weight gradients transposed (docs/performance.md,
+    "One sample without a vmap"). K = 2 has batched matmuls (so this test can fail)."""
+
+    def batched_dots(num_samples):
+        energy = _free_energy(num_samples=num_samples, estimator=estimator, kl="mc")
+        params = energy.init_params(_posterior())
+        loss = lambda p: energy(p, (X[:6], Y[:6]), jax.random.key(0), 0.5)[0]
+        jaxpr = jax.make_jaxpr(jax.grad(loss))(params).jaxpr
+        return [
+            eqn
+            for eqn in all_equations(jaxpr)
+            if eqn.primitive.name == "dot_general" and eqn.params["dimension_numbers"][1][0]
+        ]
+
+    assert batched_dots(1) == []
+    if estimator == "reparam":  # A weight sample per MC sample: batched products at K = 2.
+        assert batched_dots(2) != []
+    # The same loss and gradient as under a vmap of one (the benchmark's ablation line).
+    energy = _free_energy(estimator=estimator, kl="mc", prior=priors.gaussian(0.7))
+    vmapped = dataclasses.replace(energy, vmap_one_sample=True)
+    params = energy.init_params(_posterior())
+    results = [
+        jax.value_and_grad(lambda p, e=e: e(p, (X[:6], Y[:6]), jax.random.key(3), 0.5)[0])(params)
+        for e in (energy, vmapped)
+    ]
+    np.testing.assert_allclose(results[0][0], results[1][0], rtol=1e-6)
+    np.testing.assert_allclose(_flat(results[0][1]), _flat(results[1][1]), rtol=2e-5, atol=1e-6)
 
 
 def _leading_sums(jaxpr) -> list[tuple[int, ...]]:
