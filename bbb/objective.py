@@ -15,13 +15,14 @@ uniform schedule π_i = 1/M. The optimised and logged `loss` is F̂_i / N, the f
 training example: the KL and the log-likelihood are on the same scale, whatever B is.
 
 The expectations are estimated with K Monte-Carlo samples (`objective.num_samples`), vmapped
-over keys; on a device mesh the K samples are split over its "samples" axis and the minibatch
-over its "data" axis (`bbb.parallel`), with the same keys, hence the same noise, as on one
-device. The KL is either the paper's Monte-Carlo estimate log q(w) − log P(w) at the sampled
-weights (`"mc"`, the only option for non-conjugate priors such as the scale mixture), or
-its closed form where one exists (`"closed_form"`, Gaussian prior). Under `reparam` and
-`flipout` the MC KL is taken at the weights of the likelihood's own sample (flipout's
-w = μ + ΔW); `local_reparam` samples no weights, so its MC KL draws a weight sample of its own.
+over keys (one sample is evaluated without the vmap); on a device mesh the K samples are split
+over its "samples" axis and the minibatch over its "data" axis (`bbb.parallel`), with the same
+keys, hence the same noise, as on one device. The KL is either the paper's Monte-Carlo estimate
+log q(w) − log P(w) at the sampled weights (`"mc"`, the only option for non-conjugate priors
+such as the scale mixture), or its closed form where one exists (`"closed_form"`, Gaussian
+prior). Under `reparam` and `flipout` the MC KL is taken at the weights of the likelihood's own
+sample (flipout's w = μ + ΔW); `local_reparam` samples no weights, so its MC KL draws a weight
+sample of its own.
 
 KL schedules (`objective.kl_schedule`), as π_i for step `step` of an epoch of M steps:
 - `"uniform"`: π_i = 1/M.
