@@ -304,7 +304,7 @@ class FreeEnergy:
         if self.num_samples == 1 and not self.vmap_one_sample:
             # One sample, no vmap: a vmap of one batches every matmul over a sample axis of
             # size 1, and XLA:CPU then computed each weight gradient transposed ([out, in]) and
-            # transposed it back inside every fusion that reads it (the K = 1 steps 2–15%
+            # transposed it back inside every fusion that reads it (the K = 1 steps 2–19%
             # slower; docs/performance.md, "One sample without a vmap").
             sample = self._sample(params, x, keys[0])
             outputs, kl_samples = jax.tree_util.tree_map(lambda a: a[None], sample)
