@@ -105,6 +105,7 @@ class Case:
       kl: "mc", "closed_form", or "none" (the floor: no KL term).
       noise: "jax" (threefry), "hash", or "none" (the floor draws no noise).
       dtype: the hidden layers' compute dtype, `model.dtype` ("float32" or "bfloat16").
+      cpu_vector_bits: `config.cpu_vector_bits` (0: the config's choice for this CPU).
     """
 
     hidden: int
@@ -114,6 +115,7 @@ class Case:
     kl: str
     noise: str
     dtype: str = "float32"
+    cpu_vector_bits: int = 0
 
     @property
     def is_deterministic(self) -> bool:
@@ -138,6 +140,7 @@ class Case:
         config.model.dtype = self.dtype
         config.optim.name = "adam"
         config.objective.num_samples = self.num_samples
+        config.cpu_vector_bits = self.cpu_vector_bits
         if self.is_deterministic:
             config.posterior.name = "point"
             config.posterior.estimator = "reparam"
@@ -294,7 +297,11 @@ def compile_step(
       (compile seconds, a function that runs one step and blocks, a one-element list holding
       the current state).
     """
-    step = jax.jit(functools.partial(train_lib.train_step, experiment), donate_argnums=0)
+    step = jax.jit(
+        functools.partial(train_lib.train_step, experiment),
+        donate_argnums=0,
+        **train_lib.jit_options(experiment),
+    )
     start = time.perf_counter()
     compiled = step.lower(state, batch, key).compile()
     compile_s = time.perf_counter() - start
@@ -364,6 +371,12 @@ class PreparedCase:
     box: list[Any]
 
 
+def vector_width_record(experiment: train_lib.Experiment) -> dict[str, Any]:
+    """The record's `vector_bits`: XLA:CPU's preferred vector width that the case was compiled
+    with (`train.compiler_options`), or None for XLA's default."""
+    return {"vector_bits": dict(experiment.compiler_options).get("xla_cpu_prefer_vector_width")}
+
+
 def prepare_case(
     case: Case,
     base_config: ml_collections.ConfigDict,
@@ -387,7 +400,12 @@ def prepare_case(
     keys = train_lib.root_keys(config)
     state = jax.jit(lambda key: train_lib.init_state(experiment, key))(keys["init"])
     compile_s, run_once, box = compile_step(experiment, state, batch, keys["train"])
-    record = {"kind": "grid", **case.record(batch_size), "compile_s": compile_s}
+    record = {
+        "kind": "grid",
+        **case.record(batch_size),
+        **vector_width_record(experiment),
+        "compile_s": compile_s,
+    }
     return PreparedCase(record, experiment, keys, run_once, box)
 
 
@@ -689,6 +707,11 @@ def ablation_lines(hidden: int) -> list[AblationLine]:
             vmap_one_sample=True,
         ),
         AblationLine(
+            "vector_256",
+            "the same compiled for 256-bit vectors (XLA:CPU's default; config.cpu_vector_bits)",
+            dataclasses.replace(full, cpu_vector_bits=256),
+        ),
+        AblationLine(
             "no_noise", "the same with ε = 0 (no RNG; w = μ + σ·0)", full, NoiselessPosterior
         ),
         AblationLine("no_prior", "the same with a flat prior: log P(w) = 0", flat),
@@ -697,6 +720,11 @@ def ablation_lines(hidden: int) -> list[AblationLine]:
             "grad_only", "value_and_grad of the full free energy, no optimiser", full, None, True
         ),
         AblationLine("deterministic", "train_step of the plain MLP (point posterior), Adam", floor),
+        AblationLine(
+            "deterministic_vector_256",
+            "the plain MLP's train_step compiled for 256-bit vectors",
+            dataclasses.replace(floor, cpu_vector_bits=256),
+        ),
         AblationLine(
             "deterministic_grad_only",
             "value_and_grad of the plain MLP's loss: matmuls, ReLU, softmax",
@@ -726,7 +754,9 @@ def compile_gradient(
     """
     kl_weight = jnp.float32(1.0 / experiment.steps_per_epoch)
     grad_fn = jax.value_and_grad(experiment.free_energy, has_aux=True)
-    gradient = jax.jit(lambda p, b, k: grad_fn(p, b, k, kl_weight))
+    gradient = jax.jit(
+        lambda p, b, k: grad_fn(p, b, k, kl_weight), **train_lib.jit_options(experiment)
+    )
     start = time.perf_counter()
     compiled = gradient.lower(params, batch, key).compile()
     compile_s = time.perf_counter() - start
@@ -769,6 +799,7 @@ def compile_ablation_line(
         **line.case.record(batch_size),
         "ablation": line.name,
         "measures": line.measures,
+        **vector_width_record(experiment),
         "compile_s": compile_s,
     }
     if line.gradient_only:

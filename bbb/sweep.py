@@ -726,10 +726,11 @@ def _compile_programs(experiment: train.Experiment, learnable_prior: bool) -> _P
     def evaluate(params, data, key):
         return train.evaluate(experiment, params, data, key)
 
+    options = {"compiler_options": dict(experiment.compiler_options)}  # As `train.run`'s.
     return _Programs(
         init=jax.jit(jax.vmap(init)),
-        epoch=jax.jit(jax.vmap(epoch, in_axes=(0, 0, None, None, 0)), donate_argnums=1),
-        evaluate=jax.jit(jax.vmap(evaluate, in_axes=(0, None, 0))),
+        epoch=jax.jit(jax.vmap(epoch, in_axes=(0, 0, None, None, 0)), donate_argnums=1, **options),
+        evaluate=jax.jit(jax.vmap(evaluate, in_axes=(0, None, 0)), **options),
     )
 
 

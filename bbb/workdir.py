@@ -44,6 +44,7 @@ RESUMABLE_FIELDS = (
     "mesh.data",
     "mesh.samples",
     "epoch_loop",
+    "cpu_vector_bits",
     "eval.sample_batch",
     "data.data_dir",
     "data.manual_dir",

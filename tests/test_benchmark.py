@@ -217,12 +217,14 @@ LINE_MS = {
     "threefry_noise": 8.0,
     "flat_counter_noise": 7.5,
     "vmapped_one_sample": 11.0,
+    "vector_256": 10.5,
     "no_noise": 7.0,
     "no_prior": 9.0,
     "no_kl": 8.5,
     "grad_only": 9.5,
     "deterministic": 3.0,
     "deterministic_grad_only": 2.0,
+    "deterministic_vector_256": 3.1,
 }
 
 

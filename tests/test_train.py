@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import glob
 import hashlib
@@ -429,6 +430,47 @@ def test_unknown_epoch_loop_is_a_config_error():
         train.build(config, num_train=1000, input_shape=(28, 28, 1))
 
 
+def test_cpu_vector_width_is_chosen_for_the_cpu_and_reaches_every_program(tmp_path):
+    """0 takes 512-bit vectors on a CPU with AVX-512 and XLA's default elsewhere; a width set
+    in the config is taken as it is; accelerators get no CPU option. The options reach the
+    compilation of the epoch (both loops) and of the evaluation."""
+    width = "xla_cpu_prefer_vector_width"
+    assert train.compiler_options(0, "cpu", avx512=True) == {width: 512}
+    assert train.compiler_options(0, "cpu", avx512=False) == {}
+    assert train.compiler_options(256, "cpu", avx512=True) == {width: 256}
+    assert train.compiler_options(128, "cpu", avx512=False) == {width: 128}
+    assert train.compiler_options(512, "gpu") == {} and train.compiler_options(0, "tpu") == {}
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f avx512dq\n")
+    assert train.cpu_has_avx512(str(cpuinfo))
+    cpuinfo.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512_vnni\n")
+    assert not train.cpu_has_avx512(str(cpuinfo))
+    assert not train.cpu_has_avx512(str(tmp_path / "absent"))
+
+    config = test_config.get_config()
+    config.cpu_vector_bits = 256
+    experiment = train.build(config, num_train=64, input_shape=(28, 28, 1))
+    assert experiment.compiler_options == ((width, 256),)
+    assert train.jit_options(experiment) == {"compiler_options": {width: 256}}
+    # An option XLA does not know fails the compilation of each program that carries it.
+    broken = dataclasses.replace(experiment, compiler_options=(("xla_cpu_no_such_option", 1),))
+    state = train.init_state(broken, jax.random.key(0))
+    data = (jnp.zeros((64, 784)), jnp.zeros((64,), jnp.int32))
+    keys = train.root_keys(config)
+    epoch = train.compile_epoch(broken)
+    stepwise = train.StepwiseEpoch(broken)
+    order = jnp.zeros((1, config.batch_size), jnp.int32)
+    programs = [
+        lambda: epoch.lower(state, data, np.int32(0), keys),
+        lambda: stepwise._step.lower(state, data, order, np.int32(0), keys),
+        lambda: train.compile_evaluate(broken).lower(state.params, data, keys["eval"]),
+    ]
+    for lower in programs:
+        lower()  # Lowering is option-free; compiling reads them.
+        with pytest.raises(Exception, match="xla_cpu_no_such_option"):
+            lower().compile()
+
+
 def test_no_compilation_after_the_first_epoch(tmp_path):
     """Counts XLA compilations in whole runs: 2 and 4 epochs compile the same number."""
     counts = []
@@ -493,6 +535,7 @@ BAD_VALUES = [
     ("likelihood.name", "gaussian", "likelihood.name"),  # MNIST's labels are classes.
     ("model.num_outputs", 5, "model.num_outputs"),  # MNIST has ten.
     ("prng_impl", "mersenne", "prng_impl"),
+    ("cpu_vector_bits", 384, "cpu_vector_bits"),
     ("seed", 2**32, "seed"),  # JAX keys seeds by 32 bits: this would repeat seed 0.
 ]
 
