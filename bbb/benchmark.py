@@ -663,6 +663,8 @@ class AblationLine:
         grad-norm metric) instead of the whole `train_step`.
       vmap_one_sample: evaluate the free energy's one sample under a vmap of one
         (`FreeEnergy.vmap_one_sample`).
+      sigma_mean_in_step: compute σ's mean in every step, among the step's metrics
+        (`sigma_mean_in_step`).
     """
 
     name: str
@@ -671,6 +673,7 @@ class AblationLine:
     posterior_class: type | None = None
     gradient_only: bool = False
     vmap_one_sample: bool = False
+    sigma_mean_in_step: bool = False
 
 
 def ablation_lines(hidden: int) -> list[AblationLine]:
@@ -705,6 +708,12 @@ def ablation_lines(hidden: int) -> list[AblationLine]:
             "the same with its one sample under a vmap of one (as up to 7859124)",
             full,
             vmap_one_sample=True,
+        ),
+        AblationLine(
+            "sigma_mean_in_step",
+            "the same with σ's mean computed in every step (as up to f4419b4)",
+            full,
+            sigma_mean_in_step=True,
         ),
         AblationLine(
             "vector_256",
@@ -763,6 +772,18 @@ def compile_gradient(
     return compile_s, lambda: jax.block_until_ready(compiled(params, batch, key))
 
 
+def sigma_mean_in_step(free_energy: Callable) -> Callable:
+    """`free_energy`, its metrics also holding σ's mean as `sigma_mean_in_step`, which
+    `train_step` keeps: the step computes it, as every step did up to f4419b4 (since then
+    `sigma_mean` is an epoch's metric, `train.with_sigma_mean`)."""
+
+    def with_sigma(params, batch, key, kl_weight):
+        loss, metrics = free_energy(params, batch, key, kl_weight)
+        return loss, {**metrics, "sigma_mean_in_step": metrics["sigma_mean"]}
+
+    return with_sigma
+
+
 def compile_ablation_line(
     line: AblationLine, base_config: ml_collections.ConfigDict, batch: tuple[jax.Array, jax.Array]
 ) -> tuple[dict[str, Any], Callable[[], None]]:
@@ -789,6 +810,9 @@ def compile_ablation_line(
         q = state.params["posterior"]
         params = {**state.params, "posterior": line.posterior_class(q.mu, q.rho, q.noise)}
         state = state.replace(params=params, opt_state=experiment.optimizer.init(params))
+    if line.sigma_mean_in_step:  # After the state: only the step calls the wrapped function.
+        free_energy = sigma_mean_in_step(experiment.free_energy)
+        experiment = dataclasses.replace(experiment, free_energy=free_energy)
     if line.gradient_only:
         step_key = jax.random.fold_in(keys["train"], 0)
         compile_s, run_once = compile_gradient(experiment, state.params, batch, step_key)

@@ -330,7 +330,7 @@ class FreeEnergy:
             "kl": kl,
             "kl_weight": jnp.asarray(kl_weight, jnp.float32),
             "elbo": -loss,
-            "sigma_mean": _tree_mean(params["posterior"].stddev()),
+            "sigma_mean": sigma_mean(params["posterior"]),
         }
         if self.likelihood.is_classification:
             probs = sum_samples(jax.nn.softmax(outputs, axis=-1)) / self.num_samples  # [B, C]
@@ -341,6 +341,11 @@ class FreeEnergy:
 def train_kwargs(model: nn.Module, train: bool = True) -> dict[str, bool]:
     """`{"train": train}` if the model's `__call__` takes a `train` flag (dropout), else {}."""
     return {"train": train} if "train" in inspect.signature(model.__call__).parameters else {}
+
+
+def sigma_mean(posterior: Any) -> jax.Array:
+    """The posterior's mean standard deviation over every parameter (0 for a point estimate)."""
+    return _tree_mean(posterior.stddev())
 
 
 def _tree_mean(tree: PyTree) -> jax.Array:

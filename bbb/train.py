@@ -423,7 +423,8 @@ def train_step(
       key: the train key; this step's noise is fold_in(key, step).
 
     Returns:
-      (new state, metrics): the objective's metrics plus `grad_norm`, `learning_rate`-free.
+      (new state, metrics): the objective's metrics but `sigma_mean` (an epoch's metric,
+      `train_epoch`), plus `grad_norm`.
     """
     objective = experiment.config.objective
     kl_weight = objective_lib.kl_weight(
@@ -432,6 +433,10 @@ def train_step(
     step_key = jax.random.fold_in(key, state.step)
     grad_fn = jax.value_and_grad(experiment.free_energy, has_aux=True)
     (_, metrics), grads = grad_fn(state.params, batch, step_key, kl_weight)
+    # σ's mean is logged once per epoch (`with_sigma_mean`): in every step it was one more pass
+    # over every σ, 3% of the `local_reparam` step at H = 400 (docs/performance.md). Unused, its
+    # computation is dropped from the compiled step.
+    del metrics["sigma_mean"]
     # Stored once: XLA:CPU would otherwise fuse each gradient's elementwise chain (softplus',
     # the KL's terms) into every reader (Adam's two moments, the norm) and recompute it there;
     # 14-21% of the reparam step at H = 1200 (docs/performance.md).
@@ -461,7 +466,8 @@ def train_epoch(
       keys: from `root_keys`.
 
     Returns:
-      (state, metrics), each metric stacked over the epoch's steps [M].
+      (state, metrics), each metric stacked over the epoch's steps [M] (`sigma_mean`: the
+      value at the end of the epoch, M times).
     """
     x, y = data
     order = epoch_order(experiment, x.shape[0], epoch, keys)
@@ -470,7 +476,16 @@ def train_epoch(
         batch = (as_examples(experiment, x[indices]), y[indices])
         return train_step(experiment, state, batch, keys["train"])
 
-    return jax.lax.scan(step, state, order)
+    state, metrics = jax.lax.scan(step, state, order)
+    return state, with_sigma_mean(metrics, state.params)
+
+
+def with_sigma_mean(metrics: dict[str, jax.Array], params: PyTree) -> dict[str, jax.Array]:
+    """The epoch's stacked step metrics [M] and `sigma_mean`: the posterior's mean σ at the
+    epoch's end, repeated M times (so that every metric has the steps' shape)."""
+    loss = metrics["loss"]
+    sigma = objective_lib.sigma_mean(params["posterior"]).astype(loss.dtype)
+    return {**metrics, "sigma_mean": jnp.broadcast_to(sigma, loss.shape)}
 
 
 def examples_on_device(
@@ -530,7 +545,9 @@ class StepwiseEpoch:
         )
         self._step = jax.jit(step, donate_argnums=0, **jit_options(experiment))
         self._stack = jax.jit(
-            lambda metrics: jax.tree_util.tree_map(lambda *m: jnp.stack(m), *metrics),
+            lambda metrics, params: with_sigma_mean(
+                jax.tree_util.tree_map(lambda *m: jnp.stack(m), *metrics), params
+            ),
             **shardings,
         )
 
@@ -547,7 +564,7 @@ class StepwiseEpoch:
         for index in range(self.steps_per_epoch):
             state, step_metrics = self._step(state, data, order, np.int32(index), keys)
             metrics.append(step_metrics)
-        return state, self._stack(metrics)
+        return state, self._stack(metrics, state.params)
 
     def _cache_size(self) -> int:
         """Compiled versions of the step (1 after any number of epochs of one shape)."""

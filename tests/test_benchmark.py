@@ -217,6 +217,7 @@ LINE_MS = {
     "threefry_noise": 8.0,
     "flat_counter_noise": 7.5,
     "vmapped_one_sample": 11.0,
+    "sigma_mean_in_step": 10.3,
     "vector_256": 10.5,
     "no_noise": 7.0,
     "no_prior": 9.0,

@@ -378,6 +378,41 @@ def test_stepwise_epoch_runs_the_scans_steps_and_compiles_once():
         np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("loop", ["scan", "steps"])
+def test_sigma_mean_is_the_epochs_last_and_the_step_does_not_compute_it(loop):
+    """`train/sigma_mean` is the posterior's mean σ = softplus(ρ) at the end of the epoch
+    (numpy, float64), in both loops; the step itself leaves it out (its pass over every σ
+    would cost each step)."""
+    config = test_config.get_config()
+    config.epoch_loop = loop
+    num_batches, batch_size = 3, config.batch_size
+    rng = np.random.default_rng(1)
+    x = jnp.asarray(rng.uniform(size=(num_batches * batch_size, 28, 28, 1)), jnp.float32)
+    y = jnp.asarray(rng.integers(0, 10, size=num_batches * batch_size), jnp.int32)
+    experiment = train.build(config, num_train=x.shape[0], input_shape=(28, 28, 1))
+    keys = train.root_keys(config)
+    state = train.init_state(experiment, keys["init"])
+    epoch_fn = train.compile_epoch(experiment)
+
+    def numpy_sigma_mean(params):
+        rho = [
+            np.asarray(r, np.float64) for r in jax.tree_util.tree_leaves(params["posterior"].rho)
+        ]
+        return np.concatenate([np.logaddexp(r, 0.0).ravel() for r in rho]).mean()
+
+    at_start = numpy_sigma_mean(state.params)
+    for epoch in range(2):
+        state, metrics = epoch_fn(state, (x, y), np.int32(epoch), keys)
+        sigma = np.asarray(jax.device_get(metrics["sigma_mean"]))
+        assert sigma.shape == (num_batches,)
+        np.testing.assert_allclose(sigma, numpy_sigma_mean(state.params), rtol=2e-6)
+    assert abs(sigma[0] / at_start - 1) > 1e-4  # The updates moved σ: the end is not the start.
+    _, step_metrics = train.train_step(
+        experiment, state, (x[:batch_size], y[:batch_size]), keys["train"]
+    )
+    assert "sigma_mean" not in step_metrics and "loss" in step_metrics
+
+
 # π_t of steps t = 0 … 7 (two epochs of M = 4): Blundell's 2^(M−i)/(2^M − 1) in every epoch,
 # and the anneal ramp min(1, (t + 1) / W) / M with W = 6 (by hand).
 _KL_WEIGHTS = {
