@@ -280,7 +280,11 @@ def build(
     check_choice("objective.kl_schedule", config.objective.kl_schedule, objective_lib.KL_SCHEDULES)
     check_non_negative("objective.kl_warmup_steps", config.objective.kl_warmup_steps, integer=True)
     optimizer = make_optimizer(config.optim, steps_per_epoch, config.num_epochs)
-    options = compiler_options(config.get("cpu_vector_bits", 0), devices[0].platform)
+    options = compiler_options(
+        config.get("cpu_vector_bits", 0),
+        devices[0].platform,
+        draws_noise=config.posterior.name == "mean_field",
+    )
     experiment = Experiment(
         config,
         model,
@@ -725,19 +729,23 @@ def cpu_has_avx512(cpuinfo: str = "/proc/cpuinfo") -> bool:
     return False
 
 
-def compiler_options(bits: int, platform: str, avx512: bool | None = None) -> dict[str, Any]:
+def compiler_options(
+    bits: int, platform: str, draws_noise: bool, avx512: bool | None = None
+) -> dict[str, Any]:
     """XLA's compile options for `config.cpu_vector_bits` on `platform`.
 
-    XLA:CPU vectorises the elementwise work (the counter-hash noise, softplus, the KL terms,
-    Adam) for 256-bit registers by default, also on a CPU with 512-bit ones. On the Intel Xeon
-    of the README's runs the hash noise alone ran 1.4× faster with 512-bit vectors, and the
-    training steps 2–10% faster (docs/performance.md, "512-bit vectors"); the matmuls are
-    library calls that choose their own width. `bits` = 0 takes 512 on a CPU with AVX-512
-    (`cpu_has_avx512`) and leaves XLA's default elsewhere; accelerators take no CPU option.
+    XLA:CPU vectorises elementwise loops for 256-bit registers by default, also on a CPU with
+    512-bit ones. The weight and per-example noise is such a loop, bound by its arithmetic: on
+    the Intel Xeon of the README's runs the hash noise alone ran 1.2–1.3× faster with 512-bit
+    vectors, and the paper's step at H = 400 9–15% faster, while the plain MLP, which draws no
+    noise, did not gain (docs/performance.md, "512-bit vectors"). `bits` = 0 therefore takes
+    512 for a program that draws noise (a mean-field posterior) on a CPU with AVX-512
+    (`cpu_has_avx512`), and XLA's default otherwise; accelerators take no CPU option.
 
     Args:
       bits: `config.cpu_vector_bits`, one of `CPU_VECTOR_BITS`.
       platform: the devices' platform ("cpu", "gpu", "tpu", ...).
+      draws_noise: whether the training step draws posterior noise.
       avx512: whether the CPU has AVX-512; None reads it from the host.
 
     Returns:
@@ -745,7 +753,7 @@ def compiler_options(bits: int, platform: str, avx512: bool | None = None) -> di
     """
     if platform != "cpu":
         return {}
-    if bits == 0:
+    if bits == 0 and draws_noise:
         bits = 512 if (cpu_has_avx512() if avx512 is None else avx512) else 0
     return {"xla_cpu_prefer_vector_width": bits} if bits else {}
 

@@ -466,15 +466,18 @@ def test_unknown_epoch_loop_is_a_config_error():
 
 
 def test_cpu_vector_width_is_chosen_for_the_cpu_and_reaches_every_program(tmp_path):
-    """0 takes 512-bit vectors on a CPU with AVX-512 and XLA's default elsewhere; a width set
-    in the config is taken as it is; accelerators get no CPU option. The options reach the
-    compilation of the epoch (both loops) and of the evaluation."""
+    """0 takes 512-bit vectors for a program that draws noise on a CPU with AVX-512 and XLA's
+    default otherwise; a width set in the config is taken as it is; accelerators get no CPU
+    option. The options reach the compilation of the epoch (both loops) and of the
+    evaluation."""
     width = "xla_cpu_prefer_vector_width"
-    assert train.compiler_options(0, "cpu", avx512=True) == {width: 512}
-    assert train.compiler_options(0, "cpu", avx512=False) == {}
-    assert train.compiler_options(256, "cpu", avx512=True) == {width: 256}
-    assert train.compiler_options(128, "cpu", avx512=False) == {width: 128}
-    assert train.compiler_options(512, "gpu") == {} and train.compiler_options(0, "tpu") == {}
+    assert train.compiler_options(0, "cpu", True, avx512=True) == {width: 512}
+    assert train.compiler_options(0, "cpu", True, avx512=False) == {}
+    assert train.compiler_options(0, "cpu", False, avx512=True) == {}  # No noise to draw.
+    assert train.compiler_options(256, "cpu", True, avx512=True) == {width: 256}
+    assert train.compiler_options(128, "cpu", False, avx512=False) == {width: 128}
+    assert train.compiler_options(512, "gpu", True) == {}
+    assert train.compiler_options(0, "tpu", True) == {}
     cpuinfo = tmp_path / "cpuinfo"
     cpuinfo.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f avx512dq\n")
     assert train.cpu_has_avx512(str(cpuinfo))
@@ -483,6 +486,10 @@ def test_cpu_vector_width_is_chosen_for_the_cpu_and_reaches_every_program(tmp_pa
     assert not train.cpu_has_avx512(str(tmp_path / "absent"))
 
     config = test_config.get_config()
+    auto = train.build(config, num_train=64, input_shape=(28, 28, 1)).compiler_options
+    assert auto == (((width, 512),) if train.cpu_has_avx512() else ())
+    config.posterior.name, config.objective.kl = "point", "mc"
+    assert train.build(config, num_train=64, input_shape=(28, 28, 1)).compiler_options == ()
     config.cpu_vector_bits = 256
     experiment = train.build(config, num_train=64, input_shape=(28, 28, 1))
     assert experiment.compiler_options == ((width, 256),)
