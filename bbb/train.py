@@ -737,10 +737,11 @@ def compiler_options(
     XLA:CPU vectorises elementwise loops for 256-bit registers by default, also on a CPU with
     512-bit ones. The weight and per-example noise is such a loop, bound by its arithmetic: on
     the Intel Xeon of the README's runs the hash noise alone ran 1.2–1.3× faster with 512-bit
-    vectors, and the paper's step at H = 400 9–15% faster, while the plain MLP, which draws no
-    noise, did not gain (docs/performance.md, "512-bit vectors"). `bits` = 0 therefore takes
-    512 for a program that draws noise (a mean-field posterior) on a CPU with AVX-512
-    (`cpu_has_avx512`), and XLA's default otherwise; accelerators take no CPU option.
+    vectors, and the paper's step at H = 400 7–15% faster in three runs of the ablation, while
+    the plain MLP, which draws no noise, did not gain (docs/performance.md, "512-bit
+    vectors"). `bits` = 0 therefore takes 512 for a program that draws noise (a mean-field
+    posterior) on a CPU with AVX-512 (`cpu_has_avx512`), and XLA's default otherwise;
+    accelerators take no CPU option.
 
     Args:
       bits: `config.cpu_vector_bits`, one of `CPU_VECTOR_BITS`.
