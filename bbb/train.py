@@ -55,8 +55,8 @@ OPTIMIZERS = ("sgd", "momentum", "adam")
 LR_SCHEDULES = ("constant", "cosine", "step")
 PRNG_IMPLS = ("threefry2x32", "rbg", "unsafe_rbg")
 EPOCH_LOOPS = ("scan", "steps")  # One lax.scan per epoch, or one jitted call per step.
-# `cpu_vector_bits`: 0 chooses (512 where the CPU has AVX-512, else XLA's default); the others
-# set XLA:CPU's preferred vector width (`xla_cpu_prefer_vector_width`).
+# `cpu_vector_bits`: 0 chooses (512 for a program that draws noise on a CPU with AVX-512, else
+# XLA's default: `compiler_options`); the others set XLA:CPU's preferred vector width.
 CPU_VECTOR_BITS = (0, 128, 256, 512)
 
 

@@ -30,9 +30,9 @@ def get_config(width: str | None = None) -> ml_collections.ConfigDict:
     # How an epoch runs: "scan" (one compiled lax.scan over its steps) or "steps" (one compiled
     # call per step; for convolutions on a CPU, where XLA runs their gradient slowly in a loop).
     config.epoch_loop = "scan"
-    # XLA:CPU's vector width for the elementwise work, in bits: 0 takes 512 on a CPU with
-    # AVX-512 (the noise and the steps ran faster so, docs/performance.md) and XLA's default
-    # (256) elsewhere; or 128, 256, 512. Ignored on GPUs and TPUs.
+    # XLA:CPU's vector width for the elementwise work, in bits: 0 takes 512 for a mean-field
+    # posterior on a CPU with AVX-512 (its noise and steps ran faster so, docs/performance.md)
+    # and XLA's default (256) otherwise; or 128, 256, 512. Ignored on GPUs and TPUs.
     config.cpu_vector_bits = 0
 
     config.model = ml_collections.ConfigDict()
