@@ -374,7 +374,7 @@ class PreparedCase:
 def vector_width_record(experiment: train_lib.Experiment) -> dict[str, Any]:
     """The record's `vector_bits`: XLA:CPU's preferred vector width that the case was compiled
     with (`train.compiler_options`), or None for XLA's default."""
-    return {"vector_bits": dict(experiment.compiler_options).get("xla_cpu_prefer_vector_width")}
+    return {"vector_bits": dict(experiment.compiler_options).get(train_lib.VECTOR_WIDTH_OPTION)}
 
 
 def prepare_case(

@@ -726,7 +726,7 @@ def _compile_programs(experiment: train.Experiment, learnable_prior: bool) -> _P
     def evaluate(params, data, key):
         return train.evaluate(experiment, params, data, key)
 
-    options = {"compiler_options": dict(experiment.compiler_options)}  # As `train.run`'s.
+    options = train.compile_kwargs(experiment)  # As `train.run`'s programs.
     return _Programs(
         init=jax.jit(jax.vmap(init)),
         epoch=jax.jit(jax.vmap(epoch, in_axes=(0, 0, None, None, 0)), donate_argnums=1, **options),

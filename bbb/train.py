@@ -58,6 +58,7 @@ EPOCH_LOOPS = ("scan", "steps")  # One lax.scan per epoch, or one jitted call pe
 # `cpu_vector_bits`: 0 chooses (512 for a program that draws noise on a CPU with AVX-512, else
 # XLA's default: `compiler_options`); the others set XLA:CPU's preferred vector width.
 CPU_VECTOR_BITS = (0, 128, 256, 512)
+VECTOR_WIDTH_OPTION = "xla_cpu_prefer_vector_width"  # XLA:CPU's compile option for it.
 
 
 class TrainingDivergedError(FloatingPointError):
@@ -756,16 +757,20 @@ def compiler_options(
         return {}
     if bits == 0 and draws_noise:
         bits = 512 if (cpu_has_avx512() if avx512 is None else avx512) else 0
-    return {"xla_cpu_prefer_vector_width": bits} if bits else {}
+    return {VECTOR_WIDTH_OPTION: bits} if bits else {}
+
+
+def compile_kwargs(experiment: Experiment) -> dict[str, Any]:
+    """`jax.jit`'s `compiler_options` keyword for the experiment (`compiler_options`), or {}."""
+    if not experiment.compiler_options:
+        return {}
+    return {"compiler_options": dict(experiment.compiler_options)}
 
 
 def jit_options(experiment: Experiment) -> dict[str, Any]:
     """The keyword arguments of `jax.jit` for the experiment's training and evaluation
-    programs: its shardings (`jit_shardings`) and compile options (`compiler_options`)."""
-    options = jit_shardings(experiment)
-    if experiment.compiler_options:
-        options["compiler_options"] = dict(experiment.compiler_options)
-    return options
+    programs: its shardings (`jit_shardings`) and compile options (`compile_kwargs`)."""
+    return {**jit_shardings(experiment), **compile_kwargs(experiment)}
 
 
 def jit_shardings(experiment: Experiment) -> dict[str, Any]:
