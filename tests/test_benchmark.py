@@ -676,9 +676,10 @@ def _fake_grid(monkeypatch, step_ms, epoch_s, steps_per_epoch):
 
 def test_grid_records_by_hand_from_a_fake_clock(monkeypatch):
     """ms/step is the median of the warm calls, the first call the median of the rounds' cold
-    ones, examples/s = B / step, the epoch the median of the first `epoch_repeats` rounds'
-    epochs (each its own permutation number) and the loop overhead the epoch over steps ×
-    the warm median, all by hand from made-up times."""
+    ones, examples/s = B / step, the epoch the median of the epochs run in `epoch_repeats`
+    rounds spread over the run (each its own permutation number) and the loop overhead the
+    median of each epoch over steps × the warm calls around it, all by hand from made-up
+    times."""
     # 1 warm-up round and 4 timed rounds of 1 + 2 calls each; the first call of a round is cold.
     rounds = [(50, 1, 1), (40, 1, 2), (40, 3, 4), (60, 2, 9), (40, 1, 3)]
     step_ms = [[1.0] * 15, [ms for r in rounds for ms in r]]
@@ -701,10 +702,18 @@ def test_grid_records_by_hand_from_a_fake_clock(monkeypatch):
     assert bayes["ms_per_step_first_call"] == pytest.approx(40.0)
     assert (bayes["repeats"], bayes["timed_calls"], bayes["calls_per_round"]) == (4, 8, 2)
     assert bayes["examples_per_s"] == pytest.approx(16 / 2.5e-3)
-    # Three epochs per case, in the first three rounds, epochs 0, 1, 2: median 2.0 s.
+    # Three epochs per case, in timed rounds 0, 2 and 3 of 4 (`epoch_rounds`), as epochs
+    # 0, 1, 2: median 2.0 s.
+    assert benchmark.epoch_rounds(4, 3) == [0, 2, 3]
     assert epochs_run == [(0, 0), (1, 0), (0, 1), (1, 1), (0, 2), (1, 2)]
     assert bayes["epoch_s"] == 2.0 and bayes["epoch_steps"] == 7
-    assert bayes["host_overhead_pct"] == pytest.approx(100 * (2.0 / (7 * 2.5e-3) - 1))
+    # Each epoch against the warm calls of its round and the next: round 0's epoch (1 s)
+    # against 1, 2, 3, 4 (median 2.5 ms), round 2's (2 s) against 2, 9, 1, 3 (2.5 ms), round
+    # 3's, the last (9 s), against 1, 3 (2 ms); the overhead is their median, not that of the
+    # epoch against the median step of all rounds.
+    runs = [100 * (e / (7 * ms * 1e-3) - 1) for e, ms in ((1.0, 2.5), (2.0, 2.5), (9.0, 2.0))]
+    assert bayes["host_overhead_pct_runs"] == pytest.approx(runs)
+    assert bayes["host_overhead_pct"] == pytest.approx(runs[1])
     assert (bayes["compile_s"], bayes["epoch_compile_s"]) == (0.5, 1.5)
     assert floor["ms_per_step"] == pytest.approx(1.0) and floor["epoch_s"] == 0.2
 
