@@ -26,13 +26,14 @@ testable. What is measured, for the MLP 784-H-H-10 on MNIST-shaped inputs, batch
   an epoch, with the permutation and the batch gathers on the device), on 50,000 random
   examples in device memory (390 steps of 128), one epoch per case in each of `epoch_repeats`
   rounds spread evenly over the timed rounds (`epoch_rounds`), right after that case's steps
-  of the round. Each epoch is set against the steps timed around it, the case's calls in its
-  round and the next (`paired_overheads`): epoch wall time / (steps × their median) − 1, and
-  `host_overhead_pct` is the median of these: what the loop adds to (or, negative, saves
-  over) step calls, dispatch and gathers included. (Until 2026-12-01 the epochs ran in the
-  first rounds and were set against the median step of all rounds, so the machine's drift
-  between the two went into the overhead; `host_overhead_pct_runs` keeps each epoch's.)
-  Compilation of the epoch is timed on its own.
+  of the round, and each epoch straight away followed by as many separate step calls, back
+  to back and timed together. `host_overhead_pct` = epoch wall time / those calls' wall time
+  − 1, the median over the epochs (each kept in `host_overhead_pct_runs`): what the loop adds
+  to (or, negative, saves over) step calls, dispatch and gathers included, measured over the
+  same stretch of time. (Until 2026-12-01 the epochs ran in the first rounds and were set
+  against steps × the median step of all rounds, so the shared machine's drift between them
+  went into the overhead: swings of ±20% for the floor too.) Compilation of the epoch is
+  timed on its own.
 - The ablation (`run_ablation`, H ∈ {400, 1200}, reparam, scale mixture, MC KL, K = 1): the
   full step against the same step with one part taken out; the differences give the cost of
   the RNG, of the prior's log-density, of log q, of the optimiser and of the matmuls.
@@ -263,9 +264,9 @@ def _summary(
     return summary
 
 
-def host_overhead_pct(epoch_s: float, steps: int, ms_per_step: float) -> float:
-    """The epoch's wall time over its steps at the median step time, less 1, in per cent."""
-    return 100.0 * (epoch_s / (steps * ms_per_step / 1e3) - 1.0)
+def host_overhead_pct(epoch_s: float, calls_s: float) -> float:
+    """An epoch's wall time over that of as many separate step calls, less 1, in per cent."""
+    return 100.0 * (epoch_s / calls_s - 1.0)
 
 
 def epoch_rounds(repeats: int, epoch_repeats: int) -> list[int]:
@@ -273,36 +274,6 @@ def epoch_rounds(repeats: int, epoch_repeats: int) -> list[int]:
     spread evenly (the middle of each of `epoch_repeats` equal stretches), so that the epochs
     sample the run's conditions as the steps do rather than only its start."""
     return [(2 * j + 1) * repeats // (2 * epoch_repeats) for j in range(epoch_repeats)]
-
-
-def paired_overheads(
-    epochs: Sequence[tuple[int, float]], times_ms: Sequence[float], calls_per_round: int, steps: int
-) -> list[float]:
-    """Each epoch's host overhead against the steps timed around it, in per cent.
-
-    The epoch of round r ran right after the case's calls of round r and before its calls of
-    round r + 1; the median of those (the round's alone for the last round) is the step time
-    it is set against. A shared machine's speed drifts over seconds: set against the median of
-    every round, an epoch run in a slow stretch would count the stretch as overhead.
-
-    Args:
-      epochs: (timed round, epoch wall time in s) of each epoch.
-      times_ms: the case's timed calls, `max(1, calls_per_round)` per round, in order.
-      calls_per_round: as for `time_interleaved`.
-      steps: the steps of an epoch.
-
-    Returns:
-      One overhead per epoch, in order.
-    """
-    per_round = max(1, calls_per_round)
-    return [
-        host_overhead_pct(
-            epoch_s,
-            steps,
-            statistics.median(times_ms[round_index * per_round : (round_index + 2) * per_round]),
-        )
-        for round_index, epoch_s in epochs
-    ]
 
 
 def random_batch(key: jax.Array, batch_size: int) -> tuple[jax.Array, jax.Array]:
@@ -548,9 +519,9 @@ def run_grid(
     The cases of one width H (every K) are all compiled first (steps and epochs);
     then their steps are timed in interleaved rounds (`time_interleaved`), each case's steps
     back to back within a round, and in `epoch_repeats` rounds spread over the run
-    (`epoch_rounds`) every case also runs one whole epoch after its steps, so that the ratios
-    between cases, and each case's epoch against the steps timed around it
-    (`paired_overheads`, `host_overhead_pct`), are not the machine's drift.
+    (`epoch_rounds`) every case also runs one whole epoch after its steps, followed by as many
+    step calls, so that the ratios between cases, and each case's epoch against its steps
+    (`host_overhead_pct`), are not the machine's drift.
 
     Args:
       cases: from `benchmark_grid`.
@@ -598,7 +569,8 @@ def run_grid(
             bar.start(f"compiling the epoch of {_name(p.record)}")
             epochs.append(compile_epoch_timer(p.experiment, p.box, data, p.keys))
             bar.done()
-        epoch_times: list[list[tuple[int, float]]] = [[] for _ in prepared]
+        # Per case, (epoch wall time, wall time of as many step calls right after it), in s.
+        epoch_times: list[list[tuple[float, float]]] = [[] for _ in prepared]
         rounds = _round_names(width, warmup, repeats, bar)
         with_epoch = epoch_rounds(repeats, epoch_repeats) if epochs else []
 
@@ -608,10 +580,14 @@ def run_grid(
             epochs=epochs,
             epoch_times=epoch_times,
             with_epoch=with_epoch,
+            prepared=prepared,
         ):
             if round_index in with_epoch:  # Epoch j has permutation j.
-                seconds = epochs[index][1](with_epoch.index(round_index))
-                epoch_times[index].append((round_index, seconds))
+                epoch_s = epochs[index][1](with_epoch.index(round_index))
+                start = time.perf_counter()
+                for _ in range(prepared[index].experiment.steps_per_epoch):
+                    prepared[index].run_once()
+                epoch_times[index].append((epoch_s, time.perf_counter() - start))
 
         times, first_times = time_interleaved(
             [p.run_once for p in prepared],
@@ -632,11 +608,10 @@ def run_grid(
                 host_overhead_pct_runs=None,
             )
             if epochs:
-                steps = p.experiment.steps_per_epoch
-                overheads = paired_overheads(epoch_times[i], times[i], calls_per_round, steps)
+                overheads = [host_overhead_pct(e, s) for e, s in epoch_times[i]]
                 record["epoch_compile_s"] = epochs[i][0]
-                record["epoch_s"] = statistics.median(s for _, s in epoch_times[i])
-                record["epoch_steps"] = steps
+                record["epoch_s"] = statistics.median(e for e, _ in epoch_times[i])
+                record["epoch_steps"] = p.experiment.steps_per_epoch
                 record["host_overhead_pct"] = statistics.median(overheads)
                 record["host_overhead_pct_runs"] = overheads
             records[index] = record
@@ -1708,7 +1683,7 @@ def run(
             "the other configurations' (cold caches). "
             "× floor: ms/step over bbb's deterministic MLP of the same H, timed in this run. "
             "× own floor: over the same system's plain MLP. Loop overhead: epoch wall time "
-            "over (steps × the median of the steps timed around it) − 1, the median over the "
+            "over that of as many step calls run right after it, − 1, the median over the "
             "epochs. bayesian-torch ÷ this: the peer's step at the "
             "same H and K over this one, the peer as shipped / under bbb's malloc policies."
         )

@@ -581,9 +581,10 @@ def test_summary_and_host_overhead_by_hand():
     assert summary["ms_per_step_q75"] == pytest.approx(4.75)
     assert summary["ms_per_step_first_call"] == 8.0
     assert (summary["repeats"], summary["timed_calls"], summary["calls_per_round"]) == (2, 4, 2)
-    # 4 steps of 100 ms take 0.4 s: an epoch of 0.44 s has 10% overhead, one of 0.36 s −10%.
-    assert benchmark.host_overhead_pct(0.44, 4, 100.0) == pytest.approx(10.0)
-    assert benchmark.host_overhead_pct(0.36, 4, 100.0) == pytest.approx(-10.0)
+    # Its steps as separate calls took 0.4 s: an epoch of 0.44 s has 10% overhead, one of
+    # 0.36 s −10%.
+    assert benchmark.host_overhead_pct(0.44, 0.4) == pytest.approx(10.0)
+    assert benchmark.host_overhead_pct(0.36, 0.4) == pytest.approx(-10.0)
 
 
 def test_peer_script_names_nothing_it_does_not_define(tmp_path):
@@ -678,11 +679,17 @@ def test_grid_records_by_hand_from_a_fake_clock(monkeypatch):
     """ms/step is the median of the warm calls, the first call the median of the rounds' cold
     ones, examples/s = B / step, the epoch the median of the epochs run in `epoch_repeats`
     rounds spread over the run (each its own permutation number) and the loop overhead the
-    median of each epoch over steps × the warm calls around it, all by hand from made-up
-    times."""
+    median of each epoch over the as many step calls run right after it, all by hand from
+    made-up times."""
     # 1 warm-up round and 4 timed rounds of 1 + 2 calls each; the first call of a round is cold.
+    # Epochs follow timed rounds 0, 2 and 3, each followed by 7 step calls (the case's second
+    # epoch's 400 ms each), which are not the step's times.
     rounds = [(50, 1, 1), (40, 1, 2), (40, 3, 4), (60, 2, 9), (40, 1, 3)]
-    step_ms = [[1.0] * 15, [ms for r in rounds for ms in r]]
+    after_epoch = {1: [100.0] * 7, 3: [400.0] * 7, 4: [1000.0] * 7}
+    step_ms = [
+        [1.0] * (15 + 21),
+        [ms for i, r in enumerate(rounds) for ms in (*r, *after_epoch.get(i, ()))],
+    ]
     epochs = [[0.1, 0.2, 0.3], [1.0, 2.0, 9.0]]
     epochs_run = _fake_grid(monkeypatch, step_ms, epochs, steps_per_epoch=7)
     cases = benchmark.benchmark_grid((8,), (1,), ("reparam",), ("gaussian",), ("jax",))
@@ -707,13 +714,12 @@ def test_grid_records_by_hand_from_a_fake_clock(monkeypatch):
     assert benchmark.epoch_rounds(4, 3) == [0, 2, 3]
     assert epochs_run == [(0, 0), (1, 0), (0, 1), (1, 1), (0, 2), (1, 2)]
     assert bayes["epoch_s"] == 2.0 and bayes["epoch_steps"] == 7
-    # Each epoch against the warm calls of its round and the next: round 0's epoch (1 s)
-    # against 1, 2, 3, 4 (median 2.5 ms), round 2's (2 s) against 2, 9, 1, 3 (2.5 ms), round
-    # 3's, the last (9 s), against 1, 3 (2 ms); the overhead is their median, not that of the
-    # epoch against the median step of all rounds.
-    runs = [100 * (e / (7 * ms * 1e-3) - 1) for e, ms in ((1.0, 2.5), (2.0, 2.5), (9.0, 2.0))]
+    # Each epoch against the 7 calls after it: 1 s against 0.7 s, 2 s against 2.8 s and 9 s
+    # against 7 s; the overhead is the median of the three (the third), not the median epoch
+    # against steps × the median step (2 / (7 × 2.5 ms)).
+    runs = [100 * (1.0 / 0.7 - 1), 100 * (2.0 / 2.8 - 1), 100 * (9.0 / 7.0 - 1)]
     assert bayes["host_overhead_pct_runs"] == pytest.approx(runs)
-    assert bayes["host_overhead_pct"] == pytest.approx(runs[1])
+    assert bayes["host_overhead_pct"] == pytest.approx(runs[2])
     assert (bayes["compile_s"], bayes["epoch_compile_s"]) == (0.5, 1.5)
     assert floor["ms_per_step"] == pytest.approx(1.0) and floor["epoch_s"] == 0.2
 
