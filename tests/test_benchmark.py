@@ -574,6 +574,20 @@ def test_a_missing_peer_or_json_folder_fails_before_any_timing(tmp_path, capsys)
     assert "machine:" not in capsys.readouterr().out
 
 
+def test_epoch_rounds_are_distinct_and_spread_over_the_run():
+    """One epoch per chosen round, every chosen round a timed one, and the epochs spread over
+    the run: the j-th within a round of the middle of the j-th of `epoch_repeats` equal
+    stretches of the rounds."""
+    for repeats in range(1, 31):
+        for epoch_repeats in range(1, repeats + 1):
+            rounds = benchmark.epoch_rounds(repeats, epoch_repeats)
+            assert len(rounds) == epoch_repeats and rounds == sorted(set(rounds))
+            assert 0 <= rounds[0] and rounds[-1] < repeats
+            for j, r in enumerate(rounds):
+                assert abs(r - (j + 0.5) * repeats / epoch_repeats) < 1
+    assert benchmark.epoch_rounds(20, 3) == [3, 10, 16]
+
+
 def test_summary_and_host_overhead_by_hand():
     summary = benchmark._summary([1.0, 2.0, 3.0, 10.0], [7.0, 9.0], 2)
     assert summary["ms_per_step"] == 2.5 and summary["ms_per_step_min"] == 1.0
