@@ -32,8 +32,8 @@ testable. What is measured, for the MLP 784-H-H-10 on MNIST-shaped inputs, batch
   to (or, negative, saves over) step calls, dispatch and gathers included, measured over the
   same stretch of time. (Until 2026-12-01 the epochs ran in the first rounds and were set
   against steps × the median step of all rounds, so the shared machine's drift between them
-  went into the overhead: swings of ±20% for the floor too.) Compilation of the epoch is
-  timed on its own.
+  went into the overhead: the floor's came out from −13% to +7% in six runs of one day.)
+  Compilation of the epoch is timed on its own.
 - The ablation (`run_ablation`, H ∈ {400, 1200}, reparam, scale mixture, MC KL, K = 1): the
   full step against the same step with one part taken out; the differences give the cost of
   the RNG, of the prior's log-density, of log q, of the optimiser and of the matmuls.

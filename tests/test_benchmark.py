@@ -693,11 +693,11 @@ def test_grid_records_by_hand_from_a_fake_clock(monkeypatch):
     """ms/step is the median of the warm calls, the first call the median of the rounds' cold
     ones, examples/s = B / step, the epoch the median of the epochs run in `epoch_repeats`
     rounds spread over the run (each its own permutation number) and the loop overhead the
-    median of each epoch over the as many step calls run right after it, all by hand from
-    made-up times."""
+    median of each epoch over as many step calls run right after it, all by hand from made-up
+    times."""
     # 1 warm-up round and 4 timed rounds of 1 + 2 calls each; the first call of a round is cold.
-    # Epochs follow timed rounds 0, 2 and 3, each followed by 7 step calls (the case's second
-    # epoch's 400 ms each), which are not the step's times.
+    # Epochs follow timed rounds 0, 2 and 3 (`rounds[1]`, `[3]` and `[4]`: the warm-up comes
+    # first), each followed by 7 step calls, of 100, 400 and 1000 ms, which are not step times.
     rounds = [(50, 1, 1), (40, 1, 2), (40, 3, 4), (60, 2, 9), (40, 1, 3)]
     after_epoch = {1: [100.0] * 7, 3: [400.0] * 7, 4: [1000.0] * 7}
     step_ms = [
