@@ -10,6 +10,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 
 # The tests run small programs a few times each: XLA's optimisation passes cost far more than
 # they save. Set in the environment (before JAX is imported) so that the training subprocesses
@@ -71,6 +72,25 @@ def saved_run(workdir, config) -> str:
     with open(os.path.join(workdir, "metrics.jsonl"), "w") as f:
         f.write(json.dumps({"step": 1, "epoch": 1}) + "\n")
     return str(workdir)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def temp_dir_of_the_session(tmp_path_factory):
+    """Points `tempfile` (and the subprocesses' TMPDIR) at a folder of the session's own.
+
+    TFDS leaves an empty `tempfile.mkdtemp` folder behind each time a builder is made for data
+    that is not prepared yet (`DatasetInfo.initialize_from_bucket`, with its GCS access off):
+    the data tests left 19 in /tmp per run of the suite. Pytest removes its old folders.
+    """
+    path = str(tmp_path_factory.mktemp("tempfile"))
+    saved = tempfile.tempdir, os.environ.get("TMPDIR")
+    tempfile.tempdir = os.environ["TMPDIR"] = path
+    yield path
+    tempfile.tempdir = saved[0]
+    if saved[1] is None:
+        os.environ.pop("TMPDIR", None)
+    else:
+        os.environ["TMPDIR"] = saved[1]
 
 
 @pytest.fixture(scope="module")
