@@ -36,8 +36,10 @@ testable. What is measured, for the MLP 784-H-H-10 on MNIST-shaped inputs, batch
   Compilation of the epoch is timed on its own.
 - The ablation (`run_ablation`, H ∈ {400, 1200}, reparam, scale mixture, MC KL, K = 1): the
   full step against the same step with one part taken out; the differences give the cost of
-  the RNG, of the prior's log-density, of log q, of the optimiser and of the matmuls.
-  `ablation_lines` says what each line times, `ablation_breakdown` how the parts are derived.
+  the RNG, of the prior's log-density, of log q, of the optimiser and of the matmuls. The same
+  for `local_reparam` with the Gaussian prior and the closed-form KL: its KL, its optimiser and
+  its likelihood (`local_breakdown`). `ablation_lines` says what each line times,
+  `ablation_breakdown` how the parts are derived.
 - The peer (`run_peer`): bayesian-torch's `LinearReparameterization` MLP (Gaussian prior,
   closed-form KL, Adam, batch 128, 2 threads) and a plain torch MLP of the same shapes, in a
   subprocess of a separate Python environment, so that torch is never imported next to JAX.
@@ -708,7 +710,11 @@ class AblationLine:
 
 
 def ablation_lines(hidden: int) -> list[AblationLine]:
-    """The lines of the ablation at width `hidden` (reparam, K = 1, batch B, Adam).
+    """The lines of the ablation at width `hidden` (K = 1, batch B, Adam).
+
+    The paper's step (reparam, scale mixture, MC KL) and its parts (`ablation_breakdown`); the
+    plain MLP; and the `local_*` lines, the parts of `local_reparam`'s step with the Gaussian
+    prior and the closed-form KL (`local_breakdown`).
 
     Args:
       hidden: H.
@@ -719,6 +725,9 @@ def ablation_lines(hidden: int) -> list[AblationLine]:
     full = Case(hidden, 1, "reparam", "scale_mixture", "mc", "hash")
     flat = dataclasses.replace(full, prior="flat")
     floor = deterministic_case(hidden)
+    # The MNIST config's estimator, doing the peer's work (`local_breakdown`).
+    local = Case(hidden, 1, "local_reparam", "gaussian", "closed_form", "hash")
+    local_flat = dataclasses.replace(local, prior="flat", kl="mc")
     return [
         AblationLine(
             "full", "train_step: scale-mixture prior, MC KL, counter-hash ε (as MNIST), Adam", full
@@ -770,6 +779,32 @@ def ablation_lines(hidden: int) -> list[AblationLine]:
             "value_and_grad of the plain MLP's loss: matmuls, ReLU, softmax",
             floor,
             None,
+            True,
+        ),
+        AblationLine(
+            "local_full",
+            "train_step of local_reparam: Gaussian prior, closed-form KL (the peer's work), "
+            "hash ε, Adam",
+            local,
+        ),
+        AblationLine(
+            "local_no_kl",
+            "the same with a flat prior and log q = 0: no KL term at all",
+            local_flat,
+            NoLogQPosterior,
+        ),
+        AblationLine(
+            "local_grad_only",
+            "value_and_grad of local_reparam's free energy, no optimiser",
+            local,
+            None,
+            True,
+        ),
+        AblationLine(
+            "local_likelihood",
+            "value_and_grad of its expected log-likelihood alone: no KL, no optimiser",
+            local_flat,
+            NoLogQPosterior,
             True,
         ),
     ]
@@ -990,7 +1025,13 @@ BYTES_PER_WEIGHT = {
     "optimiser": 64,
     # w = μ + σ ∘ ε: read μ, ρ, ε, write w; backward: read ∂w, ε, ρ, write ∂μ, ∂ρ.
     "rest": 36,
+    # local_reparam's closed-form KL: read μ and ρ; write its ∂μ and ∂ρ.
+    "local_kl": 16,
+    "local_optimiser": 64,  # As "optimiser".
 }
+# Parts bound by matmuls: the plain MLP's matmul FLOPs times this (`mlp_matmul_flops`):
+# local_reparam's mean and variance paths are two such MLPs, forward and backward.
+MATMUL_PARTS = {"matmuls": 1, "local_likelihood": 2}
 
 
 def measure_rates(num_weights: int, repeats: int = 20) -> dict[str, float]:
@@ -1029,12 +1070,12 @@ def add_floors(
 ) -> list[dict[str, Any]]:
     """Gives each part of `ablation_breakdown` its floor and how far above it it runs.
 
-    The matmuls' floor is their FLOPs at the measured matmul rate; every other part's is the
-    bytes it must move (`BYTES_PER_WEIGHT` × n) at the measured memory rate. `x_floor` =
-    measured ms / floor ms.
+    The matmuls' floor is their FLOPs at the measured matmul rate (`MATMUL_PARTS`: twice the
+    plain MLP's for local_reparam's likelihood); every other part's is the bytes it must move
+    (`BYTES_PER_WEIGHT` × n) at the measured memory rate. `x_floor` = measured ms / floor ms.
 
     Args:
-      parts: from `ablation_breakdown`; updated in place.
+      parts: from `ablation_breakdown` or `local_breakdown`; updated in place.
       hidden: H.
       batch_size: B.
       rates: from `measure_rates`.
@@ -1045,9 +1086,10 @@ def add_floors(
     n = mlp_weights(hidden)
     for part in parts:
         key = part["key"]
-        if key == "matmuls":
+        if key in MATMUL_PARTS:
             bound = "FLOPs"
-            floor = mlp_matmul_flops(hidden, batch_size) / rates["gflop_per_s"] / 1e6
+            flops = MATMUL_PARTS[key] * mlp_matmul_flops(hidden, batch_size)
+            floor = flops / rates["gflop_per_s"] / 1e6
         else:
             bound = "memory"
             floor = BYTES_PER_WEIGHT["rng" if key.endswith("_rng") else key] * n
@@ -1127,6 +1169,52 @@ def ablation_breakdown(ms: dict[str, float]) -> list[dict[str, Any]]:
     ]
 
 
+def local_breakdown(ms: dict[str, float]) -> list[dict[str, Any]]:
+    """The cost of each part of `local_reparam`'s step (the `local_*` lines), as differences of
+    the lines' medians, `pct_of_full` of "local_full". Estimates, as in `ablation_breakdown`;
+    what the three parts leave of "local_full" is how far they overlap.
+
+    The likelihood's part is everything the estimator itself does: the mean and the variance
+    paths' matmuls (twice the plain MLP's FLOPs), the per-example noise, σ² and softplus.
+
+    Args:
+      ms: ablation name → median ms/step at one H.
+
+    Returns:
+      Records {"key", "component", "formula", "ms", "pct_of_full"}.
+    """
+    parts = [
+        (
+            "local_kl",
+            "local_reparam: closed-form KL, fwd + bwd",
+            "local_full − local_no_kl",
+            ms["local_full"] - ms["local_no_kl"],
+        ),
+        (
+            "local_optimiser",
+            "local_reparam: Adam on 2n parameters, and the grad norm",
+            "local_full − local_grad_only",
+            ms["local_full"] - ms["local_grad_only"],
+        ),
+        (
+            "local_likelihood",
+            "local_reparam: its likelihood, fwd + bwd (two matmul paths, noise, σ², softplus)",
+            "local_likelihood",
+            ms["local_likelihood"],
+        ),
+    ]
+    return [
+        {
+            "key": key,
+            "component": name,
+            "formula": formula,
+            "ms": value,
+            "pct_of_full": 100 * value / ms["local_full"],
+        }
+        for key, name, formula, value in parts
+    ]
+
+
 def run_ablation(
     base_config: ml_collections.ConfigDict,
     hidden: Sequence[int] = (400, 1200),
@@ -1195,10 +1283,14 @@ def run_ablation(
             f"ablation H={width}: memory {rates['gb_per_s']:.1f} GB/s, "
             f"matmul {rates['gflop_per_s']:.1f} GFLOP/s"
         )
-        parts = add_floors(ablation_breakdown(ms), width, batch_size, rates)
-        # The identifying fields of the step the parts are of ("full"), as every record has.
-        of_step = ablation_lines(width)[0].case.record(batch_size)
-        breakdown += [{"kind": "breakdown", **of_step, **rates, **part} for part in parts]
+        # Each part with the identifying fields of the step it is a part of, as every record has.
+        steps = {line.name: line.case.record(batch_size) for line in ablation_lines(width)}
+        for parts, of_step in (
+            (ablation_breakdown(ms), steps["full"]),
+            (local_breakdown(ms), steps["local_full"]),
+        ):
+            parts = add_floors(parts, width, batch_size, rates)
+            breakdown += [{"kind": "breakdown", **of_step, **rates, **part} for part in parts]
     bar.close()
     return records + breakdown
 
@@ -1509,7 +1601,7 @@ def format_ablation(records: Sequence[dict[str, Any]]) -> str:
     """
     out = []
     for width in dict.fromkeys(r["hidden"] for r in records):
-        out.append(f"\nAblation, H={width} (reparam, K=1, B={records[0].get('batch_size')}):\n")
+        out.append(f"\nAblation, H={width} (K=1, B={records[0].get('batch_size')}):\n")
         out.append("| line | what it times | ms/step | % of full |")
         out.append("|--|--|--|--|")
         for r in records:

@@ -67,7 +67,10 @@ _QUICK = flags.DEFINE_boolean(
     "quick", False, "H=400, K=1 and no epoch, unless --hidden/--num_samples/--epoch_repeats say."
 )
 _ABLATION = flags.DEFINE_boolean(
-    "ablation", False, "Break the step down (reparam, scale mixture, K=1) instead of the grid."
+    "ablation",
+    False,
+    "Break the step down (the paper's reparam, and local_reparam with the Gaussian prior and "
+    "closed-form KL; K=1) instead of the grid.",
 )
 _PEER = flags.DEFINE_boolean("peer", False, "Also time bayesian-torch (see --peer_python).")
 _PEER_PYTHON = flags.DEFINE_string(

@@ -3,6 +3,7 @@
 Nothing here asserts on a time: timings belong to the benchmark, not to the tests.
 """
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -226,6 +227,10 @@ LINE_MS = {
     "deterministic": 3.0,
     "deterministic_grad_only": 2.0,
     "deterministic_vector_256": 3.1,
+    "local_full": 8.0,
+    "local_no_kl": 7.0,
+    "local_grad_only": 6.5,
+    "local_likelihood": 5.0,
 }
 
 
@@ -244,6 +249,34 @@ def test_breakdown_is_the_differences_of_the_lines():
     additive = [p for p in benchmark.ablation_breakdown(ms) if p["key"] not in alternatives]
     assert sum(p["ms"] for p in additive) == pytest.approx(ms["full"])
     assert {line.name for line in benchmark.ablation_lines(16)} == set(ms)
+
+
+def test_local_breakdown_is_the_differences_of_its_own_lines():
+    """local_reparam's parts come from its own lines and are shares of its own step, not of the
+    paper's ("full")."""
+    parts = {p["key"]: p for p in benchmark.local_breakdown(LINE_MS)}
+    assert set(parts) == {"local_kl", "local_optimiser", "local_likelihood"}
+    assert parts["local_kl"]["ms"] == pytest.approx(1.0)  # local_full − local_no_kl
+    assert parts["local_optimiser"]["ms"] == pytest.approx(1.5)  # local_full − local_grad_only
+    assert parts["local_likelihood"]["ms"] == pytest.approx(5.0)
+    for part in parts.values():
+        assert part["pct_of_full"] == pytest.approx(100 * part["ms"] / LINE_MS["local_full"])
+    lines = {line.name: line for line in benchmark.ablation_lines(16)}
+    # The step is the peer's work; the two no-KL lines drop the KL and nothing else.
+    full = lines["local_full"].case
+    assert (full.estimator, full.prior, full.kl, full.noise) == (
+        "local_reparam",
+        "gaussian",
+        "closed_form",
+        "hash",
+    )
+    for name in ("local_no_kl", "local_likelihood"):
+        case = lines[name].case
+        assert case == dataclasses.replace(full, prior="flat", kl="mc"), name
+        assert lines[name].posterior_class is benchmark.NoLogQPosterior
+    assert lines["local_grad_only"].case == full
+    assert [lines[n].gradient_only for n in ("local_full", "local_no_kl")] == [False, False]
+    assert [lines[n].gradient_only for n in ("local_grad_only", "local_likelihood")] == [True] * 2
 
 
 def test_ablation_posteriors_remove_only_their_part():
@@ -468,8 +501,19 @@ def test_floors_count_the_mlp_and_divide_by_the_measured_rates():
         assert parts[key]["floor_ms"] == pytest.approx(4 * n / 1e7)
     for part in parts.values():
         assert part["x_floor"] == pytest.approx(part["ms"] / part["floor_ms"])
+    # local_reparam's likelihood multiplies along two paths (x·μ and x²·σ², and their
+    # gradients): twice the plain MLP's FLOPs.
+    local = {p["key"]: p for p in benchmark.add_floors(benchmark.local_breakdown(ms), 2, 1, rates)}
+    assert local["local_likelihood"]["bound"] == "FLOPs"
+    assert local["local_likelihood"]["floor_ms"] == pytest.approx(
+        2 * benchmark.mlp_matmul_flops(2, 1) / 1e8
+    )
+    assert local["local_optimiser"]["floor_ms"] == pytest.approx(64 * n / 1e7)
     measured = benchmark.measure_rates(4096, repeats=2)
     assert all(np.isfinite(v) and v > 0 for v in measured.values())
+
+
+LOCAL_GRADIENT_ONLY = ("local_grad_only", "local_likelihood")
 
 
 def test_ablation_runs_every_line_interleaved_and_breaks_the_step_down(monkeypatch):
@@ -499,21 +543,27 @@ def test_ablation_runs_every_line_interleaved_and_breaks_the_step_down(monkeypat
         "rest",
         "threefry_rng",
         "flat_counter_rng",
+        "local_kl",
+        "local_optimiser",
+        "local_likelihood",
     }
     assert all(p["floor_ms"] > 0 and p["gb_per_s"] > 0 for p in parts)
     assert "× floor" in benchmark.format_ablation(records)
     # Every record carries the issue's fields; the gradient-only lines run no optimiser.
+    gradient_only = {line.name for line in benchmark.ablation_lines(8) if line.gradient_only}
+    assert gradient_only == {"grad_only", "deterministic_grad_only", *LOCAL_GRADIENT_ONLY}
     for r in lines:
         assert r["examples_per_s"] == pytest.approx(4 / (r["ms_per_step"] / 1e3))
-        assert r["optimizer"] == ("none" if r["ablation"].endswith("grad_only") else "adam")
+        assert r["optimizer"] == ("none" if r["ablation"] in gradient_only else "adam")
     for p in parts:
         assert (p["model"], p["hidden"], p["num_samples"], p["batch_size"]) == ("mlp", 8, 1, 4)
-        assert (p["estimator"], p["prior"], p["kl"], p["optimizer"]) == (
-            "reparam",
-            "scale_mixture",
-            "mc",
-            "adam",
+        # Each part carries the fields of the step it is a part of.
+        step = (
+            ("local_reparam", "gaussian", "closed_form", "adam")
+            if p["key"].startswith("local_")
+            else ("reparam", "scale_mixture", "mc", "adam")
         )
+        assert (p["estimator"], p["prior"], p["kl"], p["optimizer"]) == step
 
 
 def test_interleaved_timing_calls_each_function_once_per_round():
@@ -1021,6 +1071,13 @@ def test_memory_floors_count_the_bytes_each_part_moves():
     for key, count in floats.items():
         assert parts[key]["bound"] == "memory"
         assert parts[key]["floor_ms"] == pytest.approx(4 * count * n / 1e7), key
+    # local_reparam's closed-form KL reads μ and ρ and writes their two gradients.
+    local = {
+        p["key"]: p for p in benchmark.add_floors(benchmark.local_breakdown(LINE_MS), 2, 1, rates)
+    }
+    for key, count in {"local_kl": 4, "local_optimiser": 7 * 2 + 2}.items():
+        assert local[key]["bound"] == "memory"
+        assert local[key]["floor_ms"] == pytest.approx(4 * count * n / 1e7), key
 
 
 def test_ablation_records_by_hand_from_a_fake_clock(monkeypatch):
@@ -1054,5 +1111,9 @@ def test_ablation_records_by_hand_from_a_fake_clock(monkeypatch):
     assert parts["rng"]["pct_of_full"] == pytest.approx(30.0)
     assert parts["entropy"]["ms"] == pytest.approx(0.5)
     assert (parts["rest"]["hidden"], parts["rest"]["gb_per_s"]) == (8, 10.0)
+    # local_reparam's parts: shares of its own step, with its fields.
+    assert parts["local_kl"]["ms"] == pytest.approx(1.0)
+    assert parts["local_kl"]["pct_of_full"] == pytest.approx(12.5)
+    assert (parts["local_kl"]["estimator"], parts["local_kl"]["hidden"]) == ("local_reparam", 8)
     table = benchmark.format_ablation(records)
     assert "| no_kl | flat prior and log q = 0: no KL term at all | 8.50 | 85% |" in table
