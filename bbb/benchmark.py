@@ -1113,60 +1113,35 @@ def ablation_breakdown(ms: dict[str, float]) -> list[dict[str, Any]]:
       Records {"key", "component", "formula", "ms", "pct_of_full"}.
     """
     parts = [
-        ("rng", "RNG: hash ε for every weight", "full − no_noise", ms["full"] - ms["no_noise"]),
-        (
-            "prior",
-            "prior: scale-mixture log P(w), fwd + bwd",
-            "full − no_prior",
-            ms["full"] - ms["no_prior"],
-        ),
-        (
-            "entropy",
-            "entropy: log q(w), fwd + bwd",
-            "no_prior − no_kl",
-            ms["no_prior"] - ms["no_kl"],
-        ),
-        (
+        _difference("rng", "RNG: hash ε for every weight", "full", "no_noise", ms),
+        _difference("prior", "prior: scale-mixture log P(w), fwd + bwd", "full", "no_prior", ms),
+        _difference("entropy", "entropy: log q(w), fwd + bwd", "no_prior", "no_kl", ms),
+        _difference(
             "optimiser",
             "optimiser: Adam on 2n parameters, and the grad norm",
-            "full − grad_only",
-            ms["full"] - ms["grad_only"],
+            "full",
+            "grad_only",
+            ms,
         ),
-        (
-            "matmuls",
-            "matmuls: the plain MLP's fwd + bwd",
-            "deterministic_grad_only",
-            ms["deterministic_grad_only"],
-        ),
+        _line("matmuls", "matmuls: the plain MLP's fwd + bwd", "deterministic_grad_only", ms),
     ]
     rest = ms["full"] - sum(part[3] for part in parts)
     parts.append(("rest", "rest: w = μ + σε, softplus, their gradients", "full − Σ above", rest))
     parts.append(
-        (
-            "threefry_rng",
-            "(instead of hash) RNG: threefry ε",
-            "threefry_noise − no_noise",
-            ms["threefry_noise"] - ms["no_noise"],
+        _difference(
+            "threefry_rng", "(instead of hash) RNG: threefry ε", "threefry_noise", "no_noise", ms
         )
     )
     parts.append(
-        (
+        _difference(
             "flat_counter_rng",
             "(instead of two-row counters) RNG: hash ε from a flat counter",
-            "flat_counter_noise − no_noise",
-            ms["flat_counter_noise"] - ms["no_noise"],
+            "flat_counter_noise",
+            "no_noise",
+            ms,
         )
     )
-    return [
-        {
-            "key": key,
-            "component": name,
-            "formula": formula,
-            "ms": value,
-            "pct_of_full": 100 * value / ms["full"],
-        }
-        for key, name, formula, value in parts
-    ]
+    return _part_records(parts, ms["full"])
 
 
 def local_breakdown(ms: dict[str, float]) -> list[dict[str, Any]]:
@@ -1184,32 +1159,47 @@ def local_breakdown(ms: dict[str, float]) -> list[dict[str, Any]]:
       Records {"key", "component", "formula", "ms", "pct_of_full"}.
     """
     parts = [
-        (
-            "local_kl",
-            "local_reparam: closed-form KL, fwd + bwd",
-            "local_full − local_no_kl",
-            ms["local_full"] - ms["local_no_kl"],
+        _difference(
+            "local_kl", "local_reparam: closed-form KL, fwd + bwd", "local_full", "local_no_kl", ms
         ),
-        (
+        _difference(
             "local_optimiser",
             "local_reparam: Adam on 2n parameters, and the grad norm",
-            "local_full − local_grad_only",
-            ms["local_full"] - ms["local_grad_only"],
+            "local_full",
+            "local_grad_only",
+            ms,
         ),
-        (
+        _line(
             "local_likelihood",
             "local_reparam: its likelihood, fwd + bwd (two matmul paths, noise, σ², softplus)",
             "local_likelihood",
-            ms["local_likelihood"],
+            ms,
         ),
     ]
+    return _part_records(parts, ms["local_full"])
+
+
+def _difference(
+    key: str, component: str, minuend: str, subtrahend: str, ms: dict[str, float]
+) -> tuple[str, str, str, float]:
+    """A part of a breakdown as the difference of two lines' medians, its formula their names."""
+    return key, component, f"{minuend} − {subtrahend}", ms[minuend] - ms[subtrahend]
+
+
+def _line(key: str, component: str, name: str, ms: dict[str, float]) -> tuple[str, str, str, float]:
+    """A part of a breakdown that one line times by itself."""
+    return key, component, name, ms[name]
+
+
+def _part_records(parts: list[tuple[str, str, str, float]], step_ms: float) -> list[dict]:
+    """The breakdown's records of (key, component, formula, ms) parts of a step of `step_ms`."""
     return [
         {
             "key": key,
             "component": name,
             "formula": formula,
             "ms": value,
-            "pct_of_full": 100 * value / ms["local_full"],
+            "pct_of_full": 100 * value / step_ms,
         }
         for key, name, formula, value in parts
     ]
