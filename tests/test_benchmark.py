@@ -513,9 +513,6 @@ def test_floors_count_the_mlp_and_divide_by_the_measured_rates():
     assert all(np.isfinite(v) and v > 0 for v in measured.values())
 
 
-LOCAL_GRADIENT_ONLY = ("local_grad_only", "local_likelihood")
-
-
 def test_ablation_runs_every_line_interleaved_and_breaks_the_step_down(monkeypatch):
     calls = []
     real = benchmark.time_interleaved
@@ -551,7 +548,12 @@ def test_ablation_runs_every_line_interleaved_and_breaks_the_step_down(monkeypat
     assert "× floor" in benchmark.format_ablation(records)
     # Every record carries the fields; the gradient-only lines run no optimiser.
     gradient_only = {line.name for line in benchmark.ablation_lines(8) if line.gradient_only}
-    assert gradient_only == {"grad_only", "deterministic_grad_only", *LOCAL_GRADIENT_ONLY}
+    assert gradient_only == {
+        "grad_only",
+        "deterministic_grad_only",
+        "local_grad_only",
+        "local_likelihood",
+    }
     for r in lines:
         assert r["examples_per_s"] == pytest.approx(4 / (r["ms_per_step"] / 1e3))
         assert r["optimizer"] == ("none" if r["ablation"] in gradient_only else "adam")
