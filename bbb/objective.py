@@ -268,6 +268,7 @@ class FreeEnergy:
             self.estimator,
             rngs=rngs,
             noise=noise,
+            samples_as_rows=not parallel.is_sharded(self.mesh),
             **train_kwargs(self.model),
         )
         if self.kl != "mc":

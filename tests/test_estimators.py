@@ -2,6 +2,8 @@
 mean x·μ + μ_b and variance x²·σ² + σ_b² (numpy), the right correlation across examples, the
 same KL, clear errors for layers an estimator cannot handle, and each estimator trains."""
 
+import dataclasses
+
 import chex
 import flax.linen as nn
 import jax
@@ -528,11 +530,12 @@ def test_each_estimator_trains_a_tiny_mlp(estimator, dtype, mlp_posterior):
 
 
 def _dots(jaxpr) -> list[tuple[str, set[int]]]:
-    """(operand dtype, operand dimensions) of every dot_general in `jaxpr`, nested ones too."""
+    """(operand dtype, operand dimensions) of every product (`lax.dot_general` or
+    `estimators.rows_dot`) in `jaxpr`, nested ones too."""
     return [
         (str(eqn.invars[0].aval.dtype), {d for v in eqn.invars for d in v.aval.shape})
         for eqn in all_equations(jaxpr)
-        if eqn.primitive.name == "dot_general"
+        if eqn.primitive.name in ("dot_general", "bbb_rows_dot")
     ]
 
 
@@ -599,3 +602,89 @@ def test_zero_variance_gives_the_deterministic_network_and_finite_gradients(mlp_
     assert all(np.all(np.isfinite(g)) for g in jax.tree.leaves(local_grads))
     np.testing.assert_allclose(float(local_loss), float(loss), rtol=1e-6)
     chex.assert_trees_all_close(local_grads, grads, rtol=1e-5, atol=1e-7)
+
+
+# The MC samples as rows of one product -------------------------------------------------------
+
+
+def _contractions(jaxpr) -> list[int]:
+    """The number of axes each `dot_general` in `jaxpr` contracts, nested ones too."""
+    return [
+        len(eqn.params["dimension_numbers"][0][0])
+        for eqn in all_equations(jaxpr)
+        if eqn.primitive.name == "dot_general"
+    ]
+
+
+def test_rows_dot_is_the_product_and_has_its_gradients_under_vmap():
+    """`rows_dot` against numpy: the values, and the gradients of Σ_k Σ c_k ∘ (x_k @ W) (by
+    hand: ∂/∂x_k = c_k Wᵀ, ∂/∂W = Σ_k x_kᵀ c_k) with W shared by a vmap over k, with a W per
+    k (a batched kernel), with members around the samples (two nested vmaps), in forward mode,
+    and in bfloat16."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(3, 5, 4)).astype(np.float32)  # [K, B, in]
+    w = rng.normal(size=(4, 6)).astype(np.float32)
+    c = rng.normal(size=(3, 5, 6)).astype(np.float32)
+    x64, w64, c64 = (a.astype(np.float64) for a in (x, w, c))
+
+    def total(w, x):
+        terms = jax.vmap(lambda xk, ck: jnp.sum(ck * estimators.rows_dot(xk, w)))(x, c)
+        return jnp.sum(terms)
+
+    outputs = jax.vmap(estimators.rows_dot, in_axes=(0, None))(x, w)
+    np.testing.assert_allclose(outputs, x64 @ w64, rtol=1e-5, atol=1e-5)
+    grad_w, grad_x = jax.grad(total, argnums=(0, 1))(w, x)
+    np.testing.assert_allclose(grad_w, np.einsum("kbi,kbo->io", x64, c64), rtol=1e-5)
+    np.testing.assert_allclose(grad_x, c64 @ w64.T, rtol=1e-5, atol=1e-5)
+    # A kernel per sample (reparam's weight samples, flipout's ΔW): lax.dot_general's batching.
+    ws = rng.normal(size=(3, 4, 6)).astype(np.float32)
+
+    def per_sample(ws):
+        terms = jax.vmap(lambda xk, wk, ck: jnp.sum(ck * estimators.rows_dot(xk, wk)))(x, ws, c)
+        return jnp.sum(terms)
+
+    expected = np.einsum("kbi,kbo->kio", x64, c64)
+    np.testing.assert_allclose(jax.grad(per_sample)(ws), expected, rtol=1e-5, atol=1e-5)
+    # Members around the samples (a sweep): the kernel batched by the outer vmap only.
+    by_member = jax.vmap(jax.grad(total), in_axes=(0, None))(np.stack([w, 2.0 * w]), x)
+    np.testing.assert_allclose(by_member, np.stack([grad_w, grad_w]), rtol=1e-5)
+    # Forward mode, and the dtype of a bfloat16 product.
+    _, tangent = jax.jvp(lambda w: estimators.rows_dot(x, w), (w,), (w,))
+    np.testing.assert_allclose(tangent, x64 @ w64, rtol=1e-5, atol=1e-5)
+    half = estimators.rows_dot(x.astype(jnp.bfloat16), w.astype(jnp.bfloat16))
+    assert half.dtype == jnp.bfloat16 and half.shape == (3, 5, 6)
+
+
+@pytest.mark.parametrize("estimator", ["local_reparam", "flipout"])
+def test_samples_as_rows_leave_no_product_contracting_two_axes(estimator, mlp_posterior):
+    """Under the vmap over K samples, the weight gradients of the layers after the first
+    contract all K·B rows as one axis (XLA:CPU copies an operand transposed to contract two),
+    with the same outputs and gradients as `lax.dot_general`'s own batching, which
+    `samples_as_rows=False` keeps (the mesh's path, so this test can fail)."""
+    x = np.random.default_rng(1).normal(size=(6, 2)).astype(np.float32)
+    keys = jax.random.split(jax.random.key(2), 3)
+
+    def loss(mu, rows):
+        posterior = mlp_posterior.replace(mu=mu)
+
+        def one(key):
+            out = estimators.apply_local(MLP, posterior, x, key, estimator, samples_as_rows=rows)
+            return jnp.sum(jnp.tanh(out))
+
+        return jnp.sum(jax.vmap(one)(keys))
+
+    found = {}
+    for rows in (True, False):
+        jaxpr = jax.make_jaxpr(jax.value_and_grad(lambda m, r=rows: loss(m, r)))(mlp_posterior.mu)
+        found[rows] = (_contractions(jaxpr.jaxpr), jax.value_and_grad(loss)(mlp_posterior.mu, rows))
+    assert found[True][0] and set(found[True][0]) == {1}, found[True][0]
+    assert 2 in found[False][0], found[False][0]
+    (value, grads), (plain_value, plain_grads) = found[True][1], found[False][1]
+    np.testing.assert_allclose(value, plain_value, rtol=1e-5)
+    chex.assert_trees_all_close(grads, plain_grads, rtol=1e-4, atol=1e-5)
+    # The free energy on one device takes its K = 3 samples as rows.
+    energy = dataclasses.replace(_free_energy(MLP, estimator), num_samples=3)
+    params = energy.init_params(mlp_posterior)
+    batch = (x, np.zeros(6, np.int32))
+    gradient = jax.grad(lambda p: energy(p, batch, jax.random.key(0), 1.0)[0])
+    assert set(_contractions(jax.make_jaxpr(gradient)(params).jaxpr)) == {1}

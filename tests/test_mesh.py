@@ -159,6 +159,17 @@ def _worker(workdir: str) -> dict:
             for leaf in jax.tree_util.tree_leaves(state)
         )
 
+    # local_reparam's epoch on the (4, 2) mesh: the all-gathers in its program. Taking the K
+    # samples as rows of one product (`estimators.rows_dot`) would merge the "samples" and
+    # "data" axes, and XLA would gather the activations over "data" to do so.
+    config = _mesh_config(_tiny_config(), 4, 2)
+    config.posterior.estimator = "local_reparam"
+    experiment = train.build(config, NUM_TRAIN, (28, 28, 1))
+    state = parallel.replicate(initial, experiment.mesh)
+    data = parallel.replicate(splits, experiment.mesh)
+    lowered = train.compile_epoch(experiment).lower(state, data["train"], np.int32(0), keys)
+    report["local_reparam_gathers"] = lowered.compile().as_text().count(" all-gather")
+
     # The stepwise epoch on the (4, 2) mesh: its programs' layouts, and its first epoch.
     config = _mesh_config(_tiny_config(), 4, 2)
     config.epoch_loop = "steps"
@@ -308,6 +319,12 @@ def test_step_shards_the_batch_over_data_and_the_samples_over_samples(eight_devi
     name = "x".join(map(str, shape))
     expected = STEP_CONSTRAINTS | ORDER_CONSTRAINT
     assert eight_devices["layouts"][name]["constraints"] == expected
+
+
+def test_local_reparam_on_a_mesh_gathers_no_activations(eight_devices):
+    """On a mesh the free energy keeps `lax.dot_general`'s batching of the samples
+    (`samples_as_rows=False`): the compiled epoch has no all-gather."""
+    assert eight_devices["local_reparam_gathers"] == 0
 
 
 @pytest.mark.parametrize("shape", MESHES)
