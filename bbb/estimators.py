@@ -18,7 +18,9 @@ The model stays a plain Flax module. The local estimators run it with μ as its 
 in a second variable collection, `"sigma"` (flipout's ΔW in a third, `"perturbation"`); a Flax
 method interceptor replaces the call of each `nn.Dense` / `nn.Conv` by its stochastic form. A
 layer with parameters that the chosen estimator has no form for raises `ConfigError` while
-tracing, before any compute.
+tracing, before any compute. A Dense layer's products with a kernel that the MC samples share (μ,
+and σ² for `local_reparam`) go through `rows_dot`, which takes the samples of the free energy's
+vmap as more rows of one product.
 """
 
 from __future__ import annotations
