@@ -99,7 +99,9 @@ def _rows_dot_impl(x, kernel, *, precision, preferred_element_type):
 
 def _rows_dot_abstract(x, kernel, *, precision, preferred_element_type):
     del precision
-    dtype = preferred_element_type or jnp.result_type(x.dtype, kernel.dtype)
+    dtype = preferred_element_type
+    if dtype is None:
+        dtype = jnp.result_type(x.dtype, kernel.dtype)
     return jax.core.ShapedArray((*x.shape[:-1], kernel.shape[-1]), dtype)
 
 
