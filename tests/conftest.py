@@ -83,14 +83,10 @@ def temp_dir_of_the_session(tmp_path_factory):
     the data tests left 19 in /tmp per run of the suite. Pytest removes its old folders.
     """
     path = str(tmp_path_factory.mktemp("tempfile"))
-    saved = tempfile.tempdir, os.environ.get("TMPDIR")
-    tempfile.tempdir = os.environ["TMPDIR"] = path
-    yield path
-    tempfile.tempdir = saved[0]
-    if saved[1] is None:
-        os.environ.pop("TMPDIR", None)
-    else:
-        os.environ["TMPDIR"] = saved[1]
+    with pytest.MonkeyPatch.context() as patch:  # Restores both at the end of the session.
+        patch.setattr(tempfile, "tempdir", path)
+        patch.setenv("TMPDIR", path)
+        yield path
 
 
 @pytest.fixture(scope="module")
