@@ -16,6 +16,7 @@ from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 
 HALF_LOG_2PI = 0.5 * math.log(2.0 * math.pi)  # ½ log 2π, of every Gaussian log density.
 
@@ -63,6 +64,75 @@ def horner(coefficients: Sequence[float], s: jax.Array) -> jax.Array:
     return acc
 
 
+# e^r on r ∈ [−ln 2 / 2, ln 2 / 2]: the monomial form of a degree-6 Chebyshev least-squares fit
+# in float64 (as `_LOG1P_OVER_T`, in the variable r / (ln 2 / 2), then rescaled); relative error
+# 6.2e-9, under float32's half ulp.
+_EXP_SMALL = (
+    0.9999999999718424,
+    1.0000000281364971,
+    0.5000000084379258,
+    0.16666455914292969,
+    0.04166628040934905,
+    0.008371908716367091,
+    0.0013944595729011202,
+)
+# ln 2 in two parts (Cody and Waite): the first has 9 trailing zero bits, so n · _LN2_HI is exact
+# in float32 for every |n| ≤ 127 that `exp_nonpositive` meets.
+_LN2_HI = 0.693145751953125
+_LN2_LO = 1.4286068202862268e-06
+# log of float32's smallest normal number: below it e^x is 0 (XLA's CPU backend flushes
+# subnormal results to zero, so `jnp.exp` gives 0 there too).
+_EXP_UNDERFLOW = -87.33654
+
+
+def exp_nonpositive(x: jax.Array) -> jax.Array:
+    """e^x for x ≤ 0 (or −∞), within 1.5 float32 ulp (`jnp.exp`: 1.0), in multiply-adds only.
+
+    x = n ln 2 + r with n = round(x / ln 2) and |r| ≤ ln 2 / 2; e^x = 2^n e^r, e^r by the
+    polynomial `_EXP_SMALL` and 2^n written into the float's exponent bits. What it buys is
+    not speed of its own (about `jnp.exp`'s on a CPU) but where it is computed: XLA does
+    not duplicate `exp` into the fusions that read it, so it stores the result and each
+    reader loads it; this chain of cheap operations it fuses into each reader instead
+    (`e_minus_abs`). Results below float32's smallest normal number are 0, as `jnp.exp`'s on
+    XLA's CPU backend (which flushes subnormals); NaN gives NaN. Not float32: `jnp.exp`.
+
+    Args:
+      x: an array of non-positive values (positive ones are not supported: 2^n overflows).
+
+    Returns:
+      e^x.
+    """
+    x = jnp.asarray(x)
+    if x.dtype != jnp.float32:
+        return jnp.exp(x)
+    clipped = jnp.maximum(x, -88.0)  # keeps n + 127 ≥ 0 below; NaN stays NaN
+    n = jnp.round(clipped * (1.0 / math.log(2.0)))
+    r = (clipped - n * _LN2_HI) - n * _LN2_LO
+    two_to_n = lax.bitcast_convert_type((n.astype(jnp.int32) + 127) << 23, jnp.float32)
+    return jnp.where(x < _EXP_UNDERFLOW, 0.0, horner(_EXP_SMALL, r) * two_to_n)
+
+
+# Above this many elements an array of weights no longer fits a core's L2 cache (2 MiB of
+# float32 on the Intel Xeon VM of docs/performance.md), and `e_minus_abs` recomputes e^−|x|
+# in each reader rather than store it.
+RECOMPUTE_MIN_SIZE = 2**19
+
+
+def e_minus_abs(x: jax.Array) -> jax.Array:
+    """t = e^−|x|, the exponential that `softplus` and `logaddexp` and their derivatives share.
+
+    Each of them reads t twice: the value (in log1p(t)) in the forward pass, the derivative
+    (a sigmoid of t) in the backward pass. A small array is cheaper to store once and read
+    from the cache (`jnp.exp`, which XLA computes once); a large one cheaper to compute
+    twice than to write to memory and read back (`exp_nonpositive`, which XLA fuses into both
+    readers). At H = 1200 the `local_reparam` step took ~0.93× the time with the second, at
+    H = 400 ~1.04× (docs/performance.md, "e^−|ρ| stored or recomputed").
+    """
+    if x.size >= RECOMPUTE_MIN_SIZE:
+        return exp_nonpositive(-jnp.abs(x))
+    return jnp.exp(-jnp.abs(x))
+
+
 def _log1p_unit(t: jax.Array) -> jax.Array:
     """log1p(t) for t ∈ [0, 1], as t times the polynomial `_LOG1P_OVER_T`."""
     return t * horner(_LOG1P_OVER_T, 2.0 * t - 1.0)
@@ -79,7 +149,7 @@ def _softplus_parts(rho: jax.Array) -> tuple[jax.Array, jax.Array]:
     σ is stored once (`materialize`): XLA would otherwise fuse the polynomial into several of
     σ's readers (the sample, log q, the gradients) and evaluate it in each.
     """
-    t = jnp.exp(-jnp.abs(rho))
+    t = e_minus_abs(rho)
     return t, materialize(jnp.maximum(rho, 0.0) + _log1p_unit(t))
 
 
@@ -135,7 +205,7 @@ def _logaddexp32(a: jax.Array, b: jax.Array) -> jax.Array:
 def _logaddexp_parts(a: jax.Array, b: jax.Array) -> tuple[jax.Array, jax.Array]:
     """(t, log(e^a + e^b)), t = e^−|a − b|; equal infinities give a + b, as in `jnp`."""
     delta = a - b
-    t = jnp.exp(-jnp.abs(delta))
+    t = e_minus_abs(delta)
     out = jnp.maximum(a, b) + _log1p_unit(t)
     return t, jnp.where(jnp.isnan(delta), a + b, out)
 

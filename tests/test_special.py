@@ -111,3 +111,57 @@ def test_scale_mixture_weight_gradient_is_minus_w_over_the_mixed_variance(pi, si
     r = np.exp(log_n1 - np.logaddexp(log_n1, log_n2))
     expected = -w64 * (r / sigma1**2 + (1.0 - r) / sigma2**2)
     np.testing.assert_allclose(np.asarray(got), expected, rtol=2e-5, atol=1e-6)
+
+
+class RecomputedLogaddexpTest(LogaddexpTest):
+    """The same tests with e^−|a − b| computed by `exp_nonpositive` in each reader, the path
+    that arrays of `RECOMPUTE_MIN_SIZE` elements or more take."""
+
+    def setUp(self):
+        super().setUp()
+        jax.clear_caches()  # jit caches the traced path
+        patcher = pytest.MonkeyPatch()
+        patcher.setattr(special, "RECOMPUTE_MIN_SIZE", 0)
+        self.addCleanup(jax.clear_caches)
+        self.addCleanup(patcher.undo)
+
+
+def test_exp_nonpositive_within_1_5_ulp_of_float64_and_0_below_the_normal_numbers():
+    """e^x on x ∈ [log of float32's smallest normal, 0]: a dense grid (every exponent 2^n, so
+    every branch of the range reduction) and values near 0; a wrong coefficient, a wrong ln 2
+    part or a wrong exponent bias is off by far more than an ulp."""
+    x = np.concatenate(
+        [
+            np.linspace(np.log(np.finfo(np.float32).tiny), 0.0, 2_000_001),
+            -np.geomspace(1e-30, 87.3, 100_001),
+            [0.0, -0.0],
+        ]
+    ).astype(np.float32)
+    x = x[np.exp(x.astype(np.float64)) >= np.finfo(np.float32).tiny]  # normal results
+    got = np.asarray(jax.jit(special.exp_nonpositive)(jnp.asarray(x)), np.float64)
+    expected = np.exp(x.astype(np.float64))
+    assert np.max(_ulp_error(got, expected)) <= 1.5  # 1.05–1.3 as compiled here
+    assert np.all(got[x == 0.0] == 1.0)
+    edges = jnp.array([-np.inf, np.nan, -87.4, -88.0, -100.0, -1e30], jnp.float32)
+    out = np.asarray(special.exp_nonpositive(edges))
+    assert np.isnan(out[1]) and np.all(out[[0, 2, 3, 4, 5]] == 0.0)
+    with jax.enable_x64(True):  # other dtypes: jnp.exp
+        x64 = jnp.asarray(np.linspace(-700.0, 0.0, 101))
+        np.testing.assert_array_equal(special.exp_nonpositive(x64), jnp.exp(x64))
+
+
+def test_large_arrays_recompute_the_exponential_in_each_reader_small_ones_store_it():
+    """softplus's value and gradient share t = e^−|ρ|. Below `RECOMPUTE_MIN_SIZE` elements XLA
+    computes it once (`exp`) and both readers load it; from it on, the polynomial exponential is
+    fused into both the forward and the backward fusion, and no `exp` is left."""
+
+    def compiled(n: int) -> str:
+        rho = jnp.zeros((n,), jnp.float32)
+        step = jax.jit(jax.value_and_grad(lambda r: jnp.sum(special.softplus(r) ** 2)))
+        return step.lower(rho).compile().as_text()  # each fused computation's body included
+
+    large, small = special.RECOMPUTE_MIN_SIZE, special.RECOMPUTE_MIN_SIZE // 4
+    text = compiled(large)
+    assert text.count("exponential(") == 0 and text.count("round-nearest-even(") >= 2
+    text = compiled(small)
+    assert text.count("exponential(") >= 1 and text.count("round-nearest-even(") == 0
