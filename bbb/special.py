@@ -112,21 +112,23 @@ def exp_nonpositive(x: jax.Array) -> jax.Array:
     return jnp.where(x < _EXP_UNDERFLOW, 0.0, horner(_EXP_SMALL, r) * two_to_n)
 
 
-# Above this many elements an array of weights no longer fits a core's L2 cache (2 MiB of
-# float32 on the Intel Xeon VM of docs/performance.md), and `e_minus_abs` recomputes e^−|x|
-# in each reader rather than store it.
+# From this many elements on, an array no longer fits a core's L2 cache (2 MiB of float32 on the
+# Intel Xeon VM of docs/performance.md), and `e_minus_abs` recomputes e^−|x| in each reader
+# rather than store it.
 RECOMPUTE_MIN_SIZE = 2**19
 
 
 def e_minus_abs(x: jax.Array) -> jax.Array:
-    """t = e^−|x|, the exponential that `softplus` and `logaddexp` and their derivatives share.
+    """t = e^−|x| for `logaddexp`, which reads it twice: in log1p(t) in the forward pass, and in
+    the sigmoids of its derivative in the backward pass.
 
-    Each of them reads t twice: the value (in log1p(t)) in the forward pass, the derivative
-    (a sigmoid of t) in the backward pass. A small array is cheaper to store once and read
-    from the cache (`jnp.exp`, which XLA computes once); a large one cheaper to compute
-    twice than to write to memory and read back (`exp_nonpositive`, which XLA fuses into both
-    readers). At H = 1200 the `local_reparam` step took ~0.93× the time with the second, at
-    H = 400 ~1.04× (docs/performance.md, "e^−|ρ| stored or recomputed").
+    A small array is cheaper stored once and read back from the cache (`jnp.exp`, which XLA
+    computes once); a large one cheaper computed twice than written to memory and read back
+    (`exp_nonpositive`, which XLA fuses into both readers). The paper's step (`reparam`, the
+    scale-mixture prior's MC KL, whose log-prior takes a `logaddexp` of every sampled weight)
+    took 0.82–0.84× the time at H = 1200 with the second; at H = 400 the first was faster
+    (docs/performance.md, "e^−|x| stored or recomputed"). `softplus` keeps `jnp.exp`: there
+    recomputing was slower at H = 1200 too.
     """
     if x.size >= RECOMPUTE_MIN_SIZE:
         return exp_nonpositive(-jnp.abs(x))
@@ -149,7 +151,7 @@ def _softplus_parts(rho: jax.Array) -> tuple[jax.Array, jax.Array]:
     σ is stored once (`materialize`): XLA would otherwise fuse the polynomial into several of
     σ's readers (the sample, log q, the gradients) and evaluate it in each.
     """
-    t = e_minus_abs(rho)
+    t = jnp.exp(-jnp.abs(rho))
     return t, materialize(jnp.maximum(rho, 0.0) + _log1p_unit(t))
 
 

@@ -11,7 +11,7 @@ import scipy.stats
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from bbb import models, special
+from bbb import models
 from bbb.posterior import (
     MeanFieldGaussian,
     PointEstimate,
@@ -114,19 +114,6 @@ class SoftplusTest(chex.TestCase):
             rtol=1e-5,
             atol=1e-5,
         )
-
-
-class RecomputedSoftplusTest(SoftplusTest):
-    """The same tests with t = e^−|ρ| computed by `special.exp_nonpositive` in each reader, the
-    path that arrays of `special.RECOMPUTE_MIN_SIZE` elements or more take."""
-
-    def setUp(self):
-        super().setUp()
-        jax.clear_caches()  # jit caches the traced path
-        patcher = pytest.MonkeyPatch()
-        patcher.setattr(special, "RECOMPUTE_MIN_SIZE", 0)
-        self.addCleanup(jax.clear_caches)
-        self.addCleanup(patcher.undo)
 
 
 def test_inverse_softplus_is_finite_for_large_sigma():

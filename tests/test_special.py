@@ -151,14 +151,14 @@ def test_exp_nonpositive_within_1_5_ulp_of_float64_and_0_below_the_normal_number
 
 
 def test_large_arrays_recompute_the_exponential_in_each_reader_small_ones_store_it():
-    """softplus's value and gradient share t = e^−|ρ|. Below `RECOMPUTE_MIN_SIZE` elements XLA
-    computes it once (`exp`) and both readers load it; from it on, the polynomial exponential is
-    fused into both the forward and the backward fusion, and no `exp` is left."""
+    """logaddexp's value and gradient share t = e^−|a − b|. Below `RECOMPUTE_MIN_SIZE` elements
+    XLA computes it once (`exp`) and both readers load it; from it on, the polynomial
+    exponential is fused into both the forward and the backward fusion, and no `exp` is left."""
 
     def compiled(n: int) -> str:
-        rho = jnp.zeros((n,), jnp.float32)
-        step = jax.jit(jax.value_and_grad(lambda r: jnp.sum(special.softplus(r) ** 2)))
-        return step.lower(rho).compile().as_text()  # each fused computation's body included
+        a = jnp.zeros((n,), jnp.float32)
+        step = jax.jit(jax.value_and_grad(lambda a: jnp.sum(special.logaddexp(a, 1.0 - a) ** 2)))
+        return step.lower(a).compile().as_text()  # each fused computation's body included
 
     large, small = special.RECOMPUTE_MIN_SIZE, special.RECOMPUTE_MIN_SIZE // 4
     text = compiled(large)
