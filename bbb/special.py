@@ -16,7 +16,6 @@ from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
-from jax import lax
 
 HALF_LOG_2PI = 0.5 * math.log(2.0 * math.pi)  # ½ log 2π, of every Gaussian log density.
 
@@ -62,77 +61,6 @@ def horner(coefficients: Sequence[float], s: jax.Array) -> jax.Array:
     for c in coefficients[-2::-1]:
         acc = acc * s + jnp.asarray(c, s.dtype)
     return acc
-
-
-# e^r on r ∈ [−ln 2 / 2, ln 2 / 2]: the monomial form of a degree-6 Chebyshev least-squares fit
-# in float64 (as `_LOG1P_OVER_T`, in the variable r / (ln 2 / 2), then rescaled); relative error
-# 6.2e-9, under float32's half ulp.
-_EXP_SMALL = (
-    0.9999999999718424,
-    1.0000000281364971,
-    0.5000000084379258,
-    0.16666455914292969,
-    0.04166628040934905,
-    0.008371908716367091,
-    0.0013944595729011202,
-)
-# ln 2 in two parts (Cody and Waite): the first has 9 trailing zero bits, so n · _LN2_HI is exact
-# in float32 for every |n| ≤ 127 that `exp_nonpositive` meets.
-_LN2_HI = 0.693145751953125
-_LN2_LO = 1.4286068202862268e-06
-# log of float32's smallest normal number: below it e^x is 0 (XLA's CPU backend flushes
-# subnormal results to zero, so `jnp.exp` gives 0 there too).
-_EXP_UNDERFLOW = -87.33654
-
-
-def exp_nonpositive(x: jax.Array) -> jax.Array:
-    """e^x for x ≤ 0 (or −∞), within 1.5 float32 ulp (`jnp.exp`: 1.0), in multiply-adds only.
-
-    x = n ln 2 + r with n = round(x / ln 2) and |r| ≤ ln 2 / 2; e^x = 2^n e^r, e^r by the
-    polynomial `_EXP_SMALL` and 2^n written into the float's exponent bits. What it buys is
-    not speed of its own (about `jnp.exp`'s on a CPU) but where it is computed: XLA does
-    not duplicate `exp` into the fusions that read it, so it stores the result and each
-    reader loads it; this chain of cheap operations it fuses into each reader instead
-    (`e_minus_abs`). Results below float32's smallest normal number are 0, as `jnp.exp`'s on
-    XLA's CPU backend (which flushes subnormals); NaN gives NaN. Not float32: `jnp.exp`.
-
-    Args:
-      x: an array of non-positive values (positive ones are not supported: 2^n overflows).
-
-    Returns:
-      e^x.
-    """
-    x = jnp.asarray(x)
-    if x.dtype != jnp.float32:
-        return jnp.exp(x)
-    clipped = jnp.maximum(x, -88.0)  # keeps n + 127 ≥ 0 below; NaN stays NaN
-    n = jnp.round(clipped * (1.0 / math.log(2.0)))
-    r = (clipped - n * _LN2_HI) - n * _LN2_LO
-    two_to_n = lax.bitcast_convert_type((n.astype(jnp.int32) + 127) << 23, jnp.float32)
-    return jnp.where(x < _EXP_UNDERFLOW, 0.0, horner(_EXP_SMALL, r) * two_to_n)
-
-
-# From this many elements on, an array no longer fits a core's L2 cache (2 MiB of float32 on the
-# Intel Xeon VM of docs/performance.md), and `e_minus_abs` recomputes e^−|x| in each reader
-# rather than store it.
-RECOMPUTE_MIN_SIZE = 2**19
-
-
-def e_minus_abs(x: jax.Array) -> jax.Array:
-    """t = e^−|x| for `logaddexp`, which reads it twice: in log1p(t) in the forward pass, and in
-    the sigmoids of its derivative in the backward pass.
-
-    A small array is cheaper stored once and read back from the cache (`jnp.exp`, which XLA
-    computes once); a large one cheaper computed twice than written to memory and read back
-    (`exp_nonpositive`, which XLA fuses into both readers). The paper's step (`reparam`, the
-    scale-mixture prior's MC KL, whose log-prior takes a `logaddexp` of every sampled weight)
-    took 0.82–0.84× the time at H = 1200 with the second; at H = 400 the first was faster
-    (docs/performance.md, "e^−|x| stored or recomputed"). `softplus` keeps `jnp.exp`: there
-    recomputing was slower at H = 1200 too.
-    """
-    if x.size >= RECOMPUTE_MIN_SIZE:
-        return exp_nonpositive(-jnp.abs(x))
-    return jnp.exp(-jnp.abs(x))
 
 
 def _log1p_unit(t: jax.Array) -> jax.Array:
@@ -207,7 +135,7 @@ def _logaddexp32(a: jax.Array, b: jax.Array) -> jax.Array:
 def _logaddexp_parts(a: jax.Array, b: jax.Array) -> tuple[jax.Array, jax.Array]:
     """(t, log(e^a + e^b)), t = e^−|a − b|; equal infinities give a + b, as in `jnp`."""
     delta = a - b
-    t = e_minus_abs(delta)
+    t = jnp.exp(-jnp.abs(delta))
     out = jnp.maximum(a, b) + _log1p_unit(t)
     return t, jnp.where(jnp.isnan(delta), a + b, out)
 
