@@ -294,12 +294,45 @@ def random_batch(key: jax.Array, batch_size: int) -> tuple[jax.Array, jax.Array]
     return jax.block_until_ready((x, y))
 
 
+def temp_bytes(compiled: Any) -> int | None:
+    """The bytes of temporaries a compiled program allocates at every call, or None where the
+    backend does not say (`memory_analysis`)."""
+    try:
+        analysis = compiled.memory_analysis()
+    except (NotImplementedError, RuntimeError, jax.errors.JaxRuntimeError):
+        return None
+    return None if analysis is None else int(analysis.temp_size_in_bytes)
+
+
+# glibc's per-thread arenas hold at most 64 MiB (twice its 32 MiB largest mmap threshold, on
+# 64-bit Linux); XLA:CPU allocates a program's temporaries on a thread of its own, so a larger
+# block is mapped afresh at every call (docs/performance.md, "A worker thread's temporaries over
+# 64 MiB").
+ARENA_HEAP_BYTES = 64 * 2**20
+
+
+def large_temporaries_note(records: list[dict[str, Any]], backend: str) -> str | None:
+    """A line naming the CPU cases whose temporaries outgrow a thread's arena, or None."""
+    large = [
+        f"{_name(r)} ({r['temp_bytes'] / 2**20:.1f} MiB)"
+        for r in records
+        if r.get("system", "bbb") == "bbb" and (r.get("temp_bytes") or 0) > ARENA_HEAP_BYTES
+    ]
+    if backend != "cpu" or not large:
+        return None
+    return (
+        "Over 64 MiB of temporaries, which glibc maps afresh at every call from XLA's threads "
+        "(page faults that an epoch's loop pays once; MALLOC_ARENA_MAX=1 in the environment "
+        "avoids them at a cost to small steps; docs/performance.md): " + ", ".join(large) + "."
+    )
+
+
 def compile_step(
     experiment: train_lib.Experiment,
     state: train_lib.TrainState,
     batch: tuple[jax.Array, jax.Array],
     key: jax.Array,
-) -> tuple[float, Callable[[], None], list[train_lib.TrainState]]:
+) -> tuple[float, Callable[[], None], list[train_lib.TrainState], int | None]:
     """Compiles the jitted `train_step`, its state donated, timing the compilation.
 
     Args:
@@ -310,7 +343,7 @@ def compile_step(
 
     Returns:
       (compile seconds, a function that runs one step and blocks, a one-element list holding
-      the current state).
+      the current state, the bytes of temporaries of a call or None: `temp_bytes`).
     """
     step = jax.jit(
         functools.partial(train_lib.train_step, experiment),
@@ -326,7 +359,7 @@ def compile_step(
         box[0], metrics = compiled(box[0], batch, key)
         jax.block_until_ready((box[0], metrics))
 
-    return compile_s, run_once, box
+    return compile_s, run_once, box, temp_bytes(compiled)
 
 
 def compile_epoch_timer(
@@ -414,12 +447,13 @@ def prepare_case(
     experiment = train_lib.build(config, epoch_examples, INPUT_SHAPE)
     keys = train_lib.root_keys(config)
     state = jax.jit(lambda key: train_lib.init_state(experiment, key))(keys["init"])
-    compile_s, run_once, box = compile_step(experiment, state, batch, keys["train"])
+    compile_s, run_once, box, temp = compile_step(experiment, state, batch, keys["train"])
     record = {
         "kind": "grid",
         **case.record(batch_size),
         **vector_width_record(experiment),
         "compile_s": compile_s,
+        "temp_bytes": temp,
     }
     return PreparedCase(record, experiment, keys, run_once, box)
 
@@ -883,7 +917,7 @@ def compile_ablation_line(
         step_key = jax.random.fold_in(keys["train"], 0)
         compile_s, run_once = compile_gradient(experiment, state.params, batch, step_key)
     else:
-        compile_s, run_once, _ = compile_step(experiment, state, batch, keys["train"])
+        compile_s, run_once, _, _ = compile_step(experiment, state, batch, keys["train"])
     record = {
         "kind": "ablation",
         **line.case.record(batch_size),
@@ -1769,6 +1803,9 @@ def run(
             "epochs. bayesian-torch ÷ this: the peer's step at the "
             "same H and K over this one, the peer as shipped / under bbb's malloc policies."
         )
+        note = large_temporaries_note(records, info.get("backend", ""))
+        if note:
+            out(note)
     if json_path:
         _write_records(json_path, records, info, out)
     else:

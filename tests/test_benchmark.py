@@ -199,7 +199,7 @@ def test_smoke_run_returns_complete_records_and_writes_json(tmp_path, monkeypatc
         assert r["repeats"] == 3 and r["batch_size"] == 64 and r["epoch_steps"] == 4
         assert r["calls_per_round"] == 2 and r["timed_calls"] == 6
         fields = ("ms_per_step", "ms_per_step_first_call", "examples_per_s", "compile_s")
-        for field in (*fields, "epoch_s", "epoch_compile_s"):
+        for field in (*fields, "epoch_s", "epoch_compile_s", "temp_bytes"):
             assert r[field] > 0, field
         assert np.isfinite(r["host_overhead_pct"])
         floor = next(f for f in records if f["hidden"] == r["hidden"])
@@ -1119,3 +1119,44 @@ def test_ablation_records_by_hand_from_a_fake_clock(monkeypatch):
     assert (parts["local_kl"]["estimator"], parts["local_kl"]["hidden"]) == ("local_reparam", 8)
     table = benchmark.format_ablation(records)
     assert "| no_kl | flat prior and log q = 0: no KL term at all | 8.50 | 85% |" in table
+
+
+def _grid_record(hidden: int, estimator: str, temp_mib: float | None, **fields) -> dict:
+    case = benchmark.Case(hidden, 1, estimator, "gaussian", "closed_form", "hash")
+    temp = None if temp_mib is None else int(temp_mib * 2**20)
+    return {"kind": "grid", **case.record(128), "temp_bytes": temp, **fields}
+
+
+def test_large_temporaries_are_named_on_the_cpu_only():
+    """glibc's per-thread arenas hold 64 MiB: the note names the bbb cases above it, with their
+    size, and nothing else (docs/performance.md, "A worker thread's temporaries over 64 MiB")."""
+    records = [
+        _grid_record(1200, "reparam", 65.1),
+        _grid_record(1200, "local_reparam", 34.9),
+        _grid_record(1200, "flipout", 63.9),
+        _grid_record(400, "reparam", None),  # The backend did not say.
+        _grid_record(1200, "reparam", 900.0, system="torch / bayesian-torch"),
+    ]
+    note = benchmark.large_temporaries_note(records, "cpu")
+    assert "H=1200 K=1 reparam gaussian/closed_form noise=hash (65.1 MiB)" in note
+    assert "local_reparam" not in note and "flipout" not in note and "900" not in note
+    assert "MALLOC_ARENA_MAX=1" in note
+    assert benchmark.large_temporaries_note(records, "gpu") is None
+    assert benchmark.large_temporaries_note(records[1:4], "cpu") is None
+
+
+def test_temp_bytes_reads_the_memory_analysis():
+    compiled = jax.jit(lambda x: jnp.sin(x) @ jnp.cos(x).T).lower(jnp.ones((256, 256))).compile()
+    # Two 256 x 256 float32 intermediates at least, and no more than the whole program.
+    assert 2**19 <= benchmark.temp_bytes(compiled) <= 2**22
+
+    class NoAnalysis:
+        def memory_analysis(self):
+            return None
+
+    class Unsupported:
+        def memory_analysis(self):
+            raise NotImplementedError
+
+    assert benchmark.temp_bytes(NoAnalysis()) is None
+    assert benchmark.temp_bytes(Unsupported()) is None
