@@ -313,15 +313,18 @@ ARENA_HEAP_BYTES = 64 * 2**20
 
 def large_temporaries_note(records: list[dict[str, Any]], backend: str) -> str | None:
     """A line naming the CPU cases whose temporaries outgrow a thread's arena, or None."""
+    if backend != "cpu":
+        return None
     large = [
         f"{_name(r)} ({r['temp_bytes'] / 2**20:.1f} MiB)"
         for r in records
         if r.get("system", "bbb") == "bbb" and (r.get("temp_bytes") or 0) > ARENA_HEAP_BYTES
     ]
-    if backend != "cpu" or not large:
+    if not large:
         return None
     return (
-        "Over 64 MiB of temporaries, which glibc maps afresh at every call from XLA's threads "
+        f"Over {ARENA_HEAP_BYTES // 2**20} MiB of temporaries, which glibc maps afresh at every "
+        "call from XLA's threads "
         "(page faults that an epoch's loop pays once; MALLOC_ARENA_MAX=1 in the environment "
         "avoids them at a cost to small steps; docs/performance.md): " + ", ".join(large) + "."
     )
@@ -1803,7 +1806,7 @@ def run(
             "epochs. bayesian-torch ÷ this: the peer's step at the "
             "same H and K over this one, the peer as shipped / under bbb's malloc policies."
         )
-        note = large_temporaries_note(records, info.get("backend", ""))
+        note = large_temporaries_note(records, info["backend"])
         if note:
             out(note)
     if json_path:
