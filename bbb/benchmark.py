@@ -304,11 +304,10 @@ def temp_bytes(compiled: Any) -> int | None:
     return None if analysis is None else int(analysis.temp_size_in_bytes)
 
 
-# glibc's per-thread arenas hold at most 64 MiB (twice its 32 MiB largest mmap threshold, on
-# 64-bit Linux); XLA:CPU allocates a program's temporaries on a thread of its own, so a larger
-# block is mapped afresh at every call (docs/performance.md, "A worker thread's temporaries over
-# 64 MiB").
-ARENA_HEAP_BYTES = 64 * 2**20
+# glibc's per-thread arenas hold at most 64 MiB a heap; XLA:CPU allocates a program's
+# temporaries on a thread of its own, so a larger block is mapped afresh at every call
+# (docs/performance.md, "A worker thread's temporaries over 64 MiB").
+ARENA_HEAP_BYTES = hostmem.HEAP_BYTES
 
 
 def large_temporaries_note(records: list[dict[str, Any]], backend: str) -> str | None:

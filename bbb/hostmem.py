@@ -11,11 +11,18 @@ H = 1200 that made one top-level training step ~1.5× slower than the same step 
 (`lax.scan`) pays it once per epoch; one compiled call per step (`epoch_loop = "steps"`, the
 CNN), evaluation and the benchmark's isolated steps paid it every call.
 
-`keep_freed_memory` tells glibc never to use `mmap` for allocations (`M_MMAP_MAX = 0`) and not
-to give the top of the heap back (`M_TRIM_THRESHOLD`), so freed blocks are reused. The cost:
-the process keeps its peak host memory until it exits. Accelerators are unaffected (their
-buffers live in device memory) and so is anything but Linux with glibc, where this does
-nothing. `BBB_KEEP_FREED_MEMORY=0` in the environment turns it off.
+`keep_freed_memory` tells glibc never to use `mmap` for allocations (`M_MMAP_MAX = 0`), not
+to give the top of the heap back (`M_TRIM_THRESHOLD`), and to pad every heap it grows by 64 MiB
+(`M_TOP_PAD`), so freed blocks are reused. The pad is for XLA's own threads, which run the
+programs and allocate from per-thread arenas: when a block does not fit the room left in its
+arena's first heap (at most 64 MiB each), glibc maps a second heap for it, and on `free` it unmaps
+any such heap left empty, whatever `M_TRIM_THRESHOLD` says, unless the heap before it has less
+room than the pad; with a pad of a whole heap it never has. Without the pad the 35 MiB of the
+`local_reparam` step at H = 1200 were mapped and faulted in afresh at most calls (~100–250 page
+faults a call; docs/performance.md). Blocks over 64 MiB fit no heap, and are still mapped at
+each call. The cost: the process keeps its peak host memory until it exits. Accelerators are
+unaffected (their buffers live in device memory) and so is anything but Linux with glibc, where
+this does nothing. `BBB_KEEP_FREED_MEMORY=0` in the environment turns it off.
 
 `restart_with_huge_pages` backs that memory with transparent huge pages (2 MiB). Where the
 kernel gives them only to memory that asks (`/sys/kernel/mm/transparent_hugepage/enabled` is
@@ -47,15 +54,23 @@ import sys
 
 # mallopt(3) parameters (glibc's malloc.h).
 _M_TRIM_THRESHOLD = -1
+_M_TOP_PAD = -2
 _M_MMAP_MAX = -4
 _TRIM_THRESHOLD = 2**31 - 1  # The largest int: never trim.
+# glibc's largest heap of a per-thread arena on 64-bit hosts (HEAP_MAX_SIZE, twice the largest
+# mmap threshold): as a top pad, it keeps every emptied heap mapped (the module docstring).
+HEAP_BYTES = 64 * 2**20
 ENV_SWITCH = "BBB_KEEP_FREED_MEMORY"
 HUGE_PAGES_SWITCH = "BBB_HUGE_PAGES"
 HUGE_PAGES_TUNABLE = "glibc.malloc.hugetlb=1"
 _RESTARTED = "BBB_HUGE_PAGES_RESTARTED"  # Set in the re-executed process: never twice.
 _THP_ENABLED = "/sys/kernel/mm/transparent_hugepage/enabled"
 # Freed memory kept, for a process started with this environment (glibc reads it at start-up).
-KEEP_ENV = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(_TRIM_THRESHOLD)}
+KEEP_ENV = {
+    "MALLOC_MMAP_MAX_": "0",
+    "MALLOC_TRIM_THRESHOLD_": str(_TRIM_THRESHOLD),
+    "MALLOC_TOP_PAD_": str(HEAP_BYTES),
+}
 # Both policies: freed memory kept, and the heap on huge pages.
 PEER_ENV = {**KEEP_ENV, "GLIBC_TUNABLES": HUGE_PAGES_TUNABLE}
 # Every environment variable glibc's malloc reads at start-up (the aliases of its
@@ -112,7 +127,14 @@ def keep_freed_memory() -> bool:
         return False
     mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
     # mallopt returns 1 on success.
-    _applied = mallopt(_M_MMAP_MAX, 0) == 1 and mallopt(_M_TRIM_THRESHOLD, _TRIM_THRESHOLD) == 1
+    _applied = all(
+        mallopt(param, value) == 1
+        for param, value in (
+            (_M_MMAP_MAX, 0),
+            (_M_TRIM_THRESHOLD, _TRIM_THRESHOLD),
+            (_M_TOP_PAD, HEAP_BYTES),
+        )
+    )
     return _applied
 
 

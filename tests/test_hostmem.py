@@ -83,6 +83,67 @@ def test_switched_off_by_the_environment():
     assert min(probe["mmapped"]) >= 64 * 2**20  # glibc's default: the block is mmapped again.
 
 
+# On a thread of its own (as XLA:CPU runs a program), holds a 40 MiB block, then allocates,
+# touches and frees a 32 MiB one three times, counting the minor page faults of each round. The
+# 32 MiB do not fit the 24 MiB left in the thread's arena's first heap (64 MiB at most), so glibc
+# maps a second heap for them; with glibc's default top pad it unmaps that heap again on `free`
+# (trim threshold or not), and every round faults its 8,192 pages in afresh.
+_THREAD_PROBE = """
+import ctypes, json, resource, sys, threading
+sys.path.insert(0, {root!r})
+from bbb import hostmem
+kept = hostmem.keep_freed_memory() if {keep} else False
+libc = ctypes.CDLL("libc.so.6")
+libc.malloc.restype = ctypes.c_void_p
+libc.free.argtypes = (ctypes.c_void_p,)
+if {top_pad} is not None:
+    libc.mallopt(-2, {top_pad})  # M_TOP_PAD
+faults = []
+def work():
+    held = libc.malloc(40 * 2**20)
+    ctypes.memset(held, 1, 40 * 2**20)
+    for _ in range(3):
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        block = libc.malloc(32 * 2**20)
+        ctypes.memset(block, 1, 32 * 2**20)
+        libc.free(block)
+        faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+    libc.free(held)
+thread = threading.Thread(target=work)
+thread.start()
+thread.join()
+print(json.dumps({{"kept": kept, "faults": faults}}))
+"""
+
+
+def _thread_probe(keep: bool, top_pad: int | None = None, env: dict | None = None) -> dict:
+    # Without the caller's malloc settings or huge pages (4 KiB pages: 8,192 faults a round).
+    base = hostmem.peer_environment(dict(os.environ), keep_freed=False, huge_pages=False)
+    out = subprocess.run(
+        [sys.executable, "-c", _THREAD_PROBE.format(root=_ROOT, keep=keep, top_pad=top_pad)],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={**base, **(env or {})},
+    )
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
+@pytest.mark.skipif(hostmem.thp_mode() == "always", reason="huge pages everywhere")
+def test_a_threads_second_heap_is_kept_between_calls():
+    # The mechanism, on this glibc: freed memory kept, but the top pad back at glibc's default
+    # (0), and every round maps the second heap afresh.
+    unpadded = _thread_probe(keep=True, top_pad=0)
+    assert unpadded["kept"] and min(unpadded["faults"]) >= 8_000
+    # The policy's top pad keeps the emptied heap: only the first round maps its pages.
+    kept = _thread_probe(keep=True)
+    assert kept["kept"] and kept["faults"][0] >= 8_000 and max(kept["faults"][1:]) < 500
+    # The same by the environment (the benchmark's peer).
+    by_env = _thread_probe(keep=False, env=hostmem.KEEP_ENV)
+    assert by_env["faults"][0] >= 8_000 and max(by_env["faults"][1:]) < 500
+
+
 @pytest.mark.parametrize(
     "environ, mode, glibc, restarts",
     [
