@@ -17,14 +17,17 @@ _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # times, counting the minor page faults of each round. With glibc's defaults the block is
 # mmapped afresh every time (16,384 faults of 4 KiB pages); with the policy it comes from the
 # heap, and after the first round its pages are already mapped.
-_PROBE = """
-import ctypes, json, resource, sys
+# Both probes start so: the policy applied or not, the C library's malloc and free at hand.
+_PREAMBLE = """
+import ctypes, json, resource, sys, threading
 sys.path.insert(0, {root!r})
 from bbb import hostmem
 kept = hostmem.keep_freed_memory() if {keep} else False
 libc = ctypes.CDLL("libc.so.6")
 libc.malloc.restype = ctypes.c_void_p
 libc.free.argtypes = (ctypes.c_void_p,)
+"""
+_PROBE = """
 class Info(ctypes.Structure):
     _fields_ = [(name, ctypes.c_size_t) for name in (
         "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks",
@@ -44,15 +47,16 @@ print(json.dumps({{"kept": kept, "is_kept": hostmem.is_kept(), "faults": faults,
 """
 
 
-def _probe(keep: bool, env: dict | None = None) -> dict:
+def _run_probe(body: str, keep: bool, env: dict, **fields) -> dict:
+    program = (_PREAMBLE + body).format(root=_ROOT, keep=keep, **fields)
     out = subprocess.run(
-        [sys.executable, "-c", _PROBE.format(root=_ROOT, keep=keep)],
-        capture_output=True,
-        text=True,
-        check=True,
-        env={**os.environ, **(env or {})},
+        [sys.executable, "-c", program], capture_output=True, text=True, check=True, env=env
     )
     return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _probe(keep: bool, env: dict | None = None) -> dict:
+    return _run_probe(_PROBE, keep, {**os.environ, **(env or {})})
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
@@ -89,13 +93,6 @@ def test_switched_off_by_the_environment():
 # maps a second heap for them; with glibc's default top pad it unmaps that heap again on `free`
 # (trim threshold or not), and every round faults its 8,192 pages in afresh.
 _THREAD_PROBE = """
-import ctypes, json, resource, sys, threading
-sys.path.insert(0, {root!r})
-from bbb import hostmem
-kept = hostmem.keep_freed_memory() if {keep} else False
-libc = ctypes.CDLL("libc.so.6")
-libc.malloc.restype = ctypes.c_void_p
-libc.free.argtypes = (ctypes.c_void_p,)
 if {top_pad} is not None:
     libc.mallopt(-2, {top_pad})  # M_TOP_PAD
 faults = []
@@ -119,14 +116,7 @@ print(json.dumps({{"kept": kept, "faults": faults}}))
 def _thread_probe(keep: bool, top_pad: int | None = None, env: dict | None = None) -> dict:
     # Without the caller's malloc settings or huge pages (4 KiB pages: 8,192 faults a round).
     base = hostmem.peer_environment(dict(os.environ), keep_freed=False, huge_pages=False)
-    out = subprocess.run(
-        [sys.executable, "-c", _THREAD_PROBE.format(root=_ROOT, keep=keep, top_pad=top_pad)],
-        capture_output=True,
-        text=True,
-        check=True,
-        env={**base, **(env or {})},
-    )
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return _run_probe(_THREAD_PROBE, keep, {**base, **(env or {})}, top_pad=top_pad)
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
