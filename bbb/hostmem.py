@@ -18,11 +18,11 @@ programs and allocate from per-thread arenas: when a block does not fit the room
 arena's first heap (at most 64 MiB each), glibc maps a second heap for it, and on `free` it unmaps
 any such heap left empty, whatever `M_TRIM_THRESHOLD` says, unless the heap before it has less
 room than the pad; with a pad of a whole heap it never has. Without the pad the 35 MiB of the
-`local_reparam` step at H = 1200 were mapped and faulted in afresh at most calls (~100–250 page
-faults a call; docs/performance.md). Blocks over 64 MiB fit no heap, and are still mapped at
-each call. The cost: the process keeps its peak host memory until it exits. Accelerators are
-unaffected (their buffers live in device memory) and so is anything but Linux with glibc, where
-this does nothing. `BBB_KEEP_FREED_MEMORY=0` in the environment turns it off.
+`local_reparam` step at H = 1200 were mapped and faulted in afresh at most calls (tens to
+hundreds of page faults a call; docs/performance.md). Blocks over 64 MiB fit no heap, and are
+still mapped at each call. The cost: the process keeps its peak host memory until it exits.
+Accelerators are unaffected (their buffers live in device memory) and so is anything but Linux
+with glibc, where this does nothing. `BBB_KEEP_FREED_MEMORY=0` in the environment turns it off.
 
 `restart_with_huge_pages` backs that memory with transparent huge pages (2 MiB). Where the
 kernel gives them only to memory that asks (`/sys/kernel/mm/transparent_hugepage/enabled` is
