@@ -304,25 +304,24 @@ def temp_bytes(compiled: Any) -> int | None:
     return None if analysis is None else int(analysis.temp_size_in_bytes)
 
 
-# glibc's per-thread arenas hold at most 64 MiB a heap; XLA:CPU allocates a program's
-# temporaries on a thread of its own, so a larger block is mapped afresh at every call
-# (docs/performance.md, "A worker thread's temporaries over 64 MiB").
-ARENA_HEAP_BYTES = hostmem.HEAP_BYTES
-
-
 def large_temporaries_note(records: list[dict[str, Any]], backend: str) -> str | None:
-    """A line naming the CPU cases whose temporaries outgrow a thread's arena, or None."""
+    """A line naming the CPU cases whose temporaries outgrow a thread's arena, or None.
+
+    glibc's per-thread arenas hold at most `hostmem.HEAP_BYTES` (64 MiB) a heap; XLA:CPU
+    allocates a program's temporaries on a thread of its own, so a larger block is mapped afresh
+    at every call (docs/performance.md, "A worker thread's temporaries over 64 MiB").
+    """
     if backend != "cpu":
         return None
     large = [
         f"{_name(r)} ({r['temp_bytes'] / 2**20:.1f} MiB)"
         for r in records
-        if r.get("system", "bbb") == "bbb" and (r.get("temp_bytes") or 0) > ARENA_HEAP_BYTES
+        if r.get("system", "bbb") == "bbb" and (r.get("temp_bytes") or 0) > hostmem.HEAP_BYTES
     ]
     if not large:
         return None
     return (
-        f"Over {ARENA_HEAP_BYTES // 2**20} MiB of temporaries, which glibc maps afresh at every "
+        f"Over {hostmem.HEAP_BYTES // 2**20} MiB of temporaries, which glibc maps afresh at every "
         "call from XLA's threads "
         "(page faults that an epoch's loop pays once; MALLOC_ARENA_MAX=1 in the environment "
         "avoids them at a cost to small steps; docs/performance.md): " + ", ".join(large) + "."
