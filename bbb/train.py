@@ -47,7 +47,7 @@ from bbb.errors import (
 )
 from bbb.estimators import ESTIMATORS
 from bbb.models import make_model
-from bbb.priors import make_prior
+from bbb.priors import Flat, make_prior
 
 PyTree = Any
 POSTERIORS = ("mean_field", "point")
@@ -416,6 +416,27 @@ def _after(tree: PyTree, values: PyTree) -> PyTree:
     return jax.tree_util.tree_map(lambda x: x * one.astype(x.dtype), tree)
 
 
+def has_gradient_chain(experiment: Experiment, params: PyTree) -> bool:
+    """Whether the free energy puts elementwise work between the backward pass and the
+    gradients, so that `train_step` stores them once (`bbb.posterior.materialize`).
+
+    Every posterior with scales has it (σ's softplus, the KL's terms), and so has any prior
+    but the flat one (its log-density's gradient). A point estimate under the flat prior (the
+    deterministic baselines, and the benchmark's floor) has none: its gradients are the
+    backward pass's own products, and storing them again only copied every one of them, 7% of
+    the plain MLP's step at H = 1200 (docs/performance.md, "The gradient fix").
+
+    Args:
+      experiment: from `build`.
+      params: the trained pytree, {"posterior": ..., "prior": ..., "likelihood": ...}.
+
+    Returns:
+      False for a point estimate under the flat prior, True otherwise.
+    """
+    point = isinstance(params["posterior"], posterior_lib.PointEstimate)
+    return not (point and isinstance(experiment.free_energy.prior, Flat))
+
+
 def train_step(
     experiment: Experiment, state: TrainState, batch: tuple[jax.Array, jax.Array], key: jax.Array
 ) -> tuple[TrainState, dict[str, jax.Array]]:
@@ -445,7 +466,8 @@ def train_step(
     # Stored once: XLA:CPU would otherwise fuse each gradient's elementwise chain (softplus',
     # the KL's terms) into every reader (Adam's two moments, the norm) and recompute it there;
     # 14-21% of the reparam step at H = 1200 (docs/performance.md).
-    grads = jax.tree_util.tree_map(posterior_lib.materialize, grads)
+    if has_gradient_chain(experiment, state.params):
+        grads = jax.tree_util.tree_map(posterior_lib.materialize, grads)
     metrics["grad_norm"] = global_norm(grads)
     updates, opt_state = experiment.optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(_after(state.params, metrics), updates)

@@ -343,6 +343,45 @@ def test_the_update_copies_no_parameter(estimator, posterior_name):
         assert not {(int(a), int(b)) for a, b in copied} & kernels, copied
 
 
+def _stored_once(hlo: str) -> int:
+    """The fused computations of a compiled program that end in `materialize`'s x · d / d
+    (d = 2 where x = 1: a comparison for equality and a division)."""
+    return sum("direction=EQ" in c and " divide(" in c for c in re.split(r"\n(?=\S)", hlo))
+
+
+@pytest.mark.parametrize(
+    ("posterior_name", "prior", "chain"),
+    [("point", "flat", False), ("point", "gaussian", True), ("point", "scale_mixture", True)],
+)
+def test_the_step_stores_its_gradients_once_only_after_elementwise_work(
+    posterior_name, prior, chain
+):
+    """A penalty's (or σ's) elementwise chain between the backward pass and the gradients is
+    stored once, one `materialize` per parameter; a point estimate under the flat prior has
+    none, and its gradients, the backward pass's products, are not copied again."""
+    config = test_config.get_config()
+    config.posterior.name, config.prior.name, config.objective.kl = posterior_name, prior, "mc"
+    experiment = train.build(config, num_train=256, input_shape=(28, 28, 1))
+    keys = train.root_keys(config)
+    state = train.init_state(experiment, keys["init"])
+    assert train.has_gradient_chain(experiment, state.params) == chain
+    batch = (jnp.zeros((64, 28, 28, 1), jnp.float32), jnp.zeros((64,), jnp.int32))
+    step = jax.jit(functools.partial(train.train_step, experiment))
+    hlo = step.lower(state, batch, keys["train"]).compile().as_text()
+    leaves = len(jax.tree_util.tree_leaves(state.params))
+    assert leaves == 6  # Three Dense layers' kernels and biases.
+    assert _stored_once(hlo) == (leaves if chain else 0)
+
+
+def test_every_posterior_with_scales_has_a_gradient_chain():
+    for prior, kl in (("flat", "mc"), ("gaussian", "closed_form"), ("scale_mixture", "mc")):
+        config = test_config.get_config()
+        config.posterior.name, config.prior.name, config.objective.kl = "mean_field", prior, kl
+        experiment = train.build(config, num_train=256, input_shape=(28, 28, 1))
+        state = train.init_state(experiment, train.root_keys(config)["init"])
+        assert train.has_gradient_chain(experiment, state.params), prior
+
+
 def test_after_returns_its_tree_bit_for_bit_whatever_the_values():
     # (Subnormals flush to 0 in any arithmetic on XLA:CPU; the gradients it gets have none.)
     tree = {"a": jnp.asarray([-0.0, 1e-30, 3.0, -jnp.inf, jnp.nan], jnp.float32)}
