@@ -345,11 +345,11 @@ class Learner:
             x = network_inputs(contexts[buffer.context_index[slots]], buffer.action[slots])
             y = buffer.reward[slots][:, None]  # [B, 1]
             (_, metrics), grads = grad_fn(params, (x, y), key_noise, kl_weight)
-            if self.free_energy.has_gradient_chain(params):
+            if self.thompson:
                 # Stored once, as in `bbb.train.train_step`: Adam's two moments would each
                 # recompute the chain of noise, softplus and prior terms behind Bayes by
-                # Backprop's gradients (a fifth of its update, timed alone). The ε-greedy
-                # agents' point estimate under the flat prior has no chain to store.
+                # Backprop's gradients (a fifth of its update, timed alone). A point estimate's
+                # chain is cheap, and left as it was (its rounding, and so its runs, unchanged).
                 grads = jax.tree_util.tree_map(materialize, grads)
             updates, opt_state = self.optimizer.update(grads, opt_state, params)
             params = optax.apply_updates(params, updates)

@@ -45,7 +45,7 @@ import jax.numpy as jnp
 from bbb import estimators, parallel
 from bbb.errors import ConfigError, check_positive
 from bbb.posterior import MeanFieldGaussian, PointEstimate, sum_samples
-from bbb.priors import Flat, Prior, closed_form_unavailable
+from bbb.priors import Prior, closed_form_unavailable
 from bbb.special import HALF_LOG_2PI
 
 PyTree = Any
@@ -234,26 +234,6 @@ class FreeEnergy:
             "prior": self.prior.init_params(),
             "likelihood": self.likelihood.init_params(),
         }
-
-    def has_gradient_chain(self, params: dict[str, PyTree]) -> bool:
-        """Whether this free energy puts elementwise work between the backward pass and the
-        gradients of `params`, so that a training step stores them once (`materialize`).
-
-        Every posterior with scales has it (σ's softplus, the KL's terms), and so has any prior
-        but the flat one (its log-density's gradient). A point estimate under the flat prior
-        (the deterministic baselines, the benchmark's floor, the bandit's ε-greedy agents) has
-        none: its gradients are the backward pass's own products, and storing them again only
-        copied every one of them (the plain MLP's temporaries at H = 1200 10.1 → 8.2 MB;
-        docs/performance.md, "The gradient fix").
-
-        Args:
-          params: {"posterior", "prior", "likelihood"} (see `init_params`).
-
-        Returns:
-          False for a point estimate under the flat prior, True otherwise.
-        """
-        point = isinstance(params["posterior"], PointEstimate)
-        return not (point and isinstance(self.prior, Flat))
 
     def kl_divergence(self, params: dict[str, PyTree], key: jax.Array) -> jax.Array:
         """One estimate of KL[q ‖ P]: closed form, or log q(w) − log P(w) at one w ~ q."""

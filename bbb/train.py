@@ -47,7 +47,7 @@ from bbb.errors import (
 )
 from bbb.estimators import ESTIMATORS
 from bbb.models import make_model
-from bbb.priors import make_prior
+from bbb.priors import Flat, make_prior
 
 PyTree = Any
 POSTERIORS = ("mean_field", "point")
@@ -416,6 +416,28 @@ def _after(tree: PyTree, values: PyTree) -> PyTree:
     return jax.tree_util.tree_map(lambda x: x * one.astype(x.dtype), tree)
 
 
+def has_gradient_chain(experiment: Experiment, params: PyTree) -> bool:
+    """Whether the free energy puts elementwise work between the backward pass and the
+    gradients, so that `train_step` stores them once (`bbb.posterior.materialize`).
+
+    Every posterior with scales has it (σ's softplus, the KL's terms), and so has any prior
+    but the flat one (its log-density's gradient). A point estimate under the flat prior (the
+    deterministic baselines, and the benchmark's floor) has none: its gradients are the
+    backward pass's own products, and storing them again only copied every one of them (the
+    plain MLP's temporaries at H = 1200 10.1 → 8.2 MB; docs/performance.md, "The gradient
+    fix").
+
+    Args:
+      experiment: from `build`.
+      params: the trained pytree, {"posterior": ..., "prior": ..., "likelihood": ...}.
+
+    Returns:
+      False for a point estimate under the flat prior, True otherwise.
+    """
+    point = isinstance(params["posterior"], posterior_lib.PointEstimate)
+    return not (point and isinstance(experiment.free_energy.prior, Flat))
+
+
 def train_step(
     experiment: Experiment, state: TrainState, batch: tuple[jax.Array, jax.Array], key: jax.Array
 ) -> tuple[TrainState, dict[str, jax.Array]]:
@@ -445,7 +467,7 @@ def train_step(
     # Stored once: XLA:CPU would otherwise fuse each gradient's elementwise chain (softplus',
     # the KL's terms) into every reader (Adam's two moments, the norm) and recompute it there;
     # 14-21% of the reparam step at H = 1200 (docs/performance.md).
-    if experiment.free_energy.has_gradient_chain(state.params):
+    if has_gradient_chain(experiment, state.params):
         grads = jax.tree_util.tree_map(posterior_lib.materialize, grads)
     metrics["grad_norm"] = global_norm(grads)
     updates, opt_state = experiment.optimizer.update(grads, state.opt_state, state.params)
